@@ -1,0 +1,634 @@
+//! Converts model families to `picket.v1` batches and back.
+//!
+//! Encoding interns every string (metric names, help, label names and values) into the batch's
+//! symbol table once and groups points of the same series, so a batch carrying several
+//! collection rounds repeats no label set. Decoding validates everything a peer could get wrong
+//! (symbol indices, label syntax, duplicate labels, quantile ranges, bucket order) and reports
+//! the first problem precisely; the aggregator turns that into a `Rejected` ack.
+
+use std::collections::HashMap;
+
+use picket_proto::v1;
+
+use crate::model::{
+    Family, Histogram, Labels, MetricType, Point, Summary, Value, is_valid_label_name,
+    is_valid_metric_name,
+};
+
+/// Most labels one series may carry; Prometheus itself rejects far fewer in practice.
+pub const MAX_LABELS_PER_SERIES: usize = 128;
+
+/// Accumulates families into one batch, interning strings and merging series.
+#[derive(Default)]
+pub struct BatchEncoder {
+    symbols: Vec<String>,
+    symbol_index: HashMap<String, u32>,
+    common_labels: Vec<u32>,
+    families: Vec<v1::Family>,
+    /// (family name, type) -> index in `families`.
+    family_index: HashMap<(String, MetricType), usize>,
+    /// (family index, encoded labels) -> series index in that family.
+    series_index: HashMap<(usize, Vec<u32>), usize>,
+    samples: usize,
+    points: usize,
+}
+
+impl BatchEncoder {
+    /// Starts a batch whose every series carries `common_labels`.
+    pub fn new(common_labels: &Labels) -> Self {
+        let mut encoder = BatchEncoder::default();
+        encoder.intern("");
+        encoder.common_labels = encoder.intern_labels(common_labels);
+        encoder
+    }
+
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.symbol_index.get(s) {
+            return i;
+        }
+        let i = self.symbols.len() as u32;
+        self.symbols.push(s.to_owned());
+        self.symbol_index.insert(s.to_owned(), i);
+        i
+    }
+
+    fn intern_labels(&mut self, labels: &Labels) -> Vec<u32> {
+        let mut out = Vec::with_capacity(labels.len() * 2);
+        for (name, value) in labels.iter() {
+            out.push(self.intern(name));
+            out.push(self.intern(value));
+        }
+        out
+    }
+
+    /// Adds every point of `family`.
+    pub fn push(&mut self, family: &Family) {
+        let key = (family.name.clone(), family.kind);
+        let family_idx = match self.family_index.get(&key) {
+            Some(&i) => i,
+            None => {
+                let name = self.intern(&family.name);
+                let help = self.intern(&family.help);
+                self.families.push(v1::Family {
+                    name,
+                    r#type: wire_type(family.kind) as i32,
+                    help,
+                    series: Vec::new(),
+                });
+                self.family_index.insert(key, self.families.len() - 1);
+                self.families.len() - 1
+            }
+        };
+        for point in &family.points {
+            let labels = self.intern_labels(&point.labels);
+            let series = &mut self.families[family_idx].series;
+            let series_idx = match self.series_index.get(&(family_idx, labels.clone())) {
+                Some(&i) => i,
+                None => {
+                    series.push(v1::Series {
+                        labels: labels.clone(),
+                        points: Vec::new(),
+                    });
+                    self.series_index
+                        .insert((family_idx, labels), series.len() - 1);
+                    series.len() - 1
+                }
+            };
+            series[series_idx].points.push(wire_point(point));
+            self.samples += point.value.sample_count();
+            self.points += 1;
+        }
+    }
+
+    /// Prometheus samples added so far.
+    pub fn sample_count(&self) -> usize {
+        self.samples
+    }
+
+    /// Points added so far.
+    pub fn point_count(&self) -> usize {
+        self.points
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points == 0
+    }
+
+    /// Finishes the batch with its sequence number.
+    pub fn finish(self, sequence: u64) -> v1::Batch {
+        v1::Batch {
+            sequence,
+            symbols: self.symbols,
+            common_labels: self.common_labels,
+            families: self.families,
+        }
+    }
+}
+
+fn wire_type(kind: MetricType) -> v1::MetricType {
+    match kind {
+        MetricType::Untyped => v1::MetricType::Unspecified,
+        MetricType::Gauge => v1::MetricType::Gauge,
+        MetricType::Counter => v1::MetricType::Counter,
+        MetricType::Summary => v1::MetricType::Summary,
+        MetricType::Histogram => v1::MetricType::Histogram,
+    }
+}
+
+fn wire_point(point: &Point) -> v1::Point {
+    use v1::point::Value as W;
+    let value = match &point.value {
+        Value::Number(v) => W::Number(*v),
+        Value::Summary(s) => W::Summary(v1::Summary {
+            count: s.count,
+            sum: s.sum,
+            quantiles: s
+                .quantiles
+                .iter()
+                .map(|&(quantile, value)| v1::Quantile { quantile, value })
+                .collect(),
+        }),
+        Value::Histogram(h) => W::Histogram(v1::Histogram {
+            count: h.count,
+            sum: h.sum,
+            buckets: h
+                .buckets
+                .iter()
+                .map(|&(upper_bound, cumulative_count)| v1::Bucket {
+                    upper_bound,
+                    cumulative_count,
+                })
+                .collect(),
+        }),
+        Value::Stale => W::Stale(v1::Stale {}),
+    };
+    v1::Point {
+        timestamp_ms: point.timestamp_ms,
+        value: Some(value),
+    }
+}
+
+/// Why a batch could not be decoded. Every message names where in the batch the problem is.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("{at}: symbol index {index} is out of range (the batch has {len} symbols)")]
+    SymbolOutOfRange { at: String, index: u32, len: usize },
+    #[error("symbol 0 must be the empty string")]
+    FirstSymbolNotEmpty,
+    #[error("{at}: labels must be name/value index pairs, got an odd count ({count})")]
+    OddLabelCount { at: String, count: usize },
+    #[error("{at}: invalid metric name {name:?} (expected [a-zA-Z_:][a-zA-Z0-9_:]*)")]
+    BadMetricName { at: String, name: String },
+    #[error("{at}: invalid label name {name:?} (expected [a-zA-Z_][a-zA-Z0-9_]*, not starting with __)")]
+    BadLabelName { at: String, name: String },
+    #[error("{at}: label {name:?} appears twice")]
+    DuplicateLabel { at: String, name: String },
+    #[error("{at}: {count} labels, more than the limit of {MAX_LABELS_PER_SERIES}")]
+    TooManyLabels { at: String, count: usize },
+    #[error("{at}: unknown metric type {value}")]
+    UnknownType { at: String, value: i32 },
+    #[error("{at}: point has no value")]
+    MissingValue { at: String },
+    #[error("{at}: a {kind} family carries a {value} value")]
+    TypeMismatch {
+        at: String,
+        kind: &'static str,
+        value: &'static str,
+    },
+    #[error("{at}: quantile {quantile} is outside [0, 1]")]
+    BadQuantile { at: String, quantile: f64 },
+    #[error("{at}: histogram buckets must have increasing bounds and non-decreasing counts")]
+    BadBuckets { at: String },
+    #[error("{at}: timestamp {timestamp_ms} is not a positive Unix time in milliseconds")]
+    BadTimestamp { at: String, timestamp_ms: i64 },
+    #[error("{at}: family has no series")]
+    EmptyFamily { at: String },
+}
+
+/// A decoded batch: its sequence number, the labels common to all series, and families whose
+/// points carry the full label set (common labels merged in).
+#[derive(Debug, PartialEq)]
+pub struct DecodedBatch {
+    pub sequence: u64,
+    pub common_labels: Labels,
+    pub families: Vec<Family>,
+}
+
+impl DecodedBatch {
+    pub fn sample_count(&self) -> usize {
+        self.families.iter().map(Family::sample_count).sum()
+    }
+}
+
+/// Decodes and validates a wire batch.
+pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
+    let symbols = &batch.symbols;
+    if symbols.first().is_some_and(|s| !s.is_empty()) {
+        return Err(DecodeError::FirstSymbolNotEmpty);
+    }
+    let symbol = |at: &dyn Fn() -> String, index: u32| -> Result<&str, DecodeError> {
+        symbols
+            .get(index as usize)
+            .map(String::as_str)
+            .ok_or_else(|| DecodeError::SymbolOutOfRange {
+                at: at(),
+                index,
+                len: symbols.len(),
+            })
+    };
+    let labels_of = |at: &dyn Fn() -> String,
+                     pairs: &[u32],
+                     into: &mut Labels|
+     -> Result<(), DecodeError> {
+        if pairs.len() % 2 != 0 {
+            return Err(DecodeError::OddLabelCount {
+                at: at(),
+                count: pairs.len(),
+            });
+        }
+        for pair in pairs.chunks_exact(2) {
+            let name = symbol(at, pair[0])?;
+            let value = symbol(at, pair[1])?;
+            if !is_valid_label_name(name) || name.starts_with("__") {
+                return Err(DecodeError::BadLabelName {
+                    at: at(),
+                    name: name.to_owned(),
+                });
+            }
+            if into.contains(name) {
+                return Err(DecodeError::DuplicateLabel {
+                    at: at(),
+                    name: name.to_owned(),
+                });
+            }
+            into.insert(name, value);
+        }
+        if into.len() > MAX_LABELS_PER_SERIES {
+            return Err(DecodeError::TooManyLabels {
+                at: at(),
+                count: into.len(),
+            });
+        }
+        Ok(())
+    };
+
+    let mut common_labels = Labels::new();
+    labels_of(
+        &|| "common labels".to_owned(),
+        &batch.common_labels,
+        &mut common_labels,
+    )?;
+
+    let mut families = Vec::with_capacity(batch.families.len());
+    for (fi, wf) in batch.families.iter().enumerate() {
+        let family_at = || format!("family #{fi}");
+        let name = symbol(&family_at, wf.name)?;
+        let family_at = || format!("family {name:?}");
+        if !is_valid_metric_name(name) {
+            return Err(DecodeError::BadMetricName {
+                at: format!("family #{fi}"),
+                name: name.to_owned(),
+            });
+        }
+        let kind = match v1::MetricType::try_from(wf.r#type) {
+            Ok(v1::MetricType::Unspecified) => MetricType::Untyped,
+            Ok(v1::MetricType::Gauge) => MetricType::Gauge,
+            Ok(v1::MetricType::Counter) => MetricType::Counter,
+            Ok(v1::MetricType::Summary) => MetricType::Summary,
+            Ok(v1::MetricType::Histogram) => MetricType::Histogram,
+            Err(_) => {
+                return Err(DecodeError::UnknownType {
+                    at: family_at(),
+                    value: wf.r#type,
+                });
+            }
+        };
+        if wf.series.is_empty() {
+            return Err(DecodeError::EmptyFamily { at: family_at() });
+        }
+        let help = symbol(&family_at, wf.help)?;
+        let mut family = Family::new(name, kind, help);
+        for (si, ws) in wf.series.iter().enumerate() {
+            let series_at = || format!("family {name:?} series #{si}");
+            let mut labels = common_labels.clone();
+            labels_of(&series_at, &ws.labels, &mut labels)?;
+            for wp in &ws.points {
+                family.points.push(Point {
+                    labels: labels.clone(),
+                    timestamp_ms: wp.timestamp_ms,
+                    value: decode_value(&series_at, kind, wp)?,
+                });
+            }
+        }
+        families.push(family);
+    }
+    Ok(DecodedBatch {
+        sequence: batch.sequence,
+        common_labels,
+        families,
+    })
+}
+
+fn decode_value(
+    at: &dyn Fn() -> String,
+    kind: MetricType,
+    point: &v1::Point,
+) -> Result<Value, DecodeError> {
+    use v1::point::Value as W;
+    if point.timestamp_ms <= 0 {
+        return Err(DecodeError::BadTimestamp {
+            at: at(),
+            timestamp_ms: point.timestamp_ms,
+        });
+    }
+    let mismatch = |value: &'static str| DecodeError::TypeMismatch {
+        at: at(),
+        kind: kind.as_str(),
+        value,
+    };
+    match point.value.as_ref() {
+        None => Err(DecodeError::MissingValue { at: at() }),
+        Some(W::Stale(_)) => Ok(Value::Stale),
+        Some(W::Number(v)) => match kind {
+            MetricType::Summary | MetricType::Histogram => Err(mismatch("number")),
+            _ => Ok(Value::Number(*v)),
+        },
+        Some(W::Summary(s)) => {
+            if kind != MetricType::Summary {
+                return Err(mismatch("summary"));
+            }
+            let mut quantiles = Vec::with_capacity(s.quantiles.len());
+            for q in &s.quantiles {
+                if !(0.0..=1.0).contains(&q.quantile) {
+                    return Err(DecodeError::BadQuantile {
+                        at: at(),
+                        quantile: q.quantile,
+                    });
+                }
+                quantiles.push((q.quantile, q.value));
+            }
+            Ok(Value::Summary(Summary {
+                count: s.count,
+                sum: s.sum,
+                quantiles,
+            }))
+        }
+        Some(W::Histogram(h)) => {
+            if kind != MetricType::Histogram {
+                return Err(mismatch("histogram"));
+            }
+            let ordered = h.buckets.windows(2).all(|w| {
+                w[0].upper_bound < w[1].upper_bound && w[0].cumulative_count <= w[1].cumulative_count
+            });
+            let within_count = h.buckets.iter().all(|b| b.cumulative_count <= h.count);
+            if !ordered || !within_count || h.buckets.iter().any(|b| b.upper_bound.is_nan()) {
+                return Err(DecodeError::BadBuckets { at: at() });
+            }
+            Ok(Value::Histogram(Histogram {
+                count: h.count,
+                sum: h.sum,
+                buckets: h
+                    .buckets
+                    .iter()
+                    .map(|b| (b.upper_bound, b.cumulative_count))
+                    .collect(),
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flink_latency_summary() -> Family {
+        let mut f = Family::new(
+            "flink_taskmanager_job_latency_source_id_operator_id_operator_subtask_index_latency",
+            MetricType::Summary,
+            "latency",
+        );
+        let quantiles = [0.0, 0.5, 0.75, 0.95, 0.98, 0.99, 0.999, 1.0];
+        f.points.push(Point {
+            labels: Labels::from_pairs([("job_name", "risk scoring"), ("subtask", "0")]),
+            timestamp_ms: 1_700_000_000_123,
+            value: Value::Summary(Summary {
+                count: 42,
+                sum: 0.0,
+                quantiles: quantiles.iter().map(|&q| (q, q * 20.0)).collect(),
+            }),
+        });
+        f
+    }
+
+    fn sample_families() -> Vec<Family> {
+        let mut cpu = Family::new("host_cpu_usage_ratio", MetricType::Gauge, "CPU busy");
+        for round in 0..3 {
+            for core in 0..4 {
+                cpu.push(
+                    Labels::from_pairs([("cpu", core.to_string())]),
+                    1_700_000_000_000 + round * 10_000,
+                    0.25 * core as f64,
+                );
+            }
+        }
+        let mut bytes = Family::new(
+            "host_network_receive_bytes_total",
+            MetricType::Counter,
+            "",
+        );
+        bytes.push(
+            Labels::from_pairs([("device", "eth0")]),
+            1_700_000_000_000,
+            1e12,
+        );
+        bytes.points.push(Point {
+            labels: Labels::from_pairs([("device", "wlan0")]),
+            timestamp_ms: 1_700_000_010_000,
+            value: Value::Stale,
+        });
+        let mut hist = Family::new("rpc_seconds", MetricType::Histogram, "h");
+        hist.points.push(Point {
+            labels: Labels::new(),
+            timestamp_ms: 1_700_000_000_000,
+            value: Value::Histogram(Histogram {
+                count: 10,
+                sum: 2.5,
+                buckets: vec![(0.1, 2), (1.0, 9)],
+            }),
+        });
+        vec![cpu, bytes, flink_latency_summary(), hist]
+    }
+
+    fn with_common(families: &[Family], common: &Labels) -> Vec<Family> {
+        families
+            .iter()
+            .map(|f| {
+                let mut f = f.clone();
+                for p in &mut f.points {
+                    for (n, v) in common.iter() {
+                        p.labels.insert(n, v);
+                    }
+                }
+                f
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_preserves_every_point() {
+        let common = Labels::from_pairs([("instance", "pi-07"), ("site", "lab")]);
+        let families = sample_families();
+        let mut encoder = BatchEncoder::new(&common);
+        for f in &families {
+            encoder.push(f);
+        }
+        let samples = encoder.sample_count();
+        let batch = encoder.finish(7);
+        let decoded = decode_batch(&batch).expect("valid batch");
+        assert_eq!(decoded.sequence, 7);
+        assert_eq!(decoded.common_labels, common);
+        // Points come back grouped by series; within a series their order is kept.
+        let by_series = |families: Vec<Family>| -> Vec<Family> {
+            families
+                .into_iter()
+                .map(|mut f| {
+                    f.points.sort_by(|a, b| a.labels.cmp(&b.labels));
+                    f
+                })
+                .collect()
+        };
+        assert_eq!(
+            by_series(decoded.families.clone()),
+            by_series(with_common(&families, &common))
+        );
+        assert_eq!(decoded.sample_count(), samples);
+    }
+
+    #[test]
+    fn repeated_rounds_share_symbols_and_series() {
+        let families = sample_families();
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "a")]));
+        encoder.push(&families[0]);
+        let batch = encoder.finish(1);
+        // 3 rounds x 4 cores: 4 series with 3 points each, label strings stored once.
+        assert_eq!(batch.families.len(), 1);
+        assert_eq!(batch.families[0].series.len(), 4);
+        assert!(batch.families[0].series.iter().all(|s| s.points.len() == 3));
+        let cpu_symbols = batch.symbols.iter().filter(|s| *s == "cpu").count();
+        assert_eq!(cpu_symbols, 1);
+    }
+
+    fn valid_batch() -> v1::Batch {
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "a")]));
+        for f in sample_families() {
+            encoder.push(&f);
+        }
+        encoder.finish(1)
+    }
+
+    #[test]
+    fn rejects_out_of_range_symbols() {
+        let mut batch = valid_batch();
+        batch.families[0].series[0].labels[1] = 9999;
+        let err = decode_batch(&batch).unwrap_err();
+        assert!(matches!(err, DecodeError::SymbolOutOfRange { index: 9999, .. }));
+        assert!(err.to_string().contains("host_cpu_usage_ratio"), "{err}");
+    }
+
+    #[test]
+    fn rejects_odd_labels_bad_names_and_duplicates() {
+        let mut batch = valid_batch();
+        batch.families[0].series[0].labels.push(1);
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::OddLabelCount { .. })
+        ));
+
+        let mut batch = valid_batch();
+        batch.symbols.push("bad-name".into());
+        let idx = batch.symbols.len() as u32 - 1;
+        batch.families[0].series[0].labels.extend([idx, idx]);
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::BadLabelName { .. })
+        ));
+
+        // "instance" is a common label; a series may not set it again.
+        let mut batch = valid_batch();
+        let common = batch.common_labels.clone();
+        batch.families[0].series[0].labels.extend(common);
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::DuplicateLabel { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_type_mismatch_and_bad_values() {
+        let mut batch = valid_batch();
+        batch.families[0].r#type = v1::MetricType::Summary as i32;
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::TypeMismatch { .. })
+        ));
+
+        let mut batch = valid_batch();
+        batch.families[0].r#type = 99;
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::UnknownType { value: 99, .. })
+        ));
+
+        let mut batch = valid_batch();
+        batch.families[0].series[0].points[0].value = None;
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::MissingValue { .. })
+        ));
+
+        let mut batch = valid_batch();
+        batch.families[0].series[0].points[0].timestamp_ms = 0;
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::BadTimestamp { .. })
+        ));
+
+        let mut batch = valid_batch();
+        if let Some(v1::point::Value::Histogram(h)) = &mut batch.families[3].series[0].points[0].value
+        {
+            h.buckets.swap(0, 1);
+        }
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::BadBuckets { .. })
+        ));
+
+        let mut batch = valid_batch();
+        if let Some(v1::point::Value::Summary(s)) = &mut batch.families[2].series[0].points[0].value
+        {
+            s.quantiles[0].quantile = 1.5;
+        }
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::BadQuantile { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_metric_name_and_first_symbol() {
+        let mut batch = valid_batch();
+        let name = batch.families[0].name as usize;
+        batch.symbols[name] = "9lives".into();
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::BadMetricName { .. })
+        ));
+
+        let mut batch = valid_batch();
+        batch.symbols[0] = "x".into();
+        assert_eq!(
+            decode_batch(&batch),
+            Err(DecodeError::FirstSymbolNotEmpty)
+        );
+    }
+}
