@@ -1,1 +1,98 @@
-fn main(){}
+//! `picket-agent` command line: run, collect once, or check a config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use picket_agent::config;
+
+#[derive(Parser)]
+#[command(
+    name = "picket-agent",
+    version,
+    about = "Collects host and Flink metrics and streams them to a picket-aggregator"
+)]
+struct Cli {
+    /// Config file (TOML). Without it, embedded defaults are used.
+    #[arg(long, short, global = true, env = "PICKET_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Collect one round from every enabled source, print it as Prometheus text and exit.
+    Once,
+    /// Validate the config (and read the TLS files it names); exit 1 with a precise message
+    /// on any error.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run);
+    let loaded = match config::load(cli.config.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Command::CheckConfig = command {
+        let text = match &cli.config {
+            Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
+            None => String::new(),
+        };
+        return match config::check_tls_files(&loaded.config, &loaded.origin, &text) {
+            Ok(()) => {
+                println!("{}: configuration is valid", loaded.origin);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        Command::Once => {
+            let families = runtime.block_on(picket_agent::collect_once(&loaded.config));
+            let mut out = String::new();
+            picket_core::exposition::write_families(&mut out, &families, false);
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            let json = loaded.config.log.format == config::LogFormat::Json;
+            let log = match picket_core::logging::init(&loaded.config.log.level, json) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            tracing::info!(config = %loaded.origin, version = env!("CARGO_PKG_VERSION"), "starting picket-agent");
+            match runtime.block_on(picket_agent::run(loaded.config, cli.config, log)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

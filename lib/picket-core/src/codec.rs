@@ -179,7 +179,9 @@ pub enum DecodeError {
     OddLabelCount { at: String, count: usize },
     #[error("{at}: invalid metric name {name:?} (expected [a-zA-Z_:][a-zA-Z0-9_:]*)")]
     BadMetricName { at: String, name: String },
-    #[error("{at}: invalid label name {name:?} (expected [a-zA-Z_][a-zA-Z0-9_]*, not starting with __)")]
+    #[error(
+        "{at}: invalid label name {name:?} (expected [a-zA-Z_][a-zA-Z0-9_]*, not starting with __)"
+    )]
     BadLabelName { at: String, name: String },
     #[error("{at}: label {name:?} appears twice")]
     DuplicateLabel { at: String, name: String },
@@ -236,41 +238,39 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
                 len: symbols.len(),
             })
     };
-    let labels_of = |at: &dyn Fn() -> String,
-                     pairs: &[u32],
-                     into: &mut Labels|
-     -> Result<(), DecodeError> {
-        if pairs.len() % 2 != 0 {
-            return Err(DecodeError::OddLabelCount {
-                at: at(),
-                count: pairs.len(),
-            });
-        }
-        for pair in pairs.chunks_exact(2) {
-            let name = symbol(at, pair[0])?;
-            let value = symbol(at, pair[1])?;
-            if !is_valid_label_name(name) || name.starts_with("__") {
-                return Err(DecodeError::BadLabelName {
+    let labels_of =
+        |at: &dyn Fn() -> String, pairs: &[u32], into: &mut Labels| -> Result<(), DecodeError> {
+            if pairs.len() % 2 != 0 {
+                return Err(DecodeError::OddLabelCount {
                     at: at(),
-                    name: name.to_owned(),
+                    count: pairs.len(),
                 });
             }
-            if into.contains(name) {
-                return Err(DecodeError::DuplicateLabel {
+            for pair in pairs.chunks_exact(2) {
+                let name = symbol(at, pair[0])?;
+                let value = symbol(at, pair[1])?;
+                if !is_valid_label_name(name) || name.starts_with("__") {
+                    return Err(DecodeError::BadLabelName {
+                        at: at(),
+                        name: name.to_owned(),
+                    });
+                }
+                if into.contains(name) {
+                    return Err(DecodeError::DuplicateLabel {
+                        at: at(),
+                        name: name.to_owned(),
+                    });
+                }
+                into.insert(name, value);
+            }
+            if into.len() > MAX_LABELS_PER_SERIES {
+                return Err(DecodeError::TooManyLabels {
                     at: at(),
-                    name: name.to_owned(),
+                    count: into.len(),
                 });
             }
-            into.insert(name, value);
-        }
-        if into.len() > MAX_LABELS_PER_SERIES {
-            return Err(DecodeError::TooManyLabels {
-                at: at(),
-                count: into.len(),
-            });
-        }
-        Ok(())
-    };
+            Ok(())
+        };
 
     let mut common_labels = Labels::new();
     labels_of(
@@ -378,7 +378,8 @@ fn decode_value(
                 return Err(mismatch("histogram"));
             }
             let ordered = h.buckets.windows(2).all(|w| {
-                w[0].upper_bound < w[1].upper_bound && w[0].cumulative_count <= w[1].cumulative_count
+                w[0].upper_bound < w[1].upper_bound
+                    && w[0].cumulative_count <= w[1].cumulative_count
             });
             let within_count = h.buckets.iter().all(|b| b.cumulative_count <= h.count);
             if !ordered || !within_count || h.buckets.iter().any(|b| b.upper_bound.is_nan()) {
@@ -431,11 +432,7 @@ mod tests {
                 );
             }
         }
-        let mut bytes = Family::new(
-            "host_network_receive_bytes_total",
-            MetricType::Counter,
-            "",
-        );
+        let mut bytes = Family::new("host_network_receive_bytes_total", MetricType::Counter, "");
         bytes.push(
             Labels::from_pairs([("device", "eth0")]),
             1_700_000_000_000,
@@ -531,7 +528,10 @@ mod tests {
         let mut batch = valid_batch();
         batch.families[0].series[0].labels[1] = 9999;
         let err = decode_batch(&batch).unwrap_err();
-        assert!(matches!(err, DecodeError::SymbolOutOfRange { index: 9999, .. }));
+        assert!(matches!(
+            err,
+            DecodeError::SymbolOutOfRange { index: 9999, .. }
+        ));
         assert!(err.to_string().contains("host_cpu_usage_ratio"), "{err}");
     }
 
@@ -594,7 +594,8 @@ mod tests {
         ));
 
         let mut batch = valid_batch();
-        if let Some(v1::point::Value::Histogram(h)) = &mut batch.families[3].series[0].points[0].value
+        if let Some(v1::point::Value::Histogram(h)) =
+            &mut batch.families[3].series[0].points[0].value
         {
             h.buckets.swap(0, 1);
         }
@@ -626,9 +627,6 @@ mod tests {
 
         let mut batch = valid_batch();
         batch.symbols[0] = "x".into();
-        assert_eq!(
-            decode_batch(&batch),
-            Err(DecodeError::FirstSymbolNotEmpty)
-        );
+        assert_eq!(decode_batch(&batch), Err(DecodeError::FirstSymbolNotEmpty));
     }
 }

@@ -97,7 +97,8 @@ impl ConfigError {
 
 /// Parses `text` (named `origin` in errors) into `T`.
 pub fn parse<T: DeserializeOwned>(origin: &str, text: &str) -> Result<T, ConfigError> {
-    let deserializer = toml::de::Deserializer::parse(text).map_err(|e| toml_error(origin, text, &e, None))?;
+    let deserializer =
+        toml::de::Deserializer::parse(text).map_err(|e| toml_error(origin, text, &e, None))?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let key = (path != ".").then_some(path);
@@ -199,7 +200,10 @@ mod tests {
         assert_eq!(err.position, Some((4, 1)));
         assert_eq!(err.key.as_deref(), Some("tls.caa"));
         let shown = err.to_string();
-        assert!(shown.starts_with("agent.toml:4:1: key `tls.caa`: unknown field `caa`, expected `ca`"), "{shown}");
+        assert!(
+            shown.starts_with("agent.toml:4:1: key `tls.caa`: unknown field `caa`, expected `ca`"),
+            "{shown}"
+        );
         assert!(shown.contains("4 | caa = \"x\""), "{shown}");
     }
 
@@ -233,6 +237,9 @@ mod tests {
     #[test]
     fn load_reports_missing_file() {
         let err = load::<Top>(Path::new("/nonexistent/picket.toml")).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/picket.toml: cannot read config file"));
+        assert!(
+            err.to_string()
+                .contains("/nonexistent/picket.toml: cannot read config file")
+        );
     }
 }

@@ -29,7 +29,10 @@ pub fn write_families(out: &mut String, families: &[Family], with_timestamps: bo
     for name in order {
         let parts = &by_name[name];
         let head = parts[0];
-        if parts.iter().all(|f| f.points.iter().all(|p| p.value == Value::Stale)) {
+        if parts
+            .iter()
+            .all(|f| f.points.iter().all(|p| p.value == Value::Stale))
+        {
             continue;
         }
         if !head.help.is_empty() {
@@ -45,13 +48,7 @@ pub fn write_families(out: &mut String, families: &[Family], with_timestamps: bo
     }
 }
 
-fn write_value(
-    out: &mut String,
-    name: &str,
-    labels: &Labels,
-    value: &Value,
-    ts: Option<i64>,
-) {
+fn write_value(out: &mut String, name: &str, labels: &Labels, value: &Value, ts: Option<i64>) {
     match value {
         Value::Stale => {}
         Value::Number(v) => write_line(out, name, "", labels, None, *v, ts),
@@ -66,7 +63,15 @@ fn write_value(
             let mut saw_inf = false;
             for &(le, count) in &h.buckets {
                 saw_inf |= le == f64::INFINITY;
-                write_line(out, name, "_bucket", labels, Some(("le", le)), count as f64, ts);
+                write_line(
+                    out,
+                    name,
+                    "_bucket",
+                    labels,
+                    Some(("le", le)),
+                    count as f64,
+                    ts,
+                );
             }
             if !saw_inf {
                 let inf = Some(("le", f64::INFINITY));

@@ -10,7 +10,9 @@ use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("invalid log level {0:?}: use error, warn, info, debug, trace or a RUST_LOG-style filter such as \"info,picket_agent=debug\"")]
+    #[error(
+        "invalid log level {0:?}: use error, warn, info, debug, trace or a RUST_LOG-style filter such as \"info,picket_agent=debug\""
+    )]
     BadLevel(String),
     #[error("a logger is already installed")]
     AlreadyInstalled,

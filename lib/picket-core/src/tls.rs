@@ -17,7 +17,9 @@ pub enum TlsFileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} contains no PEM certificate (expected a \"-----BEGIN CERTIFICATE-----\" block)")]
+    #[error(
+        "{path} contains no PEM certificate (expected a \"-----BEGIN CERTIFICATE-----\" block)"
+    )]
     NoCertificate { path: PathBuf },
     #[error("{path} is not valid PEM: {reason}")]
     BadPem { path: PathBuf, reason: String },

@@ -1,0 +1,473 @@
+//! The agent's configuration file (`agent.toml`) and its embedded defaults.
+//!
+//! With no file the agent collects host metrics every 10 s and streams them over TLS to
+//! `https://127.0.0.1:7400`, trusting `/etc/picket/tls/ca.pem`. See `docs/configuration.md`.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use picket_core::config::ConfigError;
+use picket_core::model::{Labels, is_valid_label_name};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The agent's identity: the `instance` label of every sample. Defaults to the host name.
+    /// With mutual TLS the aggregator uses the certificate's name instead.
+    pub instance: Option<String>,
+    /// Static labels added to every sample, e.g. `site`, `rack`.
+    pub labels: BTreeMap<String, String>,
+    /// Time between collection rounds.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Each round starts up to this much later than its slot, at random, so a fleet restarted
+    /// together does not collect and send in lockstep.
+    #[serde(with = "humantime_serde")]
+    pub jitter: Duration,
+    pub log: LogConfig,
+    pub batch: BatchConfig,
+    pub buffer: BufferConfig,
+    pub aggregator: AggregatorLink,
+    pub sources: SourcesConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            instance: None,
+            labels: BTreeMap::new(),
+            interval: Duration::from_secs(10),
+            jitter: Duration::from_secs(1),
+            log: LogConfig::default(),
+            batch: BatchConfig::default(),
+            buffer: BufferConfig::default(),
+            aggregator: AggregatorLink::default(),
+            sources: SourcesConfig::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// The identity used for the `instance` label.
+    pub fn instance(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "unknown".to_owned())
+        })
+    }
+
+    /// `instance` plus the static labels.
+    pub fn common_labels(&self) -> Labels {
+        let mut labels =
+            Labels::from_pairs(self.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        labels.insert("instance", self.instance());
+        labels
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A batch is sent once it holds this many samples...
+    pub max_samples: NonZeroUsize,
+    /// ...or once its oldest sample waited this long, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_samples: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferConfig {
+    /// Memory for batches not yet acknowledged by an aggregator (encoded size). When full, the
+    /// oldest batches are dropped and counted in `picket_agent_dropped_samples_total`.
+    pub max_bytes: NonZeroUsize,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            max_bytes: NonZeroUsize::new(16 * 1024 * 1024).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorLink {
+    /// Aggregators to stream to, tried in order; on failure the agent fails over to the next.
+    pub endpoints: Vec<String>,
+    pub compression: Compression,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Reconnect delay: doubles from `backoff_initial` up to `backoff_max`, with jitter.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// HTTP/2 pings; an aggregator that does not answer in time is treated as gone, which is
+    /// how half-open connections are noticed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// A batch not acknowledged within this time ends the connection (it is resent on the
+    /// next one).
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
+    /// Batches sent but not yet acknowledged, at most.
+    pub max_in_flight: NonZeroUsize,
+    /// On SIGTERM, how long to keep trying to deliver pending batches before exiting.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub tls: TlsLink,
+}
+
+impl Default for AggregatorLink {
+    fn default() -> Self {
+        AggregatorLink {
+            endpoints: vec!["https://127.0.0.1:7400".into()],
+            compression: Compression::Zstd,
+            connect_timeout: Duration::from_secs(5),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(30),
+            max_in_flight: NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN),
+            shutdown_timeout: Duration::from_secs(5),
+            tls: TlsLink::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsLink {
+    /// Plaintext (`http://` endpoints). Only for tests and trusted networks; logged as a warning.
+    pub insecure: bool,
+    /// CA that signed the aggregator's certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key for mutual TLS (both or neither).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Name to verify in the aggregator's certificate, when it differs from the endpoint host.
+    pub server_name: Option<String>,
+}
+
+impl Default for TlsLink {
+    fn default() -> Self {
+        TlsLink {
+            insecure: false,
+            ca: PathBuf::from("/etc/picket/tls/ca.pem"),
+            cert: None,
+            key: None,
+            server_name: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesConfig {
+    pub host: HostSourceConfig,
+    pub internal: InternalSourceConfig,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        SourcesConfig {
+            host: HostSourceConfig { enabled: true },
+            internal: InternalSourceConfig { enabled: true },
+        }
+    }
+}
+
+/// CPU, memory, swap, load, filesystems, network and temperatures (built in until the plugin
+/// runtime replaces it).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostSourceConfig {
+    pub enabled: bool,
+}
+
+impl Default for HostSourceConfig {
+    fn default() -> Self {
+        HostSourceConfig { enabled: true }
+    }
+}
+
+/// The agent's own `picket_agent_*` metrics.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InternalSourceConfig {
+    pub enabled: bool,
+}
+
+impl Default for InternalSourceConfig {
+    fn default() -> Self {
+        InternalSourceConfig { enabled: true }
+    }
+}
+
+/// A config and where it came from.
+pub struct Loaded {
+    pub config: AgentConfig,
+    pub origin: String,
+}
+
+pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let (config, origin, text) = match path {
+        Some(path) => {
+            let (config, text) = picket_core::config::load::<AgentConfig>(path)?;
+            (config, path.display().to_string(), text)
+        }
+        None => (
+            AgentConfig::default(),
+            "embedded defaults".to_owned(),
+            String::new(),
+        ),
+    };
+    validate(&config, &origin, &text)?;
+    Ok(Loaded { config, origin })
+}
+
+/// Checks one key cannot express alone. `check_files` also reads the TLS files (for
+/// `check-config`); at start-up they are read at each connection attempt instead, so an agent
+/// can be installed before its certificates arrive.
+pub fn validate(config: &AgentConfig, origin: &str, text: &str) -> Result<(), ConfigError> {
+    let err = |path: &[&str], message: String| ConfigError::at_key(origin, text, path, message);
+    if let Err(e) = picket_core::logging::validate_level(&config.log.level) {
+        return Err(err(&["log", "level"], e.to_string()));
+    }
+    if let Some(instance) = &config.instance {
+        if instance.is_empty() {
+            return Err(err(
+                &["instance"],
+                "must not be empty (leave it out to use the host name)".into(),
+            ));
+        }
+    }
+    for name in config.labels.keys() {
+        if !is_valid_label_name(name) || name.starts_with("__") {
+            return Err(err(
+                &["labels", name],
+                format!(
+                    "{name:?} is not a valid label name (use letters, digits and _, not starting with a digit or __)"
+                ),
+            ));
+        }
+        if name == "instance" {
+            return Err(err(
+                &["labels", name],
+                "set the instance label with the top-level `instance` key".into(),
+            ));
+        }
+    }
+    if config.interval < Duration::from_millis(100) {
+        return Err(err(
+            &["interval"],
+            "must be at least 100ms (e.g. \"10s\")".into(),
+        ));
+    }
+    if config.jitter >= config.interval {
+        return Err(err(
+            &["jitter"],
+            format!("must be shorter than interval ({:?})", config.interval),
+        ));
+    }
+    let link = &config.aggregator;
+    if link.endpoints.is_empty() {
+        return Err(err(
+            &["aggregator", "endpoints"],
+            "list at least one aggregator, e.g. [\"https://aggregator.example:7400\"]".into(),
+        ));
+    }
+    for (i, endpoint) in link.endpoints.iter().enumerate() {
+        let index = i.to_string();
+        let at = ["aggregator", "endpoints", index.as_str()];
+        let scheme_ok = match endpoint.split_once("://") {
+            Some(("https", rest)) => !rest.is_empty(),
+            Some(("http", rest)) if link.tls.insecure => !rest.is_empty(),
+            Some(("http", _)) => {
+                return Err(err(
+                    &at,
+                    format!(
+                        "{endpoint:?} is plaintext; use https:// or set aggregator.tls.insecure = true"
+                    ),
+                ));
+            }
+            _ => false,
+        };
+        let parsed = endpoint.parse::<tonic::transport::Uri>();
+        if !scheme_ok || parsed.as_ref().map_or(true, |u| u.host().is_none()) {
+            return Err(err(
+                &at,
+                format!("{endpoint:?} is not an endpoint URL; write it as \"https://HOST:PORT\""),
+            ));
+        }
+        if link.tls.insecure && endpoint.starts_with("https://") {
+            return Err(err(
+                &at,
+                "aggregator.tls.insecure = true needs http:// endpoints".into(),
+            ));
+        }
+    }
+    if link.tls.cert.is_some() != link.tls.key.is_some() {
+        let missing = if link.tls.cert.is_some() {
+            "key"
+        } else {
+            "cert"
+        };
+        return Err(err(
+            &["aggregator", "tls"],
+            format!("mutual TLS needs both cert and key; add aggregator.tls.{missing}"),
+        ));
+    }
+    if link.backoff_initial > link.backoff_max {
+        return Err(err(
+            &["aggregator", "backoff_initial"],
+            "must not exceed backoff_max".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the TLS files the config names, for `check-config`.
+pub fn check_tls_files(config: &AgentConfig, origin: &str, text: &str) -> Result<(), ConfigError> {
+    let tls = &config.aggregator.tls;
+    if tls.insecure {
+        return Ok(());
+    }
+    let err = |key: &str, e: picket_core::tls::TlsFileError| {
+        ConfigError::at_key(origin, text, &["aggregator", "tls", key], e.to_string())
+    };
+    picket_core::tls::read_certificates(&tls.ca).map_err(|e| err("ca", e))?;
+    if let Some(cert) = &tls.cert {
+        picket_core::tls::read_certificates(cert).map_err(|e| err("cert", e))?;
+    }
+    if let Some(key) = &tls.key {
+        picket_core::tls::read_private_key(key).map_err(|e| err("key", e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = picket_core::config::parse("agent.toml", text)?;
+        validate(&config, "agent.toml", text)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_sensible() {
+        let c = check("").unwrap();
+        assert_eq!(c.interval, Duration::from_secs(10));
+        assert_eq!(c.aggregator.endpoints, vec!["https://127.0.0.1:7400"]);
+        assert!(!c.aggregator.tls.insecure);
+        assert!(c.sources.host.enabled);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = check(
+            r#"
+instance = "pi-07"
+interval = "5s"
+jitter = "500ms"
+[labels]
+site = "lab"
+rack = "r1"
+[batch]
+max_samples = 500
+max_delay = "200ms"
+[aggregator]
+endpoints = ["https://a.example:7400", "https://b.example:7400"]
+compression = "gzip"
+[aggregator.tls]
+ca = "/x/ca.pem"
+cert = "/x/pi.pem"
+key = "/x/pi-key.pem"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.common_labels().get("instance"), Some("pi-07"));
+        assert_eq!(c.common_labels().get("rack"), Some("r1"));
+        assert_eq!(c.aggregator.endpoints.len(), 2);
+        assert_eq!(c.aggregator.compression, Compression::Gzip);
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let e = check("interval = \"10s\"\nintervall = \"5s\"\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2));
+        assert!(e.message.contains("unknown field `intervall`"), "{e}");
+
+        let e = check("[aggregator]\nendpoints = [\"http://x:7400\"]\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2));
+        assert_eq!(e.key.as_deref(), Some("aggregator.endpoints.0"));
+        assert!(e.message.contains("insecure"), "{e}");
+
+        let e = check("[aggregator]\nendpoints = [\"127.0.0.1:7400\"]\n").unwrap_err();
+        assert!(e.message.contains("https://HOST:PORT"), "{e}");
+
+        let e = check("[labels]\n\"bad-label\" = \"x\"\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2));
+
+        let e = check("[batch]\nmax_samples = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("batch.max_samples"));
+
+        let e = check("[aggregator.tls]\ncert = \"/x.pem\"\n").unwrap_err();
+        assert!(e.message.contains("aggregator.tls.key"), "{e}");
+
+        let e = check("interval = \"soon\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("interval"));
+    }
+}

@@ -1,0 +1,41 @@
+//! Counters the agent keeps about itself, reported by the `internal` source as
+//! `picket_agent_*` metrics so the fleet can see what each agent sent, buffered and dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+pub struct AgentStats {
+    pub collections: AtomicU64,
+    pub collected_samples: AtomicU64,
+    pub batches_sent: AtomicU64,
+    pub batches_acked: AtomicU64,
+    pub samples_acked: AtomicU64,
+    /// Dropped because the pending buffer was full.
+    pub dropped_samples_buffer_full: AtomicU64,
+    /// Dropped because the aggregator rejected the batch as malformed.
+    pub dropped_samples_rejected: AtomicU64,
+    /// Still pending when the agent exited.
+    pub dropped_samples_shutdown: AtomicU64,
+    pub pending_batches: AtomicU64,
+    pub pending_bytes: AtomicU64,
+    pub pending_samples: AtomicU64,
+    pub connected: AtomicU64,
+    pub connects: AtomicU64,
+    pub connection_failures: AtomicU64,
+    /// Microseconds spent in the last collection round.
+    pub last_collect_micros: AtomicU64,
+}
+
+impl AgentStats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicU64, v: u64) {
+        gauge.store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(value: &AtomicU64) -> u64 {
+        value.load(Ordering::Relaxed)
+    }
+}

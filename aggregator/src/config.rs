@@ -1,0 +1,341 @@
+//! The aggregator's configuration file (`aggregator.toml`) and its embedded defaults.
+//!
+//! Every section has defaults, so an empty file (or none) is a valid config: gRPC on
+//! 127.0.0.1:7400 with TLS from `/etc/picket/tls`, HTTP on 127.0.0.1:7401. See
+//! `docs/configuration.md` for every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use picket_core::config::ConfigError;
+use serde::Deserialize;
+
+/// Where `certs init` writes and the default config reads TLS material.
+pub const DEFAULT_TLS_DIR: &str = "/etc/picket/tls";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    pub log: LogConfig,
+    pub grpc: GrpcConfig,
+    pub tls: TlsConfig,
+    pub http: HttpConfig,
+    pub agents: AgentsConfig,
+    pub exposition: ExpositionConfig,
+    pub sinks: Vec<SinkConfig>,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            log: LogConfig::default(),
+            grpc: GrpcConfig::default(),
+            tls: TlsConfig::default(),
+            http: HttpConfig::default(),
+            agents: AgentsConfig::default(),
+            exposition: ExpositionConfig::default(),
+            sinks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`-style filter.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    pub listen: SocketAddr,
+    /// Largest batch accepted, after decompression. Larger ones end the stream with
+    /// `OUT_OF_RANGE`; the agent drops that batch and counts it.
+    pub max_message_bytes: usize,
+    /// How long a new stream may take to send its `Hello`.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// HTTP/2 keepalive pings; a peer that does not answer within the timeout is dropped,
+    /// which is how half-open connections are noticed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            max_message_bytes: 4 * 1024 * 1024,
+            hello_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Serve plaintext gRPC. Only for tests and trusted networks; logged as a warning.
+    pub insecure: bool,
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA that signs agent certificates. When set, agents are verified against it (mutual
+    /// TLS) and an agent's identity is the common name of its certificate.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca` set: refuse agents that present no certificate.
+    pub require_client_cert: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        let dir = Path::new(DEFAULT_TLS_DIR);
+        TlsConfig {
+            insecure: false,
+            cert: dir.join("aggregator.pem"),
+            key: dir.join("aggregator-key.pem"),
+            client_ca: None,
+            require_client_cert: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Health (`/healthz`, `/readyz`) and Prometheus exposition (`/metrics`).
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// An agent is reported down (`picket_aggregator_agent_up 0`) after this many of its
+    /// collection intervals without a batch.
+    pub down_after_intervals: u32,
+    /// Floor for the above, for agents with very short intervals.
+    #[serde(with = "humantime_serde")]
+    pub min_down_after: Duration,
+    /// A silent agent's state and metrics are forgotten after this long.
+    #[serde(with = "humantime_serde")]
+    pub forget_after: Duration,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        AgentsConfig {
+            down_after_intervals: 3,
+            min_down_after: Duration::from_secs(15),
+            forget_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExpositionConfig {
+    /// A series not updated for this long disappears from `/metrics`.
+    #[serde(with = "humantime_serde")]
+    pub series_ttl: Duration,
+}
+
+impl Default for ExpositionConfig {
+    fn default() -> Self {
+        ExpositionConfig {
+            series_ttl: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "type", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// Appends every accepted sample to a JSON-lines journal: an audit trail, a debugging aid,
+    /// and the record the delivery tests count.
+    File {
+        path: PathBuf,
+        /// Flush to disk (fsync) after each batch. Off, a process crash loses nothing (the
+        /// kernel has the data) but a power cut may lose the last seconds.
+        #[serde(default)]
+        fsync: bool,
+    },
+}
+
+/// Where a config came from, for error messages.
+pub struct Loaded {
+    pub config: AggregatorConfig,
+    pub origin: String,
+}
+
+/// Loads `path`, or the embedded defaults when `None`, and validates it.
+pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let (config, origin, text) = match path {
+        Some(path) => {
+            let (config, text) = picket_core::config::load::<AggregatorConfig>(path)?;
+            (config, path.display().to_string(), text)
+        }
+        None => (
+            AggregatorConfig::default(),
+            "embedded defaults".to_owned(),
+            String::new(),
+        ),
+    };
+    validate(&config, &origin, &text)?;
+    Ok(Loaded { config, origin })
+}
+
+/// Checks that span several keys or need the file system.
+pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(), ConfigError> {
+    let err = |path: &[&str], message: String| ConfigError::at_key(origin, text, path, message);
+    if let Err(e) = picket_core::logging::validate_level(&config.log.level) {
+        return Err(err(&["log", "level"], e.to_string()));
+    }
+    if config.grpc.max_message_bytes < 1024 {
+        return Err(err(
+            &["grpc", "max_message_bytes"],
+            "must be at least 1024 bytes (the default is 4194304)".into(),
+        ));
+    }
+    if config.grpc.listen == config.http.listen {
+        return Err(err(
+            &["http", "listen"],
+            format!(
+                "{} is also grpc.listen; give HTTP its own port",
+                config.http.listen
+            ),
+        ));
+    }
+    if !config.tls.insecure {
+        let tls = &config.tls;
+        picket_core::tls::read_certificates(&tls.cert).map_err(|e| {
+            err(&["tls", "cert"], format!("{e}; create one with `picket-aggregator certs init`, or set tls.insecure = true for plaintext"))
+        })?;
+        picket_core::tls::read_private_key(&tls.key)
+            .map_err(|e| err(&["tls", "key"], e.to_string()))?;
+        if let Some(ca) = &tls.client_ca {
+            picket_core::tls::read_certificates(ca)
+                .map_err(|e| err(&["tls", "client_ca"], e.to_string()))?;
+        }
+    }
+    for (i, sink) in config.sinks.iter().enumerate() {
+        let index = i.to_string();
+        match sink {
+            SinkConfig::File { path, .. } => {
+                let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+                if let Some(parent) = parent {
+                    if !parent.is_dir() {
+                        return Err(err(
+                            &["sinks", &index, "path"],
+                            format!("directory {} does not exist", parent.display()),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c: AggregatorConfig = picket_core::config::parse("a.toml", "").unwrap();
+        assert_eq!(c, AggregatorConfig::default());
+        assert_eq!(c.grpc.listen.port(), 7400);
+        assert_eq!(c.http.listen.port(), 7401);
+        assert!(c.grpc.listen.ip().is_loopback());
+        assert!(!c.tls.insecure);
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let text = r#"
+[log]
+level = "debug"
+format = "json"
+[grpc]
+listen = "0.0.0.0:7500"
+hello_timeout = "3s"
+[tls]
+cert = "/x/s.pem"
+key = "/x/s-key.pem"
+client_ca = "/x/ca.pem"
+[http]
+listen = "[::1]:7501"
+[agents]
+down_after_intervals = 5
+[[sinks]]
+type = "file"
+path = "/tmp/journal.jsonl"
+fsync = true
+"#;
+        let c: AggregatorConfig = picket_core::config::parse("a.toml", text).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.grpc.listen.port(), 7500);
+        assert_eq!(c.grpc.hello_timeout, Duration::from_secs(3));
+        assert_eq!(c.tls.client_ca.as_deref(), Some(Path::new("/x/ca.pem")));
+        assert_eq!(c.agents.down_after_intervals, 5);
+        assert_eq!(
+            c.sinks,
+            vec![SinkConfig::File {
+                path: "/tmp/journal.jsonl".into(),
+                fsync: true
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_values_point_at_their_line() {
+        let text = "[grpc]\nlisten = \"localhost\"\n";
+        let e = picket_core::config::parse::<AggregatorConfig>("a.toml", text).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2));
+        assert_eq!(e.key.as_deref(), Some("grpc.listen"));
+
+        let text = "[[sinks]]\ntype = \"kafka\"\n";
+        let e = picket_core::config::parse::<AggregatorConfig>("a.toml", text).unwrap_err();
+        assert!(e.message.contains("unknown variant `kafka`"), "{e}");
+    }
+
+    #[test]
+    fn missing_tls_files_say_how_to_fix() {
+        let text = "[tls]\ncert = \"/nonexistent/s.pem\"\n";
+        let c: AggregatorConfig = picket_core::config::parse("a.toml", text).unwrap();
+        let e = validate(&c, "a.toml", text).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2));
+        assert!(e.message.contains("certs init"), "{e}");
+    }
+}

@@ -1,0 +1,254 @@
+//! The `picket.v1.Ingest` gRPC service: one long-lived stream per agent connection.
+//!
+//! A stream must open with a `Hello`; then each batch is validated, de-duplicated, handed to
+//! the sinks and only then acknowledged, in order. A malformed batch gets a `Rejected` ack (the
+//! agent drops it; resending cannot help) while the stream carries on. Protocol violations end
+//! only the offending stream with a precise gRPC status, so one bad agent never disturbs the
+//! others.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use picket_core::codec::decode_batch;
+use picket_proto::v1::{self, agent_message, ingest_server::Ingest};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::agents::{Registry, SequenceCheck};
+use crate::identity::common_name;
+use crate::sinks::Sinks;
+
+/// Acks queued per stream before the stream stops reading batches: a client that never reads
+/// its acks stalls only itself.
+const ACK_QUEUE: usize = 64;
+
+pub struct IngestService {
+    pub registry: Arc<Registry>,
+    pub sinks: Arc<Sinks>,
+    pub hello_timeout: Duration,
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<v1::Ack, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let cert_identity = request
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| common_name(c.as_ref())));
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(ACK_QUEUE);
+        let session = StreamSession {
+            registry: self.registry.clone(),
+            sinks: self.sinks.clone(),
+            hello_timeout: self.hello_timeout,
+            cert_identity,
+            remote,
+        };
+        tokio::spawn(session.run(inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+struct StreamSession {
+    registry: Arc<Registry>,
+    sinks: Arc<Sinks>,
+    hello_timeout: Duration,
+    cert_identity: Option<String>,
+    remote: String,
+}
+
+type AckSender = mpsc::Sender<Result<v1::Ack, Status>>;
+
+impl StreamSession {
+    async fn run(self, mut inbound: Streaming<v1::AgentMessage>, tx: AckSender) {
+        let hello = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
+            Err(_) => {
+                self.refuse(
+                    &tx,
+                    "hello_timeout",
+                    Status::deadline_exceeded(format!(
+                        "no Hello within {:?}; a stream must start with Hello",
+                        self.hello_timeout
+                    )),
+                )
+                .await;
+                return;
+            }
+            Ok(Err(status)) => {
+                tracing::debug!(remote = %self.remote, %status, "stream ended before hello");
+                self.registry.stream_rejected("transport");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(v1::AgentMessage {
+                kind: Some(agent_message::Kind::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                self.refuse(
+                    &tx,
+                    "no_hello",
+                    Status::failed_precondition("the first message of a stream must be Hello"),
+                )
+                .await;
+                return;
+            }
+        };
+        if hello.protocol_revision < 1 {
+            self.refuse(
+                &tx,
+                "protocol",
+                Status::failed_precondition(format!(
+                    "protocol revision {} is not supported; this aggregator speaks revision {}",
+                    hello.protocol_revision,
+                    picket_proto::PROTOCOL_REVISION
+                )),
+            )
+            .await;
+            return;
+        }
+        let agent = match (&self.cert_identity, hello.instance.as_str()) {
+            (Some(cn), claimed) => {
+                if claimed != cn {
+                    tracing::warn!(remote = %self.remote, certificate = %cn, claimed,
+                        "agent's configured instance differs from its certificate; using the certificate's name");
+                }
+                cn.clone()
+            }
+            (None, "") => {
+                self.refuse(
+                    &tx,
+                    "no_identity",
+                    Status::invalid_argument(
+                        "Hello.instance is empty and the connection has no client certificate",
+                    ),
+                )
+                .await;
+                return;
+            }
+            (None, claimed) => claimed.to_owned(),
+        };
+        let interval = Duration::from_millis(u64::from(hello.interval_ms.max(1000)));
+        self.registry
+            .connected(&agent, interval, &hello.agent_version);
+        tracing::info!(%agent, remote = %self.remote, version = %hello.agent_version, "agent connected");
+        let result = self
+            .batches(&agent, hello.session_id, &mut inbound, &tx)
+            .await;
+        self.registry.disconnected(&agent);
+        match result {
+            Ok(()) => tracing::info!(%agent, "agent stream closed"),
+            Err(status) => {
+                tracing::warn!(%agent, %status, "agent stream ended with an error");
+                let _ = tx.send(Err(status)).await;
+            }
+        }
+    }
+
+    async fn refuse(&self, tx: &AckSender, reason: &'static str, status: Status) {
+        tracing::warn!(remote = %self.remote, %status, "refusing stream");
+        self.registry.stream_rejected(reason);
+        let _ = tx.send(Err(status)).await;
+    }
+
+    async fn batches(
+        &self,
+        agent: &str,
+        session: u64,
+        inbound: &mut Streaming<v1::AgentMessage>,
+        tx: &AckSender,
+    ) -> Result<(), Status> {
+        let mut last_sequence = 0u64;
+        loop {
+            let message = match inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(status) => {
+                    // Oversized or undecodable messages arrive here. The status is passed back
+                    // to the agent so it knows why.
+                    return Err(status);
+                }
+            };
+            let batch = match message.kind {
+                Some(agent_message::Kind::Batch(b)) => b,
+                Some(agent_message::Kind::Hello(_)) => {
+                    return Err(Status::failed_precondition(
+                        "Hello sent twice on one stream",
+                    ));
+                }
+                None => return Err(Status::invalid_argument("empty AgentMessage")),
+            };
+            let sequence = batch.sequence;
+            if sequence <= last_sequence {
+                return Err(Status::invalid_argument(format!(
+                    "batch sequence {sequence} does not increase (previous {last_sequence})"
+                )));
+            }
+            last_sequence = sequence;
+            let outcome = self.accept(agent, session, batch)?;
+            let ack = v1::Ack {
+                sequence,
+                outcome: Some(outcome),
+            };
+            if tx.send(Ok(ack)).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Validates and delivers one batch; the returned outcome is what the agent is told.
+    fn accept(
+        &self,
+        agent: &str,
+        session: u64,
+        batch: v1::Batch,
+    ) -> Result<v1::ack::Outcome, Status> {
+        let sequence = batch.sequence;
+        let duplicate = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: true });
+        if self.registry.check_sequence(agent, session, sequence) == SequenceCheck::AlreadyAccepted
+            || self.sinks.already_delivered(agent, session, sequence)
+        {
+            self.registry.duplicate(agent);
+            return Ok(duplicate);
+        }
+        let mut decoded = match decode_batch(&batch) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(%agent, sequence, error = %e, "rejecting malformed batch");
+                self.registry.rejected(agent);
+                return Ok(v1::ack::Outcome::Rejected(v1::Rejected {
+                    reason: e.to_string(),
+                }));
+            }
+        };
+        if self.cert_identity.is_some() && decoded.common_labels.get("instance") != Some(agent) {
+            for family in &mut decoded.families {
+                for point in &mut family.points {
+                    point.labels.insert("instance", agent);
+                }
+            }
+        }
+        let samples = decoded.sample_count();
+        self.sinks
+            .deliver(agent, session, sequence, &decoded.families)
+            .map_err(|e| {
+                tracing::error!(%agent, error = %e, "a sink refused a batch; the agent will resend it");
+                Status::unavailable(format!("aggregator cannot store the batch right now: {e}"))
+            })?;
+        self.registry.accepted(agent, session, sequence, samples);
+        Ok(v1::ack::Outcome::Accepted(v1::Accepted {
+            duplicate: false,
+        }))
+    }
+}

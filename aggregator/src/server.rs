@@ -1,0 +1,192 @@
+//! Runs the aggregator: binds the gRPC and HTTP listeners, serves until SIGTERM/SIGINT,
+//! re-reads the config on SIGHUP, and expires state in the background.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use picket_core::logging::LogHandle;
+use picket_proto::v1::ingest_server::IngestServer;
+use tokio::signal::unix::{SignalKind, signal};
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::agents::Registry;
+use crate::config::{AggregatorConfig, TlsConfig};
+use crate::http::{HttpState, router};
+use crate::ingest::IngestService;
+use crate::sinks::Sinks;
+use crate::store::LatestStore;
+
+/// How often series TTLs and forgotten agents are swept.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
+/// How long open streams get to finish after SIGTERM. Unacked batches are resent by their
+/// agents, so cutting streams loses nothing.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub async fn run(
+    config: AggregatorConfig,
+    config_path: Option<PathBuf>,
+    log: LogHandle,
+) -> anyhow::Result<()> {
+    let registry = Arc::new(Registry::new(config.agents.clone()));
+    let sinks = Arc::new(
+        Sinks::open(
+            &config.sinks,
+            LatestStore::new(config.exposition.series_ttl),
+        )
+        .context("opening sinks")?,
+    );
+    let state = Arc::new(HttpState {
+        registry: registry.clone(),
+        sinks: sinks.clone(),
+        grpc_listening: false.into(),
+        sinks_healthy: true.into(),
+    });
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for gRPC on {} (grpc.listen)",
+                config.grpc.listen
+            )
+        })?;
+    let http_listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for HTTP on {} (http.listen)",
+                config.http.listen
+            )
+        })?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
+    if config.tls.insecure {
+        tracing::warn!(
+            "tls.insecure = true: agents connect in plaintext and are not authenticated; use only on a trusted network"
+        );
+    } else {
+        builder = builder
+            .tls_config(server_tls(&config.tls)?)
+            .context("invalid TLS configuration")?;
+    }
+    let service = IngestServer::new(IngestService {
+        registry: registry.clone(),
+        sinks: sinks.clone(),
+        hello_timeout: config.grpc.hello_timeout,
+    })
+    .max_decoding_message_size(config.grpc.max_message_bytes)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd);
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let wait_shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let incoming = TcpIncoming::from(grpc_listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let grpc = tokio::spawn(
+        builder
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, wait_shutdown(shutdown_rx.clone())),
+    );
+    state.grpc_listening.store(true, Ordering::Relaxed);
+    let http = tokio::spawn(
+        axum::serve(http_listener, router(state.clone()))
+            .with_graceful_shutdown(wait_shutdown(shutdown_rx.clone()))
+            .into_future(),
+    );
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = !config.tls.insecure,
+        mutual_tls = config.tls.client_ca.is_some(), "picket-aggregator listening");
+
+    let housekeeping = {
+        let registry = registry.clone();
+        let sinks = sinks.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+            loop {
+                tick.tick().await;
+                sinks.latest.expire();
+                registry.forget_silent();
+            }
+        })
+    };
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let mut current = config;
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = sighup.recv() => {
+                match crate::config::load(config_path.as_deref()) {
+                    Ok(loaded) => {
+                        apply_reload(&current, &loaded.config, &registry, &sinks, &log);
+                        current = loaded.config;
+                    }
+                    Err(e) => tracing::error!("SIGHUP: keeping the running config; the new one is invalid:\n{e}"),
+                }
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    state.grpc_listening.store(false, Ordering::Relaxed);
+    let _ = shutdown_tx.send(true);
+    housekeeping.abort();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = grpc.await;
+        let _ = http.await;
+    })
+    .await;
+    Ok(())
+}
+
+fn apply_reload(
+    old: &AggregatorConfig,
+    new: &AggregatorConfig,
+    registry: &Registry,
+    sinks: &Sinks,
+    log: &LogHandle,
+) {
+    if let Err(e) = log.set_level(&new.log.level) {
+        tracing::error!("SIGHUP: {e}");
+    }
+    registry.reconfigure(new.agents.clone());
+    sinks.latest.set_ttl(new.exposition.series_ttl);
+    let needs_restart = old.grpc != new.grpc
+        || old.http != new.http
+        || old.tls != new.tls
+        || old.sinks != new.sinks
+        || old.log.format != new.log.format;
+    if needs_restart {
+        tracing::warn!(
+            "SIGHUP: listener, TLS, sink or log-format changes take effect after a restart"
+        );
+    }
+    tracing::info!("SIGHUP: configuration reloaded");
+}
+
+fn server_tls(tls: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let cert = picket_core::tls::read_certificates(&tls.cert).context("tls.cert")?;
+    let key = picket_core::tls::read_private_key(&tls.key).context("tls.key")?;
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert.pem, key));
+    if let Some(ca) = &tls.client_ca {
+        let ca = picket_core::tls::read_certificates(ca).context("tls.client_ca")?;
+        config = config
+            .client_ca_root(Certificate::from_pem(ca.pem))
+            .client_auth_optional(!tls.require_client_cert);
+    }
+    Ok(config)
+}
