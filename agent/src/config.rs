@@ -284,13 +284,11 @@ pub fn validate(config: &AgentConfig, origin: &str, text: &str) -> Result<(), Co
     if let Err(e) = picket_core::logging::validate_level(&config.log.level) {
         return Err(err(&["log", "level"], e.to_string()));
     }
-    if let Some(instance) = &config.instance {
-        if instance.is_empty() {
-            return Err(err(
-                &["instance"],
-                "must not be empty (leave it out to use the host name)".into(),
-            ));
-        }
+    if config.instance.as_deref() == Some("") {
+        return Err(err(
+            &["instance"],
+            "must not be empty (leave it out to use the host name)".into(),
+        ));
     }
     for name in config.labels.keys() {
         if !is_valid_label_name(name) || name.starts_with("__") {

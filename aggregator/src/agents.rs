@@ -109,15 +109,14 @@ impl Registry {
         state.samples += samples as u64;
         let entry = state.sessions.entry(session).or_insert((0, now));
         *entry = (entry.0.max(sequence), now);
-        if state.sessions.len() > MAX_SESSIONS_PER_AGENT {
-            if let Some(oldest) = state
+        if state.sessions.len() > MAX_SESSIONS_PER_AGENT
+            && let Some(oldest) = state
                 .sessions
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(id, _)| *id)
-            {
-                state.sessions.remove(&oldest);
-            }
+        {
+            state.sessions.remove(&oldest);
         }
     }
 

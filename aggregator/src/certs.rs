@@ -118,10 +118,10 @@ pub fn init(dir: &Path, hosts: &[String], days: i64) -> Result<Vec<PathBuf>, Cer
     let issuer = Issuer::new(ca_params, &ca_key);
 
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    if let Ok(host) = hostname::get() {
-        if let Some(host) = host.to_str() {
-            names.push(host.to_owned());
-        }
+    if let Ok(host) = hostname::get()
+        && let Some(host) = host.to_str()
+    {
+        names.push(host.to_owned());
     }
     names.extend(hosts.iter().cloned());
     names.dedup();

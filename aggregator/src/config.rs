@@ -14,7 +14,7 @@ use serde::Deserialize;
 /// Where `certs init` writes and the default config reads TLS material.
 pub const DEFAULT_TLS_DIR: &str = "/etc/picket/tls";
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
     pub log: LogConfig,
@@ -24,20 +24,6 @@ pub struct AggregatorConfig {
     pub agents: AgentsConfig,
     pub exposition: ExpositionConfig,
     pub sinks: Vec<SinkConfig>,
-}
-
-impl Default for AggregatorConfig {
-    fn default() -> Self {
-        AggregatorConfig {
-            log: LogConfig::default(),
-            grpc: GrpcConfig::default(),
-            tls: TlsConfig::default(),
-            http: HttpConfig::default(),
-            agents: AgentsConfig::default(),
-            exposition: ExpositionConfig::default(),
-            sinks: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -253,13 +239,13 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
         match sink {
             SinkConfig::File { path, .. } => {
                 let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-                if let Some(parent) = parent {
-                    if !parent.is_dir() {
-                        return Err(err(
-                            &["sinks", &index, "path"],
-                            format!("directory {} does not exist", parent.display()),
-                        ));
-                    }
+                if let Some(parent) = parent
+                    && !parent.is_dir()
+                {
+                    return Err(err(
+                        &["sinks", &index, "path"],
+                        format!("directory {} does not exist", parent.display()),
+                    ));
                 }
             }
         }

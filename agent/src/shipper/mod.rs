@@ -79,11 +79,11 @@ impl Shipper {
         let mut config_open = true;
 
         loop {
-            if let Some(conn) = connection.as_mut() {
-                if let Err(e) = self.fill_window(conn) {
-                    self.connection_lost(&mut connection, &mut reconnect_at, e);
-                    continue;
-                }
+            if let Some(conn) = connection.as_mut()
+                && let Err(e) = self.fill_window(conn)
+            {
+                self.connection_lost(&mut connection, &mut reconnect_at, e);
+                continue;
             }
             if let Some(deadline) = drain_deadline {
                 if self.pending.is_empty() && self.open.is_none() {

@@ -24,11 +24,14 @@ pub enum FileSinkError {
     },
 }
 
+/// (agent, session) -> highest committed batch sequence.
+type HighWaterMarks = HashMap<(String, u64), u64>;
+
 pub struct FileSink {
     path: PathBuf,
     file: File,
     fsync: bool,
-    committed: HashMap<(String, u64), u64>,
+    committed: HighWaterMarks,
 }
 
 /// One point as written to the journal.
@@ -164,7 +167,7 @@ fn json_value(value: &Value) -> serde_json::Value {
 }
 
 /// Reads the journal: committed high-water marks and the length up to the last commit line.
-fn recover(file: &File) -> std::io::Result<(HashMap<(String, u64), u64>, u64)> {
+fn recover(file: &File) -> std::io::Result<(HighWaterMarks, u64)> {
     let mut reader = BufReader::new(file);
     reader.seek(SeekFrom::Start(0))?;
     let mut committed = HashMap::new();
@@ -181,12 +184,12 @@ fn recover(file: &File) -> std::io::Result<(HashMap<(String, u64), u64>, u64)> {
         if line.last() != Some(&b'\n') {
             break;
         }
-        if line.starts_with(b"{\"commit\":") {
-            if let Ok(c) = serde_json::from_slice::<CommitLine>(&line) {
-                let entry = committed.entry((c.agent, c.session)).or_insert(0);
-                *entry = (*entry).max(c.commit);
-                good_len = offset;
-            }
+        if line.starts_with(b"{\"commit\":")
+            && let Ok(c) = serde_json::from_slice::<CommitLine>(&line)
+        {
+            let entry = committed.entry((c.agent, c.session)).or_insert(0);
+            *entry = (*entry).max(c.commit);
+            good_len = offset;
         }
     }
     Ok((committed, good_len))

@@ -240,7 +240,7 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
     };
     let labels_of =
         |at: &dyn Fn() -> String, pairs: &[u32], into: &mut Labels| -> Result<(), DecodeError> {
-            if pairs.len() % 2 != 0 {
+            if !pairs.len().is_multiple_of(2) {
                 return Err(DecodeError::OddLabelCount {
                     at: at(),
                     count: pairs.len(),

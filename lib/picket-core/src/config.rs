@@ -144,14 +144,13 @@ fn locate_key(text: &str, key_path: &[&str]) -> Option<usize> {
         let mut value = value;
         rest = tail;
         // Array of tables: the next path element is the index.
-        if let DeValue::Array(items) = value.get_ref() {
-            if let Some((index, tail)) = rest.split_first() {
-                if let Ok(i) = index.parse::<usize>() {
-                    value = items.get(i)?;
-                    found = Some(value.span().start);
-                    rest = tail;
-                }
-            }
+        if let DeValue::Array(items) = value.get_ref()
+            && let Some((index, tail)) = rest.split_first()
+            && let Ok(i) = index.parse::<usize>()
+        {
+            value = items.get(i)?;
+            found = Some(value.span().start);
+            rest = tail;
         }
         match value.get_ref() {
             DeValue::Table(t) => table = t,

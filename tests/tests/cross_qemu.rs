@@ -1,0 +1,147 @@
+//! The cross-built Raspberry Pi agents (aarch64 and armv7) run under qemu-user and stream to
+//! an x86_64 aggregator over mutual TLS: metrics collected on the emulated CPU arrive.
+//!
+//! Needs `cross/build.sh` to have produced `dist/picket-agent-<target>` (or set
+//! PICKET_CROSS_DIR) and Debian's qemu-user with the cross C libraries; `scripts/test`
+//! installs and builds all of it.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use picket_tests::*;
+
+struct Arch {
+    target: &'static str,
+    qemu: &'static str,
+    sysroot: &'static str,
+    /// `std::env::consts::ARCH` as compiled into that binary.
+    rust_arch: &'static str,
+}
+
+const ARCHES: [Arch; 2] = [
+    Arch {
+        target: "aarch64-unknown-linux-gnu",
+        qemu: "qemu-aarch64",
+        sysroot: "/usr/aarch64-linux-gnu",
+        rust_arch: "aarch64",
+    },
+    Arch {
+        target: "armv7-unknown-linux-gnueabihf",
+        qemu: "qemu-arm",
+        sysroot: "/usr/arm-linux-gnueabihf",
+        rust_arch: "arm",
+    },
+];
+
+fn cross_binary(arch: &Arch) -> PathBuf {
+    let dir = std::env::var("PICKET_CROSS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../dist"));
+    let path = dir.join(format!("picket-agent-{}", arch.target));
+    assert!(
+        path.exists(),
+        "{} missing: run `cross/build.sh --install` first (scripts/test does)",
+        path.display()
+    );
+    assert!(
+        Command::new(arch.qemu)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "{} not found: apt-get install qemu-user",
+        arch.qemu
+    );
+    assert!(
+        std::path::Path::new(arch.sysroot).join("lib").exists(),
+        "{} missing: apt-get install libc6-dev-arm64-cross libc6-dev-armhf-cross",
+        arch.sysroot
+    );
+    path
+}
+
+fn emulated(arch: &Arch) -> Command {
+    let mut cmd = Command::new(arch.qemu);
+    cmd.arg("-L").arg(arch.sysroot).arg(cross_binary(arch));
+    cmd
+}
+
+#[test]
+fn emulated_pi_agents_stream_to_an_x86_aggregator() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(dir.path());
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorSpec {
+            pki: Some(&pki),
+            mutual_tls: true,
+            journal: None,
+            extra: String::new(),
+        },
+    );
+    let mut agents = Vec::new();
+    for arch in &ARCHES {
+        let name = format!("pi-{}", arch.rust_arch);
+        let cert = pki.issue_agent(&name);
+        let text = agent_config(&name, &[https(agg.grpc)], Some(&pki), Some(&cert), "")
+            .replace("interval = \"300ms\"", "interval = \"1s\"")
+            .replace("jitter = \"10ms\"", "jitter = \"100ms\"");
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let mut cmd = emulated(arch);
+        cmd.arg("--config").arg(&config);
+        agents.push(Process::spawn(cmd, dir.path().join(format!("{name}.log"))));
+    }
+    for arch in &ARCHES {
+        let name = format!("pi-{}", arch.rust_arch);
+        // build_info carries the architecture compiled into the binary that collected it.
+        let build_info = format!(
+            "picket_agent_build_info{{arch=\"{}\",instance=\"{name}\"",
+            arch.rust_arch
+        );
+        wait_for(&format!("{name} metrics"), Duration::from_secs(90), || {
+            let m = agg.metrics();
+            (m.contains(&build_info)
+                && m.contains(&format!(
+                    "node_memory_MemTotal_bytes{{instance=\"{name}\"}}"
+                )))
+            .then_some(())
+        });
+    }
+    for agent in &mut agents {
+        assert!(
+            agent.terminate(Duration::from_secs(60)).success(),
+            "{}",
+            agent.log_text()
+        );
+    }
+}
+
+#[test]
+fn emulated_agents_run_once_and_check_config() {
+    for arch in &ARCHES {
+        let out = run_ok(emulated(arch).arg("once"));
+        assert!(
+            out.contains(&format!(
+                "picket_agent_build_info{{arch=\"{}\"",
+                arch.rust_arch
+            )),
+            "{out}"
+        );
+        assert!(
+            metric_value(&out, "node_memory_MemTotal_bytes{").is_some_and(|v| v > 0.0),
+            "{out}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "intervl = \"1s\"\n").unwrap();
+        let out = emulated(arch)
+            .arg("--config")
+            .arg(&bad)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `intervl`"));
+    }
+}

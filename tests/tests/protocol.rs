@@ -1,0 +1,206 @@
+//! The wire protocol against a real aggregator process: acks, duplicate resends, and the clear
+//! statuses for peers that break the rules, while good agents carry on.
+
+use picket_proto::v1;
+use picket_tests::raw::{self, RawStream};
+use picket_tests::*;
+use tonic::Code;
+
+fn insecure_aggregator(
+    dir: &std::path::Path,
+    journal: Option<std::path::PathBuf>,
+    extra: &str,
+) -> Aggregator {
+    Aggregator::start(
+        dir,
+        &AggregatorSpec {
+            pki: None,
+            mutual_tls: false,
+            journal,
+            extra: extra.into(),
+        },
+    )
+}
+
+async fn open(agg: &Aggregator, hello: Option<v1::Hello>) -> Result<RawStream, tonic::Status> {
+    let channel = raw::channel(&http(agg.grpc), None).await.expect("connect");
+    raw::open(channel, hello).await
+}
+
+fn accepted(ack: &v1::Ack) -> Option<bool> {
+    match &ack.outcome {
+        Some(v1::ack::Outcome::Accepted(a)) => Some(a.duplicate),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_are_acked_in_order_and_resends_are_not_applied_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal.jsonl");
+    let agg = insecure_aggregator(dir.path(), Some(journal.clone()), "");
+    let now = picket_core::model::now_ms();
+
+    let mut s = open(&agg, Some(raw::hello("raw-1", 42))).await.unwrap();
+    for seq in 1..=3 {
+        s.send_batch(raw::batch(
+            seq,
+            "raw-1",
+            "roundtrip_gauge",
+            5,
+            now + seq as i64,
+        ))
+        .await;
+    }
+    for seq in 1..=3 {
+        let ack = s.next().await.unwrap();
+        assert_eq!(ack.sequence, seq);
+        assert_eq!(accepted(&ack), Some(false));
+    }
+    drop(s);
+
+    // Same session reconnects and resends batch 3 (its ack was "lost"), then sends 4.
+    let mut s = open(&agg, Some(raw::hello("raw-1", 42))).await.unwrap();
+    s.send_batch(raw::batch(3, "raw-1", "roundtrip_gauge", 5, now + 3))
+        .await;
+    s.send_batch(raw::batch(4, "raw-1", "roundtrip_gauge", 5, now + 4))
+        .await;
+    assert_eq!(
+        accepted(&s.next().await.unwrap()),
+        Some(true),
+        "resend must be acked as duplicate"
+    );
+    assert_eq!(accepted(&s.next().await.unwrap()), Some(false));
+
+    let j = picket_tests::journal::read(&journal);
+    assert_eq!(
+        j.commits.iter().map(|c| c.2).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(j.points.len(), 4 * 5);
+    j.assert_each_series_once_in_order();
+    // The values decoded by the aggregator are the ones sent.
+    let p = j
+        .points
+        .iter()
+        .find(|p| p.labels.get("n").map(String::as_str) == Some("3"))
+        .unwrap();
+    assert_eq!(p.value, Some(3.0));
+    assert_eq!(p.timestamp_ms, now + 1);
+
+    let metrics = agg.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "roundtrip_gauge{{instance=\"raw-1\",n=\"4\"}} 4 {}",
+            now + 4
+        )),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "picket_aggregator_agent_duplicate_batches_total{agent=\"raw-1\"}"
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_batch_is_rejected_and_the_stream_carries_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = insecure_aggregator(dir.path(), None, "");
+    let now = picket_core::model::now_ms();
+    let mut s = open(&agg, Some(raw::hello("raw-2", 1))).await.unwrap();
+    let mut bad = raw::batch(1, "raw-2", "m", 2, now);
+    bad.families[0].series[0].labels[0] = 999;
+    s.send_batch(bad).await;
+    s.send_batch(raw::batch(2, "raw-2", "m", 2, now)).await;
+    let ack = s.next().await.unwrap();
+    match ack.outcome {
+        Some(v1::ack::Outcome::Rejected(r)) => {
+            assert!(r.reason.contains("symbol index 999"), "{}", r.reason)
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(accepted(&s.next().await.unwrap()), Some(false));
+    assert_eq!(
+        agg.metric_value("picket_aggregator_agent_rejected_batches_total{agent=\"raw-2\"}"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = insecure_aggregator(dir.path(), None, "");
+    let now = picket_core::model::now_ms();
+
+    // A good agent streams throughout.
+    let mut good = open(&agg, Some(raw::hello("good", 7))).await.unwrap();
+    good.send_batch(raw::batch(1, "good", "g", 1, now)).await;
+    assert_eq!(accepted(&good.next().await.unwrap()), Some(false));
+
+    // No hello: the first message is a batch.
+    let mut s = open(&agg, None).await.unwrap();
+    s.send_batch(raw::batch(1, "x", "m", 1, now)).await;
+    let status = s.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("must be Hello"), "{status}");
+
+    // Empty identity without a certificate.
+    let mut s = open(&agg, Some(raw::hello("", 1))).await.unwrap();
+    let status = s.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // Oversized batch (limit is 4 MiB by default).
+    let mut s = open(&agg, Some(raw::hello("big", 1))).await.unwrap();
+    let mut big = raw::batch(1, "big", "m", 1, now);
+    big.symbols.push("x".repeat(5 * 1024 * 1024));
+    s.send_batch(big).await;
+    let status = s.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status}");
+
+    // Sequence going backwards.
+    let mut s = open(&agg, Some(raw::hello("seq", 1))).await.unwrap();
+    s.send_batch(raw::batch(5, "seq", "m", 1, now)).await;
+    s.send_batch(raw::batch(5, "seq", "m", 1, now + 1)).await;
+    assert_eq!(accepted(&s.next().await.unwrap()), Some(false));
+    let status = s.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("does not increase"), "{status}");
+
+    // The good agent never noticed.
+    good.send_batch(raw::batch(2, "good", "g", 1, now + 1))
+        .await;
+    assert_eq!(accepted(&good.next().await.unwrap()), Some(false));
+    let metrics = agg.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "picket_aggregator_streams_refused_total{reason=\"no_hello\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "picket_aggregator_agent_up{agent=\"good\"}"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_on_the_grpc_port_does_not_hurt_the_aggregator() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let agg = insecure_aggregator(dir.path(), None, "");
+    for _ in 0..20 {
+        let mut c = std::net::TcpStream::connect(agg.grpc).unwrap();
+        let _ = c.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\x01\x02garbage\xff\xfe");
+    }
+    let now = picket_core::model::now_ms();
+    let mut s = open(&agg, Some(raw::hello("after-garbage", 1)))
+        .await
+        .unwrap();
+    s.send_batch(raw::batch(1, "after-garbage", "m", 1, now))
+        .await;
+    assert_eq!(accepted(&s.next().await.unwrap()), Some(false));
+}
