@@ -120,19 +120,14 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
 #[test]
 fn emulated_agents_run_once_and_check_config() {
     for arch in &ARCHES {
-        let out = run_ok(emulated(arch).arg("once"));
-        assert!(
-            out.contains(&format!(
-                "picket_agent_build_info{{arch=\"{}\"",
-                arch.rust_arch
-            )),
-            "{out}"
-        );
-        assert!(
-            metric_value(&out, "node_memory_MemTotal_bytes{").is_some_and(|v| v > 0.0),
-            "{out}"
-        );
         let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("once.toml");
+        std::fs::write(&config, "instance = \"emulated\"\n").unwrap();
+        let out = run_ok(emulated(arch).arg("--config").arg(&config).arg("once"));
+        let build_info = format!("picket_agent_build_info{{arch=\"{}\"", arch.rust_arch);
+        assert!(out.contains(&build_info), "{out}");
+        let mem = metric_value(&out, "node_memory_MemTotal_bytes{instance=\"emulated\"}");
+        assert!(mem.is_some_and(|v| v > 0.0), "{out}");
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "intervl = \"1s\"\n").unwrap();
         let out = emulated(arch)

@@ -58,8 +58,10 @@ pub fn init(level: &str, json: bool) -> Result<LogHandle, LogError> {
             .with(fmt::layer().json().with_writer(std::io::stderr))
             .try_init()
     } else {
+        // Colour only for a person at a terminal; journald and log files get plain text.
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
         registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
             .try_init()
     };
     result.map_err(|_| LogError::AlreadyInstalled)?;
