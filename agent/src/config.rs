@@ -12,6 +12,8 @@ use picket_core::config::ConfigError;
 use picket_core::model::{Labels, is_valid_label_name};
 use serde::Deserialize;
 
+pub use picket_core::logging::{LogConfig, LogFormat};
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
@@ -68,29 +70,6 @@ impl AgentConfig {
         labels.insert("instance", self.instance());
         labels
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub level: String,
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -281,7 +260,7 @@ pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
 /// can be installed before its certificates arrive.
 pub fn validate(config: &AgentConfig, origin: &str, text: &str) -> Result<(), ConfigError> {
     let err = |path: &[&str], message: String| ConfigError::at_key(origin, text, path, message);
-    if let Err(e) = picket_core::logging::validate_level(&config.log.level) {
+    if let Err(e) = config.log.validate() {
         return Err(err(&["log", "level"], e.to_string()));
     }
     if config.instance.as_deref() == Some("") {

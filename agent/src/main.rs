@@ -77,8 +77,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => {
-            let json = loaded.config.log.format == config::LogFormat::Json;
-            let log = match picket_core::logging::init(&loaded.config.log.level, json) {
+            let log = match loaded.config.log.init() {
                 Ok(h) => h,
                 Err(e) => {
                     eprintln!("error: {e}");

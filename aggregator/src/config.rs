@@ -11,6 +11,8 @@ use std::time::Duration;
 use picket_core::config::ConfigError;
 use serde::Deserialize;
 
+pub use picket_core::logging::{LogConfig, LogFormat};
+
 /// Where `certs init` writes and the default config reads TLS material.
 pub const DEFAULT_TLS_DIR: &str = "/etc/picket/tls";
 
@@ -28,30 +30,6 @@ pub struct AggregatorConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`-style filter.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
 pub struct GrpcConfig {
     pub listen: SocketAddr,
     /// Largest batch accepted, after decompression. Larger ones end the stream with
@@ -60,6 +38,10 @@ pub struct GrpcConfig {
     /// How long a new stream may take to send its `Hello`.
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
+    /// A stream that sends nothing for this long is closed. Agents send at least one batch
+    /// per collection interval, so only dead or misbehaving peers reach it.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// HTTP/2 keepalive pings; a peer that does not answer within the timeout is dropped,
     /// which is how half-open connections are noticed.
     #[serde(with = "humantime_serde")]
@@ -74,6 +56,7 @@ impl Default for GrpcConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             max_message_bytes: 4 * 1024 * 1024,
             hello_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
         }
@@ -204,7 +187,7 @@ pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
 /// Checks that span several keys or need the file system.
 pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(), ConfigError> {
     let err = |path: &[&str], message: String| ConfigError::at_key(origin, text, path, message);
-    if let Err(e) = picket_core::logging::validate_level(&config.log.level) {
+    if let Err(e) = config.log.validate() {
         return Err(err(&["log", "level"], e.to_string()));
     }
     if config.grpc.max_message_bytes < 1024 {

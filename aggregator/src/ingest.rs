@@ -29,6 +29,8 @@ pub struct IngestService {
     pub registry: Arc<Registry>,
     pub sinks: Arc<Sinks>,
     pub hello_timeout: Duration,
+    /// A stream that sends nothing for this long is closed (the agent reconnects if alive).
+    pub idle_timeout: Duration,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<v1::Ack, Status>> + Send>>;
@@ -41,9 +43,20 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<AckStream>, Status> {
-        let cert_identity = request
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|c| common_name(c.as_ref())));
+        let cert_identity = match request.peer_certs() {
+            Some(certs) => match certs.first().and_then(|c| common_name(c.as_ref())) {
+                Some(cn) => Some(cn),
+                None => {
+                    // A verified certificate without a name must not fall back to the name
+                    // the hello claims: that would let it write as any agent.
+                    self.registry.stream_rejected("certificate_without_name");
+                    return Err(Status::unauthenticated(
+                        "the client certificate has no common name; issue agent certificates with `picket-aggregator certs issue-agent NAME`",
+                    ));
+                }
+            },
+            None => None,
+        };
         let remote = request
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
@@ -53,6 +66,7 @@ impl Ingest for IngestService {
             registry: self.registry.clone(),
             sinks: self.sinks.clone(),
             hello_timeout: self.hello_timeout,
+            idle_timeout: self.idle_timeout,
             cert_identity,
             remote,
         };
@@ -65,6 +79,7 @@ struct StreamSession {
     registry: Arc<Registry>,
     sinks: Arc<Sinks>,
     hello_timeout: Duration,
+    idle_timeout: Duration,
     cert_identity: Option<String>,
     remote: String,
 }
@@ -151,7 +166,8 @@ impl StreamSession {
             Ok(()) => tracing::info!(%agent, "agent stream closed"),
             Err(status) => {
                 tracing::warn!(%agent, %status, "agent stream ended with an error");
-                let _ = tx.send(Err(status)).await;
+                // A peer that stopped reading acks would block a plain send forever.
+                let _ = tx.try_send(Err(status));
             }
         }
     }
@@ -159,7 +175,7 @@ impl StreamSession {
     async fn refuse(&self, tx: &AckSender, reason: &'static str, status: Status) {
         tracing::warn!(remote = %self.remote, %status, "refusing stream");
         self.registry.stream_rejected(reason);
-        let _ = tx.send(Err(status)).await;
+        let _ = tx.try_send(Err(status));
     }
 
     async fn batches(
@@ -171,10 +187,17 @@ impl StreamSession {
     ) -> Result<(), Status> {
         let mut last_sequence = 0u64;
         loop {
-            let message = match inbound.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
-                Err(status) => {
+            let next = tokio::time::timeout(self.idle_timeout, inbound.message()).await;
+            let message = match next {
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "nothing received for {:?} (grpc.idle_timeout); closing the stream",
+                        self.idle_timeout
+                    )));
+                }
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(status)) => {
                     // Oversized or undecodable messages arrive here. The status is passed back
                     // to the agent so it knows why.
                     return Err(status);
@@ -196,7 +219,9 @@ impl StreamSession {
                 )));
             }
             last_sequence = sequence;
-            let outcome = self.accept(agent, session, batch)?;
+            // Dedup lookups, decoding and journal writes block (locks, disk): keep them off
+            // the async workers so a slow disk cannot stall other agents or keepalives.
+            let outcome = tokio::task::block_in_place(|| self.accept(agent, session, batch))?;
             let ack = v1::Ack {
                 sequence,
                 outcome: Some(outcome),

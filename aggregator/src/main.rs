@@ -120,8 +120,7 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let json = loaded.config.log.format == config::LogFormat::Json;
-    let log = match picket_core::logging::init(&loaded.config.log.level, json) {
+    let log = match loaded.config.log.init() {
         Ok(h) => h,
         Err(e) => {
             eprintln!("error: {e}");

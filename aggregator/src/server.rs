@@ -83,6 +83,7 @@ pub async fn run(
         registry: registry.clone(),
         sinks: sinks.clone(),
         hello_timeout: config.grpc.hello_timeout,
+        idle_timeout: config.grpc.idle_timeout,
     })
     .max_decoding_message_size(config.grpc.max_message_bytes)
     .accept_compressed(CompressionEncoding::Gzip)

@@ -163,7 +163,7 @@ impl Process {
         let err = file.try_clone().expect("clone log file");
         cmd.stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
-            .env("RUST_LOG", "info,picket=debug");
+            .env("RUST_LOG", "info,picket_agent=debug");
         cmd.env_remove("NO_COLOR").env("NO_COLOR", "1");
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         Process { child, log }
@@ -278,6 +278,17 @@ impl Aggregator {
         cmd.arg("--config").arg(config);
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         Process::spawn(cmd, dir.join(format!("aggregator-{port}-{n}.log")))
+    }
+
+    /// A plaintext aggregator (no TLS), optionally journaling to `journal`.
+    pub fn start_plaintext(dir: &Path, journal: Option<PathBuf>) -> Aggregator {
+        let spec = AggregatorSpec {
+            pki: None,
+            mutual_tls: false,
+            journal,
+            extra: String::new(),
+        };
+        Aggregator::start(dir, &spec)
     }
 
     pub fn wait_ready(&self) {

@@ -6,18 +6,6 @@ use std::time::Duration;
 
 use picket_tests::*;
 
-fn plain_aggregator(dir: &std::path::Path, journal: Option<std::path::PathBuf>) -> Aggregator {
-    Aggregator::start(
-        dir,
-        &AggregatorSpec {
-            pki: None,
-            mutual_tls: false,
-            journal,
-            extra: String::new(),
-        },
-    )
-}
-
 #[test]
 fn once_prints_prometheus_text_with_the_agent_labels() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,7 +118,7 @@ fn check_config_reports_file_line_key_and_fix() {
 fn sighup_reloads_labels_and_sigterm_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("journal.jsonl");
-    let agg = plain_aggregator(dir.path(), Some(journal.clone()));
+    let agg = Aggregator::start_plaintext(dir.path(), Some(journal.clone()));
     let text = agent_config(
         "pi-hup",
         &[http(agg.grpc)],
@@ -189,9 +177,37 @@ fn sighup_reloads_labels_and_sigterm_flushes() {
 }
 
 #[test]
+fn sigterm_during_an_outage_exits_within_the_shutdown_timeout_and_counts_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    // Long backoff: without the drain deadline in its event loop the agent would sleep 30 s.
+    let text = agent_config("pi-outage", &[dead], None, None, "")
+        .replace("backoff_max = \"1s\"", "backoff_max = \"30s\"")
+        .replace("backoff_initial = \"100ms\"", "backoff_initial = \"20s\"")
+        .replace("shutdown_timeout = \"10s\"", "shutdown_timeout = \"1s\"");
+    let (mut agent, _) = start_agent(dir.path(), "outage", &text);
+    wait_for("a failed connection", Duration::from_secs(20), || {
+        agent
+            .log_text()
+            .contains("cannot connect to aggregator")
+            .then_some(())
+    });
+    let started = std::time::Instant::now();
+    let status = agent.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let log = agent.log_text();
+    assert!(log.contains("shutdown timeout reached"), "{log}");
+}
+
+#[test]
 fn fails_over_to_the_next_endpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = plain_aggregator(dir.path(), None);
+    let agg = Aggregator::start_plaintext(dir.path(), None);
     let dead = format!("http://127.0.0.1:{}", free_port());
     let text = agent_config(
         "pi-failover",

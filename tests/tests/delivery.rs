@@ -38,25 +38,30 @@ fn aggregator_killed_mid_stream_loses_and_duplicates_nothing() {
     }
 
     // Kill the aggregator twice while the agents keep collecting.
-    let outages_seen = |agent: &Process| {
-        agent
-            .log_text()
-            .matches("connection to aggregator lost")
-            .count()
-    };
+    let count = |agent: &Process, what: &str| agent.log_text().matches(what).count();
     for outage in 1..=2 {
+        if outage == 1 {
+            // Freeze the aggregator until every agent has batches on the wire that cannot be
+            // acknowledged, then kill it: those batches exist only in the agents' memory.
+            agg.process.signal("STOP");
+            for agent in &agents {
+                let sent = count(agent, "batch sent");
+                wait_for(
+                    "unacknowledged batches in flight",
+                    Duration::from_secs(20),
+                    || (count(agent, "batch sent") >= sent + 3).then_some(()),
+                );
+            }
+        }
         agg.process.kill9();
         let before: Vec<usize> = names.iter().map(|n| rounds_of(n)).collect();
         // The agents notice, keep collecting, and fail to reconnect for a while.
         for agent in &agents {
-            wait_for("agent noticed the outage", Duration::from_secs(20), || {
-                (outages_seen(agent) >= outage).then_some(())
+            wait_for("agent noticed the outage", Duration::from_secs(40), || {
+                (count(agent, "connection to aggregator lost") >= outage).then_some(())
             });
             wait_for("agent retrying", Duration::from_secs(20), || {
-                agent
-                    .log_text()
-                    .contains("cannot connect to aggregator")
-                    .then_some(())
+                (count(agent, "cannot connect to aggregator") >= outage).then_some(())
             });
         }
         agg.kill9_and_restart(dir.path());

@@ -6,22 +6,6 @@ use picket_tests::raw::{self, RawStream};
 use picket_tests::*;
 use tonic::Code;
 
-fn insecure_aggregator(
-    dir: &std::path::Path,
-    journal: Option<std::path::PathBuf>,
-    extra: &str,
-) -> Aggregator {
-    Aggregator::start(
-        dir,
-        &AggregatorSpec {
-            pki: None,
-            mutual_tls: false,
-            journal,
-            extra: extra.into(),
-        },
-    )
-}
-
 async fn open(agg: &Aggregator, hello: Option<v1::Hello>) -> Result<RawStream, tonic::Status> {
     let channel = raw::channel(&http(agg.grpc), None).await.expect("connect");
     raw::open(channel, hello).await
@@ -38,7 +22,7 @@ fn accepted(ack: &v1::Ack) -> Option<bool> {
 async fn batches_are_acked_in_order_and_resends_are_not_applied_twice() {
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("journal.jsonl");
-    let agg = insecure_aggregator(dir.path(), Some(journal.clone()), "");
+    let agg = Aggregator::start_plaintext(dir.path(), Some(journal.clone()));
     let now = picket_core::model::now_ms();
 
     let mut s = open(&agg, Some(raw::hello("raw-1", 42))).await.unwrap();
@@ -108,7 +92,7 @@ async fn batches_are_acked_in_order_and_resends_are_not_applied_twice() {
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_batch_is_rejected_and_the_stream_carries_on() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = insecure_aggregator(dir.path(), None, "");
+    let agg = Aggregator::start_plaintext(dir.path(), None);
     let now = picket_core::model::now_ms();
     let mut s = open(&agg, Some(raw::hello("raw-2", 1))).await.unwrap();
     let mut bad = raw::batch(1, "raw-2", "m", 2, now);
@@ -132,7 +116,7 @@ async fn malformed_batch_is_rejected_and_the_stream_carries_on() {
 #[tokio::test(flavor = "multi_thread")]
 async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
     let dir = tempfile::tempdir().unwrap();
-    let agg = insecure_aggregator(dir.path(), None, "");
+    let agg = Aggregator::start_plaintext(dir.path(), None);
     let now = picket_core::model::now_ms();
 
     // A good agent streams throughout.
@@ -191,7 +175,7 @@ async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
 async fn garbage_on_the_grpc_port_does_not_hurt_the_aggregator() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let agg = insecure_aggregator(dir.path(), None, "");
+    let agg = Aggregator::start_plaintext(dir.path(), None);
     for _ in 0..20 {
         let mut c = std::net::TcpStream::connect(agg.grpc).unwrap();
         let _ = c.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\x01\x02garbage\xff\xfe");

@@ -61,7 +61,9 @@ fn client_cert(
     .unwrap();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, name);
+    if !name.is_empty() {
+        dn.push(DnType::CommonName, name);
+    }
     params.distinguished_name = dn;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let now = time::OffsetDateTime::now_utc();
@@ -154,9 +156,23 @@ async fn mutual_tls_accepts_fleet_certificates_and_rejects_the_rest() {
     .await;
     assert!(r.is_err(), "not-yet-valid certificate was accepted");
 
+    // A fleet-signed certificate without a common name has no identity to use.
+    let (ncert, nkey) = client_cert(&pki.dir, dir.path(), "", -1, 30);
+    let r = try_stream(
+        &agg,
+        ClientTls {
+            ca: &pki.ca(),
+            identity: Some((&ncert, &nkey)),
+        },
+        "nameless",
+    )
+    .await;
+    let err = r.expect_err("certificate without a name was accepted");
+    assert!(err.contains("no common name"), "{err}");
+
     // None of the refused peers got in; the good one is still up.
     let metrics = agg.metrics();
-    for name in ["anon", "intruder", "expired", "future"] {
+    for name in ["anon", "intruder", "expired", "future", "nameless"] {
         assert!(
             !metrics.contains(&format!("agent=\"{name}\"")),
             "{name} got in:\n{metrics}"

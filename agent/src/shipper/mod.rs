@@ -117,6 +117,9 @@ impl Shipper {
                     }
                 },
                 _ = sleep_until_opt(flush_at) => self.seal(),
+                // Wakes the loop so the drain deadline is honoured even while waiting for a
+                // reconnect or an ack.
+                _ = sleep_until_opt(drain_deadline) => {}
                 changed = config_rx.changed(), if config_open => match changed {
                     Ok(()) => {
                         let new = config_rx.borrow_and_update().clone();
@@ -130,7 +133,10 @@ impl Shipper {
                     Err(_) => config_open = false,
                 },
                 ack = next_ack(&mut connection) => match ack {
-                    Ok(ack) => self.handle_ack(ack),
+                    Ok(ack) => {
+                        let sent_through = connection.as_ref().map_or(0, |c| c.sent_through);
+                        self.handle_ack(ack, sent_through);
+                    }
                     Err(e) => self.connection_lost(&mut connection, &mut reconnect_at, e),
                 },
                 _ = sleep_until_opt(ack_deadline) => {
@@ -230,15 +236,27 @@ impl Shipper {
             to_send.push(pending.batch.clone());
         }
         for batch in to_send {
+            let sequence = batch.sequence;
             if !conn.try_send(batch)? {
                 break;
             }
+            tracing::debug!(sequence, endpoint = %conn.endpoint, "batch sent");
             AgentStats::add(&self.stats.batches_sent, 1);
         }
         Ok(())
     }
 
-    fn handle_ack(&mut self, ack: v1::Ack) {
+    fn handle_ack(&mut self, ack: v1::Ack, sent_through: u64) {
+        if ack.sequence > sent_through {
+            // An ack for a batch this connection never carried would release batches that
+            // were never delivered.
+            tracing::warn!(
+                sequence = ack.sequence,
+                sent_through,
+                "ignoring an ack for a batch not sent on this connection"
+            );
+            return;
+        }
         self.backoff.reset();
         match ack.outcome {
             Some(v1::ack::Outcome::Rejected(rejected)) => {

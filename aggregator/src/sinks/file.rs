@@ -24,13 +24,43 @@ pub enum FileSinkError {
     },
 }
 
-/// (agent, session) -> highest committed batch sequence.
-type HighWaterMarks = HashMap<(String, u64), u64>;
+/// Sessions remembered per agent. An agent starts a new session each time its process starts;
+/// only the last few can still have batches in flight, and keeping all of them would let a
+/// crash-looping agent grow this map forever.
+const SESSIONS_PER_AGENT: usize = 8;
+
+/// Per agent, the highest committed sequence of its most recent sessions (oldest first).
+#[derive(Default)]
+struct HighWaterMarks(HashMap<String, Vec<(u64, u64)>>);
+
+impl HighWaterMarks {
+    fn get(&self, agent: &str, session: u64) -> Option<u64> {
+        let sessions = self.0.get(agent)?;
+        sessions
+            .iter()
+            .find(|(s, _)| *s == session)
+            .map(|(_, seq)| *seq)
+    }
+
+    fn record(&mut self, agent: &str, session: u64, sequence: u64) {
+        let sessions = self.0.entry(agent.to_owned()).or_default();
+        let previous = match sessions.iter().position(|(s, _)| *s == session) {
+            Some(i) => sessions.remove(i).1,
+            None => 0,
+        };
+        sessions.push((session, previous.max(sequence)));
+        if sessions.len() > SESSIONS_PER_AGENT {
+            sessions.remove(0);
+        }
+    }
+}
 
 pub struct FileSink {
     path: PathBuf,
     file: File,
     fsync: bool,
+    /// Length of the journal up to the last committed batch; a failed write is cut back to it.
+    len: u64,
     committed: HighWaterMarks,
 }
 
@@ -82,6 +112,7 @@ impl FileSink {
             path: path.to_owned(),
             file,
             fsync,
+            len: good_len,
             committed,
         })
     }
@@ -89,8 +120,8 @@ impl FileSink {
     /// True when this batch is already in the journal.
     pub fn has(&self, agent: &str, session: u64, sequence: u64) -> bool {
         self.committed
-            .get(&(agent.to_owned(), session))
-            .is_some_and(|&last| sequence <= last)
+            .get(agent, session)
+            .is_some_and(|last| sequence <= last)
     }
 
     /// Appends a batch. Returns without writing when the batch is already journaled.
@@ -133,11 +164,25 @@ impl FileSink {
             path: self.path.clone(),
             source,
         };
-        self.file.write_all(&buf).map_err(io)?;
-        if self.fsync {
-            self.file.sync_data().map_err(io)?;
+        let written = self.file.write_all(&buf).and_then(|()| {
+            if self.fsync {
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            // Cut off whatever part of the batch made it (a full disk stops a write midway;
+            // after a failed fsync the data's fate is unknown), so the agent's resend is the
+            // only copy.
+            if let Err(truncate) = self.file.set_len(self.len) {
+                tracing::error!(path = %self.path.display(), error = %truncate,
+                    "file sink: cannot cut off a failed write; the journal may hold a partial batch");
+            }
+            return Err(io(e));
         }
-        self.committed.insert((agent.to_owned(), session), sequence);
+        self.len += buf.len() as u64;
+        self.committed.record(agent, session, sequence);
         Ok(())
     }
 }
@@ -170,7 +215,7 @@ fn json_value(value: &Value) -> serde_json::Value {
 fn recover(file: &File) -> std::io::Result<(HighWaterMarks, u64)> {
     let mut reader = BufReader::new(file);
     reader.seek(SeekFrom::Start(0))?;
-    let mut committed = HashMap::new();
+    let mut committed = HighWaterMarks::default();
     let mut offset = 0u64;
     let mut good_len = 0u64;
     let mut line = Vec::new();
@@ -187,8 +232,7 @@ fn recover(file: &File) -> std::io::Result<(HighWaterMarks, u64)> {
         if line.starts_with(b"{\"commit\":")
             && let Ok(c) = serde_json::from_slice::<CommitLine>(&line)
         {
-            let entry = committed.entry((c.agent, c.session)).or_insert(0);
-            *entry = (*entry).max(c.commit);
+            committed.record(&c.agent, c.session, c.commit);
             good_len = offset;
         }
     }
@@ -204,6 +248,23 @@ mod tests {
         let mut f = Family::new("m", MetricType::Gauge, "");
         f.push(Labels::from_pairs([("instance", "pi")]), 1000, v);
         f
+    }
+
+    #[test]
+    fn remembers_a_bounded_number_of_sessions_per_agent() {
+        let mut marks = HighWaterMarks::default();
+        for session in 1..=20 {
+            marks.record("pi", session, 5);
+        }
+        assert_eq!(marks.0["pi"].len(), SESSIONS_PER_AGENT);
+        assert_eq!(marks.get("pi", 20), Some(5));
+        assert_eq!(marks.get("pi", 1), None);
+        marks.record("pi", 20, 3);
+        assert_eq!(
+            marks.get("pi", 20),
+            Some(5),
+            "a high-water mark never goes back"
+        );
     }
 
     #[test]

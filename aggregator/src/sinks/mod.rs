@@ -33,7 +33,8 @@ impl Sinks {
     }
 
     /// True when this batch is already in every durable sink (it was written before an
-    /// aggregator restart, and the agent resends it because the ack never reached it).
+    /// aggregator restart, and the agent resends it because the ack never reached it). Takes
+    /// the sinks' locks, which a slow disk can hold: call it from a blocking context.
     pub fn already_delivered(&self, agent: &str, session: u64, sequence: u64) -> bool {
         !self.files.is_empty()
             && self
@@ -42,7 +43,8 @@ impl Sinks {
                 .all(|f| lock(f).has(agent, session, sequence))
     }
 
-    /// Hands a batch to every sink; `Ok` means all of them have it.
+    /// Hands a batch to every sink; `Ok` means all of them have it. Blocking (file I/O): call
+    /// it from a blocking context.
     pub fn deliver(
         &self,
         agent: &str,
@@ -50,13 +52,9 @@ impl Sinks {
         sequence: u64,
         families: &[Family],
     ) -> Result<(), FileSinkError> {
-        // File writes are short, but they are blocking I/O: keep them off the async workers.
-        tokio::task::block_in_place(|| {
-            for file in &self.files {
-                lock(file).write_batch(agent, session, sequence, families)?;
-            }
-            Ok::<_, FileSinkError>(())
-        })?;
+        for file in &self.files {
+            lock(file).write_batch(agent, session, sequence, families)?;
+        }
         self.latest.apply(families);
         Ok(())
     }

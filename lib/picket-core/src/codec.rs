@@ -18,6 +18,11 @@ use crate::model::{
 /// Most labels one series may carry; Prometheus itself rejects far fewer in practice.
 pub const MAX_LABELS_PER_SERIES: usize = 128;
 
+/// Most bytes of label text a batch may expand to once decoded. Every point carries its full
+/// label set, so a small batch with long label values and many points could otherwise make
+/// the aggregator allocate gigabytes (a hostile or broken peer must not be able to).
+pub const MAX_DECODED_LABEL_BYTES: usize = 64 * 1024 * 1024;
+
 /// Accumulates families into one batch, interning strings and merging series.
 #[derive(Default)]
 pub struct BatchEncoder {
@@ -205,6 +210,10 @@ pub enum DecodeError {
     BadTimestamp { at: String, timestamp_ms: i64 },
     #[error("{at}: family has no series")]
     EmptyFamily { at: String },
+    #[error(
+        "{at}: the batch expands to more than {MAX_DECODED_LABEL_BYTES} bytes of labels; send smaller batches"
+    )]
+    TooLarge { at: String },
 }
 
 /// A decoded batch: its sequence number, the labels common to all series, and families whose
@@ -246,6 +255,13 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
                     count: pairs.len(),
                 });
             }
+            // Checked before inserting: each insert into the sorted set is linear.
+            if into.len() + pairs.len() / 2 > MAX_LABELS_PER_SERIES {
+                return Err(DecodeError::TooManyLabels {
+                    at: at(),
+                    count: into.len() + pairs.len() / 2,
+                });
+            }
             for pair in pairs.chunks_exact(2) {
                 let name = symbol(at, pair[0])?;
                 let value = symbol(at, pair[1])?;
@@ -263,12 +279,6 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
                 }
                 into.insert(name, value);
             }
-            if into.len() > MAX_LABELS_PER_SERIES {
-                return Err(DecodeError::TooManyLabels {
-                    at: at(),
-                    count: into.len(),
-                });
-            }
             Ok(())
         };
 
@@ -279,6 +289,7 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
         &mut common_labels,
     )?;
 
+    let mut decoded_label_bytes = 0usize;
     let mut families = Vec::with_capacity(batch.families.len());
     for (fi, wf) in batch.families.iter().enumerate() {
         let family_at = || format!("family #{fi}");
@@ -312,6 +323,12 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
             let series_at = || format!("family {name:?} series #{si}");
             let mut labels = common_labels.clone();
             labels_of(&series_at, &ws.labels, &mut labels)?;
+            let label_bytes: usize = labels.iter().map(|(n, v)| n.len() + v.len()).sum();
+            decoded_label_bytes =
+                decoded_label_bytes.saturating_add(label_bytes.saturating_mul(ws.points.len()));
+            if decoded_label_bytes > MAX_DECODED_LABEL_BYTES {
+                return Err(DecodeError::TooLarge { at: series_at() });
+            }
             for wp in &ws.points {
                 family.points.push(Point {
                     labels: labels.clone(),
@@ -612,6 +629,32 @@ mod tests {
         assert!(matches!(
             decode_batch(&batch),
             Err(DecodeError::BadQuantile { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_batches_that_would_expand_beyond_the_budget() {
+        // 1 MiB of label value times 100 points: small on the wire, 100 MiB decoded.
+        let mut f = Family::new("m", MetricType::Gauge, "");
+        let labels = Labels::from_pairs([("big", "x".repeat(1024 * 1024))]);
+        for ts in 1..=100 {
+            f.push(labels.clone(), ts, 1.0);
+        }
+        let mut encoder = BatchEncoder::new(&Labels::new());
+        encoder.push(&f);
+        let batch = encoder.finish(1);
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::TooLarge { .. })
+        ));
+
+        let mut batch = valid_batch();
+        let symbols = batch.symbols.len() as u32;
+        batch.families[0].series[0].labels = vec![1; MAX_LABELS_PER_SERIES * 2];
+        assert!(symbols > 1);
+        assert!(matches!(
+            decode_batch(&batch),
+            Err(DecodeError::TooManyLabels { .. })
         ));
     }
 

@@ -4,6 +4,7 @@
 //! otherwise from the config file; [`LogHandle::set_level`] changes it on SIGHUP without a
 //! restart. Output is human-readable text or JSON lines for log shippers.
 
+use serde::Deserialize;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
@@ -16,6 +17,45 @@ pub enum LogError {
     BadLevel(String),
     #[error("a logger is already installed")]
     AlreadyInstalled,
+}
+
+/// The `[log]` section both binaries' configs share.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`-style filter.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl LogConfig {
+    /// Checks the level without installing anything (for config validation).
+    pub fn validate(&self) -> Result<(), LogError> {
+        parse_filter(&self.level).map(|_| ())
+    }
+
+    /// Installs the global subscriber as configured.
+    pub fn init(&self) -> Result<LogHandle, LogError> {
+        init(&self.level, self.format == LogFormat::Json)
+    }
 }
 
 /// Changes the log filter at run time.
@@ -41,13 +81,8 @@ fn parse_filter(level: &str) -> Result<EnvFilter, LogError> {
     EnvFilter::try_new(level).map_err(|_| LogError::BadLevel(level.to_owned()))
 }
 
-/// Checks a level string without installing anything (for config validation).
-pub fn validate_level(level: &str) -> Result<(), LogError> {
-    parse_filter(level).map(|_| ())
-}
-
 /// Installs the global subscriber writing to stderr.
-pub fn init(level: &str, json: bool) -> Result<LogHandle, LogError> {
+fn init(level: &str, json: bool) -> Result<LogHandle, LogError> {
     let env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
     let from_env = env.is_some();
     let filter = parse_filter(env.as_deref().unwrap_or(level))?;
