@@ -20,7 +20,6 @@ pub struct HttpState {
     pub registry: Arc<Registry>,
     pub sinks: Arc<Sinks>,
     pub grpc_listening: AtomicBool,
-    pub sinks_healthy: AtomicBool,
 }
 
 pub fn router(state: Arc<HttpState>) -> Router {
@@ -65,7 +64,7 @@ fn self_metrics(state: &HttpState) -> Vec<Family> {
 async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, &'static str) {
     if !state.grpc_listening.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "grpc listener not up\n")
-    } else if !state.sinks_healthy.load(Ordering::Relaxed) {
+    } else if !state.sinks.healthy() {
         (StatusCode::SERVICE_UNAVAILABLE, "a sink is failing\n")
     } else {
         (StatusCode::OK, "ready\n")

@@ -44,7 +44,6 @@ pub async fn run(
         registry: registry.clone(),
         sinks: sinks.clone(),
         grpc_listening: false.into(),
-        sinks_healthy: true.into(),
     });
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)

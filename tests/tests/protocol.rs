@@ -171,6 +171,26 @@ async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
     );
 }
 
+#[test]
+fn health_endpoints_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_plaintext(dir.path(), None);
+    assert_eq!(
+        http_get(agg.http, "/healthz").unwrap(),
+        (200, "ok\n".to_owned())
+    );
+    assert_eq!(
+        http_get(agg.http, "/readyz").unwrap(),
+        (200, "ready\n".to_owned())
+    );
+    assert_eq!(http_get(agg.http, "/nonexistent").unwrap().0, 404);
+    let metrics = agg.metrics();
+    assert!(
+        metrics.contains("# TYPE picket_aggregator_build_info gauge"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_on_the_grpc_port_does_not_hurt_the_aggregator() {
     use std::io::Write;

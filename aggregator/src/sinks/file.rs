@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileSinkError {
+    #[error("file sink {0}: not a regular file (the journal is read back at start-up)")]
+    NotAFile(PathBuf),
     #[error("file sink {path}: {source}")]
     Io {
         path: PathBuf,
@@ -97,6 +99,10 @@ impl FileSink {
             .create(true)
             .open(path)
             .map_err(io)?;
+        if !file.metadata().map_err(io)?.is_file() {
+            // Recovery reads the journal back; a device or FIFO would never end.
+            return Err(FileSinkError::NotAFile(path.to_owned()));
+        }
         let (committed, good_len) = recover(&file).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         if good_len < len {
@@ -187,6 +193,17 @@ impl FileSink {
     }
 }
 
+#[cfg(test)]
+impl FileSink {
+    /// Swaps the journal handle for a read-only one, so every write fails as on a full disk.
+    pub(crate) fn fail_writes_for_test(&mut self) {
+        self.file = OpenOptions::new()
+            .read(true)
+            .open(&self.path)
+            .expect("reopen journal read-only");
+    }
+}
+
 fn json_value(value: &Value) -> serde_json::Value {
     use serde_json::json;
     let num = |v: f64| {
@@ -248,6 +265,14 @@ mod tests {
         let mut f = Family::new("m", MetricType::Gauge, "");
         f.push(Labels::from_pairs([("instance", "pi")]), 1000, v);
         f
+    }
+
+    #[test]
+    fn refuses_special_files() {
+        assert!(matches!(
+            FileSink::open(Path::new("/dev/null"), false),
+            Err(FileSinkError::NotAFile(_))
+        ));
     }
 
     #[test]
