@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub buffer: BufferConfig,
     pub aggregator: AggregatorLink,
     pub sources: SourcesConfig,
+    #[cfg(feature = "plugins")]
+    pub plugins: crate::plugins::PluginsConfig,
 }
 
 impl Default for AgentConfig {
@@ -48,6 +50,8 @@ impl Default for AgentConfig {
             buffer: BufferConfig::default(),
             aggregator: AggregatorLink::default(),
             sources: SourcesConfig::default(),
+            #[cfg(feature = "plugins")]
+            plugins: crate::plugins::PluginsConfig::default(),
         }
     }
 }
@@ -345,11 +349,105 @@ pub fn validate(config: &AgentConfig, origin: &str, text: &str) -> Result<(), Co
             format!("mutual TLS needs both cert and key; add aggregator.tls.{missing}"),
         ));
     }
+    #[cfg(feature = "plugins")]
+    validate_plugins(&config.plugins, &err)?;
     if link.backoff_initial > link.backoff_max {
         return Err(err(
             &["aggregator", "backoff_initial"],
             "must not exceed backoff_max".into(),
         ));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "plugins")]
+fn validate_plugins(
+    plugins: &crate::plugins::PluginsConfig,
+    err: &dyn Fn(&[&str], String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let mut names = std::collections::HashSet::new();
+    if !plugins.instances.is_empty() && plugins.directory.is_none() {
+        return Err(err(
+            &["plugins", "directory"],
+            "set the directory holding the plugins' .wasm files".into(),
+        ));
+    }
+    if plugins.max_stack_bytes < 64 * 1024 {
+        return Err(err(
+            &["plugins", "max_stack_bytes"],
+            "must be at least 65536".into(),
+        ));
+    }
+    for (i, instance) in plugins.instances.iter().enumerate() {
+        let index = i.to_string();
+        let at = |key: &'static str| {
+            [
+                String::from("plugins"),
+                "instances".into(),
+                index.clone(),
+                key.into(),
+            ]
+        };
+        let fail = |key: &'static str, message: String| {
+            let path = at(key);
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            Err(err(&path, message))
+        };
+        if !names.insert(instance.name.as_str()) {
+            return fail(
+                "name",
+                format!(
+                    "{:?} is used by two instances; names must be unique",
+                    instance.name
+                ),
+            );
+        }
+        if instance.plugin.is_empty()
+            || instance.plugin.contains('/')
+            || instance.plugin.starts_with('.')
+        {
+            return fail(
+                "plugin",
+                "the name of a .wasm file in plugins.directory, without the extension".into(),
+            );
+        }
+        if instance.timeout < Duration::from_millis(10) {
+            return fail("timeout", "must be at least 10ms".into());
+        }
+        if instance
+            .interval
+            .is_some_and(|d| d < Duration::from_millis(100))
+        {
+            return fail("interval", "must be at least 100ms".into());
+        }
+        if instance.max_memory_mb == 0 || instance.max_series == 0 || instance.max_bytes == 0 {
+            return fail("max_memory_mb", "limits must be above zero".into());
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every plugin instance's `.wasm` file is readable, for `check-config`.
+#[cfg(feature = "plugins")]
+pub fn check_plugin_files(
+    config: &AgentConfig,
+    origin: &str,
+    text: &str,
+) -> Result<(), ConfigError> {
+    let Some(directory) = &config.plugins.directory else {
+        return Ok(());
+    };
+    for (i, instance) in config.plugins.instances.iter().enumerate() {
+        let path = directory.join(format!("{}.wasm", instance.plugin));
+        if let Err(e) = std::fs::metadata(&path) {
+            let index = i.to_string();
+            return Err(ConfigError::at_key(
+                origin,
+                text,
+                &["plugins", "instances", &index, "plugin"],
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
     }
     Ok(())
 }

@@ -2,6 +2,9 @@
 //! `picket_agent_*` metrics so the fleet can see what each agent sent, buffered and dropped.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::plugin_stats::PluginStats;
 
 #[derive(Default)]
 pub struct AgentStats {
@@ -24,9 +27,21 @@ pub struct AgentStats {
     pub connection_failures: AtomicU64,
     /// Microseconds spent in the last collection round.
     pub last_collect_micros: AtomicU64,
+    /// Health of every plugin instance: (plugin, instance, stats).
+    pub plugins: Mutex<Vec<(String, String, Arc<PluginStats>)>>,
 }
 
 impl AgentStats {
+    /// Registers a plugin instance so the internal source reports its health.
+    pub fn register_plugin(&self, plugin: &str, instance: &str) -> Arc<PluginStats> {
+        let stats = Arc::new(PluginStats::default());
+        self.plugins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((plugin.to_owned(), instance.to_owned(), stats.clone()));
+        stats
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

@@ -60,6 +60,19 @@ fn cross_binary(arch: &Arch) -> PathBuf {
     path
 }
 
+fn probe_dir() -> PathBuf {
+    let dir = bin_dir()
+        .parent()
+        .map(|t| t.join("wasm32-wasip2/release"))
+        .expect("target dir");
+    assert!(
+        dir.join("picket_plugin_probe.wasm").exists(),
+        "probe plugin missing in {}: `cargo build -p picket-plugin-probe --target wasm32-wasip2 --release` (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
 fn emulated(arch: &Arch) -> Command {
     let mut cmd = Command::new(arch.qemu);
     cmd.arg("-L").arg(arch.sysroot).arg(cross_binary(arch));
@@ -83,9 +96,20 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
     for arch in &ARCHES {
         let name = format!("pi-{}", arch.rust_arch);
         let cert = pki.issue_agent(&name);
+        // A well-behaved plugin and a spinning one: on armv7 both run on Pulley, whose
+        // deadline must still stop the spinner.
+        let plugins = format!(
+            "[plugins]\ndirectory = \"{}\"\n\
+             [[plugins.instances]]\nname = \"probe\"\nplugin = \"picket_plugin_probe\"\ntimeout = \"20s\"\n\
+             settings = {{ mode = \"ok\" }}\n\
+             [[plugins.instances]]\nname = \"spinner\"\nplugin = \"picket_plugin_probe\"\ntimeout = \"300ms\"\n\
+             settings = {{ mode = \"loop\" }}\n",
+            probe_dir().display()
+        );
         let text = agent_config(&name, &[https(agg.grpc)], Some(&pki), Some(&cert), "")
             .replace("interval = \"300ms\"", "interval = \"1s\"")
-            .replace("jitter = \"10ms\"", "jitter = \"100ms\"");
+            .replace("jitter = \"10ms\"", "jitter = \"100ms\"")
+            .replace("[batch]", &format!("{plugins}[batch]"));
         let config = dir.path().join(format!("{name}.toml"));
         std::fs::write(&config, text).unwrap();
         let mut cmd = emulated(arch);
@@ -107,6 +131,21 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
                 )))
             .then_some(())
         });
+        // The plugin ran on the emulated CPU, and the spinner was stopped by its deadline.
+        let probe_up = format!("probe_up{{instance=\"{name}\"}}");
+        let spinner_timeouts = format!(
+            "picket_plugin_errors_total{{instance=\"{name}\",kind=\"timeout\",plugin=\"picket_plugin_probe\",plugin_instance=\"spinner\"}}"
+        );
+        wait_for(
+            &format!("{name} plugin output"),
+            Duration::from_secs(120),
+            || {
+                let m = agg.metrics();
+                (metric_value(&m, &probe_up) == Some(1.0)
+                    && metric_value(&m, &spinner_timeouts).is_some_and(|n| n >= 1.0))
+                .then_some(())
+            },
+        );
     }
     for agent in &mut agents {
         assert!(

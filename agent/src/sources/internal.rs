@@ -43,7 +43,7 @@ pub fn collect(stats: &AgentStats, ts: i64) -> Vec<Family> {
         ts,
         1.0,
     );
-    vec![
+    let mut families = vec![
         one(
             "picket_agent_collections_total",
             MetricType::Counter,
@@ -119,5 +119,65 @@ pub fn collect(stats: &AgentStats, ts: i64) -> Vec<Family> {
             f
         },
         build,
-    ]
+    ];
+    families.extend(plugin_families(stats, ts));
+    families
+}
+
+/// `picket_plugin_*`: one series per plugin instance.
+fn plugin_families(stats: &AgentStats, ts: i64) -> Vec<Family> {
+    use crate::plugin_stats::PluginStats;
+    let plugins = stats.plugins.lock().unwrap_or_else(|p| p.into_inner());
+    if plugins.is_empty() {
+        return Vec::new();
+    }
+    let mut up = Family::new(
+        "picket_plugin_up",
+        MetricType::Gauge,
+        "1 while the plugin instance runs and its last collection succeeded.",
+    );
+    let mut duration = Family::new(
+        "picket_plugin_collect_duration_seconds",
+        MetricType::Gauge,
+        "Duration of the instance's last collect call.",
+    );
+    let mut memory = Family::new(
+        "picket_plugin_memory_bytes",
+        MetricType::Gauge,
+        "Linear memory the instance has grown to.",
+    );
+    let mut restarts = Family::new(
+        "picket_plugin_restarts_total",
+        MetricType::Counter,
+        "Times the instance was torn down and started again.",
+    );
+    let mut errors = Family::new(
+        "picket_plugin_errors_total",
+        MetricType::Counter,
+        "Plugin failures by kind: timeout, memory, trap, limit, denied, host_timeout, collect, init, instantiate, compile.",
+    );
+    for (plugin, instance, s) in plugins.iter() {
+        let labels = Labels::from_pairs([
+            ("plugin", plugin.as_str()),
+            ("plugin_instance", instance.as_str()),
+        ]);
+        up.push(labels.clone(), ts, PluginStats::get(&s.up) as f64);
+        duration.push(
+            labels.clone(),
+            ts,
+            PluginStats::get(&s.last_collect_micros) as f64 / 1e6,
+        );
+        memory.push(labels.clone(), ts, PluginStats::get(&s.memory_bytes) as f64);
+        restarts.push(labels.clone(), ts, PluginStats::get(&s.restarts) as f64);
+        for (kind, n) in s.errors() {
+            let mut l = labels.clone();
+            l.insert("kind", kind);
+            errors.push(l, ts, n as f64);
+        }
+    }
+    let mut out = vec![up, duration, memory, restarts];
+    if !errors.points.is_empty() {
+        out.push(errors);
+    }
+    out
 }

@@ -130,6 +130,39 @@ pub enum Value {
 }
 
 impl Value {
+    /// Whether this value may appear in a family of `kind`, with the invariants the wire
+    /// decoder enforces (quantiles in [0, 1]; bucket bounds increasing, counts non-decreasing
+    /// and within the total). Sources check their output with this so one bad value cannot
+    /// get a whole batch rejected downstream.
+    pub fn check(&self, kind: MetricType) -> Result<(), &'static str> {
+        match (self, kind) {
+            (Value::Stale, _) => Ok(()),
+            (Value::Number(_), MetricType::Untyped | MetricType::Gauge | MetricType::Counter) => {
+                Ok(())
+            }
+            (Value::Summary(s), MetricType::Summary) => {
+                if s.quantiles.iter().all(|(q, _)| (0.0..=1.0).contains(q)) {
+                    Ok(())
+                } else {
+                    Err("summary quantile outside [0, 1]")
+                }
+            }
+            (Value::Histogram(h), MetricType::Histogram) => {
+                let ordered = h
+                    .buckets
+                    .windows(2)
+                    .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1);
+                let within = h.buckets.iter().all(|b| b.1 <= h.count && !b.0.is_nan());
+                if ordered && within {
+                    Ok(())
+                } else {
+                    Err("histogram buckets out of order or above the count")
+                }
+            }
+            _ => Err("value kind does not match the family's type"),
+        }
+    }
+
     /// How many Prometheus samples this value expands to (a summary is its quantiles plus
     /// `_sum` and `_count`). Stale markers count as one: each removes one series.
     pub fn sample_count(&self) -> usize {

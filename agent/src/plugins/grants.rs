@@ -1,0 +1,179 @@
+//! What one plugin instance may touch: its capability grants, deny by default.
+//!
+//! Each host call checks its argument against the instance's grants before doing anything. A
+//! call outside them fails inside the plugin with `denied(...)` naming the grant to add, is
+//! counted in `picket_plugin_errors_total{kind="denied"}`, and is logged once per distinct
+//! request so a misbehaving plugin cannot flood the log.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Grants of one plugin instance, as written under `[plugins.instances.grants]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grants {
+    pub http: HttpGrant,
+    /// Programs with their exact argument lists, e.g.
+    /// `exec = [{ program = "vcgencmd", args = ["measure_temp"] }]`. Never run through a shell.
+    pub exec: Vec<ExecGrant>,
+    #[serde(with = "humantime_serde")]
+    pub exec_timeout: Option<Duration>,
+    pub exec_max_output_bytes: Option<usize>,
+    /// Readable paths or globs, e.g. `["/sys/class/thermal/thermal_zone*/temp"]`.
+    pub read_file: Vec<String>,
+    pub read_file_max_bytes: Option<usize>,
+    /// A sysinfo snapshot of CPU, memory, load, filesystems, networks and sensors.
+    pub host_stats: bool,
+    /// Writing to the agent's log. On by default: it cannot reach anything outside the agent.
+    pub log: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpGrant {
+    /// URL prefixes GET may reach, e.g. `["http://127.0.0.1:8081/"]`.
+    pub allow: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    pub max_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecGrant {
+    pub program: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// Defaults for the per-call caps when a grant does not set them.
+pub const DEFAULT_HOST_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HTTP_MAX_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_EXEC_MAX_OUTPUT_BYTES: usize = 64 * 1024;
+pub const DEFAULT_READ_FILE_MAX_BYTES: usize = 1024 * 1024;
+
+impl Grants {
+    /// The allowlisted prefix `url` falls under, if any. Prefix matching is on the whole URL
+    /// text, so grant `http://127.0.0.1:8081/` rather than `http://127.0.0.1:8081` (which
+    /// would also match port 80810).
+    pub fn http_allows(&self, url: &str) -> bool {
+        self.http
+            .allow
+            .iter()
+            .any(|prefix| url.starts_with(prefix.as_str()))
+            && !url.contains("/../")
+            && !url.ends_with("/..")
+    }
+
+    pub fn exec_allows(&self, program: &str, args: &[String]) -> bool {
+        self.exec
+            .iter()
+            .any(|g| g.program == program && g.args == args)
+    }
+
+    /// Whether `path` is readable under the grants. Paths must be absolute and free of `..`
+    /// so a grant of `/sys/class/thermal/*` cannot be walked out of.
+    pub fn read_allows(&self, path: &str) -> bool {
+        let p = Path::new(path);
+        p.is_absolute()
+            && !p
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            && self.read_file.iter().any(|g| {
+                glob::Pattern::new(g)
+                    .is_ok_and(|pattern| pattern.matches_path_with(p, GLOB_OPTIONS))
+            })
+    }
+
+    pub fn log_allowed(&self) -> bool {
+        self.log.unwrap_or(true)
+    }
+
+    pub fn http_timeout(&self) -> Duration {
+        self.http.timeout.unwrap_or(DEFAULT_HOST_CALL_TIMEOUT)
+    }
+
+    pub fn http_max_bytes(&self) -> usize {
+        self.http.max_bytes.unwrap_or(DEFAULT_HTTP_MAX_BYTES)
+    }
+
+    pub fn exec_timeout(&self) -> Duration {
+        self.exec_timeout.unwrap_or(DEFAULT_HOST_CALL_TIMEOUT)
+    }
+
+    pub fn exec_max_output_bytes(&self) -> usize {
+        self.exec_max_output_bytes
+            .unwrap_or(DEFAULT_EXEC_MAX_OUTPUT_BYTES)
+    }
+
+    pub fn read_file_max_bytes(&self) -> usize {
+        self.read_file_max_bytes
+            .unwrap_or(DEFAULT_READ_FILE_MAX_BYTES)
+    }
+}
+
+/// `*` stays within one path segment, as in a shell.
+pub const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
+    case_sensitive: true,
+    require_literal_separator: true,
+    require_literal_leading_dot: false,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants() -> Grants {
+        Grants {
+            http: HttpGrant {
+                allow: vec!["http://127.0.0.1:8081/".into()],
+                ..Default::default()
+            },
+            exec: vec![ExecGrant {
+                program: "vcgencmd".into(),
+                args: vec!["measure_temp".into()],
+            }],
+            read_file: vec!["/sys/class/thermal/thermal_zone*/temp".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn http_is_prefix_checked() {
+        let g = grants();
+        assert!(g.http_allows("http://127.0.0.1:8081/jobs/overview"));
+        assert!(!g.http_allows("http://127.0.0.1:80810/"));
+        assert!(!g.http_allows("http://127.0.0.1:8081/../admin"));
+        assert!(!g.http_allows("http://example.com/"));
+    }
+
+    #[test]
+    fn exec_needs_exact_program_and_arguments() {
+        let g = grants();
+        assert!(g.exec_allows("vcgencmd", &["measure_temp".into()]));
+        assert!(!g.exec_allows("vcgencmd", &["get_throttled".into()]));
+        assert!(!g.exec_allows("/bin/sh", &["-c".into(), "vcgencmd measure_temp".into()]));
+    }
+
+    #[test]
+    fn files_match_globs_within_segments_and_never_walk_up() {
+        let g = grants();
+        assert!(g.read_allows("/sys/class/thermal/thermal_zone0/temp"));
+        assert!(!g.read_allows("/sys/class/thermal/thermal_zone0/../../../../etc/shadow"));
+        assert!(!g.read_allows("/sys/class/thermal/thermal_zone0/sub/temp"));
+        assert!(!g.read_allows("sys/class/thermal/thermal_zone0/temp"));
+        assert!(!g.read_allows("/etc/shadow"));
+    }
+
+    #[test]
+    fn log_is_granted_unless_turned_off() {
+        assert!(Grants::default().log_allowed());
+        let g = Grants {
+            log: Some(false),
+            ..Default::default()
+        };
+        assert!(!g.log_allowed());
+    }
+}

@@ -1,0 +1,235 @@
+//! The wasmtime side: one engine per agent, one store per plugin instance.
+//!
+//! - Cranelift compiles plugins to native code on x86_64 and aarch64; on 32-bit ARM, where
+//!   Cranelift has no backend, it compiles them to Pulley bytecode, which wasmtime interprets.
+//! - Deadlines use epoch interruption: a thread ticks the engine's epoch every
+//!   [`EPOCH_TICK`], and each call gets a deadline in ticks; a guest still running then traps.
+//!   Host calls enforce their own timeouts (see `host.rs`), and the whole call is also wrapped
+//!   in a tokio timeout as a backstop.
+//! - Memory: a per-store limiter caps linear memory; growth beyond it traps.
+//! - Stack: the engine caps wasm stack depth, so deep recursion traps instead of crashing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store};
+
+use picket_core::model::Family;
+
+use super::bindings::Plugin;
+use super::convert::{self, OutputLimits};
+use super::grants::Grants;
+use super::host::HostState;
+use crate::plugin_stats::PluginStats;
+
+/// How often the engine's epoch advances; deadlines are whole ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Why a plugin instance failed. `kind()` is the `picket_plugin_errors_total` label.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error("cannot set up the plugin engine: {0}")]
+    Engine(String),
+    #[error("cannot compile plugin: {0}")]
+    Compile(String),
+    #[error("cannot instantiate plugin: {0}")]
+    Instantiate(String),
+    #[error("plugin refused its settings: {0}")]
+    Init(String),
+    #[error("plugin ran past its {0:?} deadline")]
+    Timeout(Duration),
+    #[error("plugin exceeded its memory limit: {0}")]
+    Memory(String),
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    #[error("plugin output refused: {0}")]
+    Output(#[from] convert::OutputError),
+    #[error("plugin reported: {0}")]
+    Collect(String),
+}
+
+impl PluginError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Engine(_) | PluginError::Compile(_) => "compile",
+            PluginError::Instantiate(_) => "instantiate",
+            PluginError::Init(_) => "init",
+            PluginError::Timeout(_) => "timeout",
+            PluginError::Memory(_) => "memory",
+            PluginError::Trap(_) => "trap",
+            PluginError::Output(_) => "limit",
+            PluginError::Collect(_) => "collect",
+        }
+    }
+
+    /// Whether the instance must be torn down (its state can no longer be trusted). A plugin
+    /// that merely reports an error (the Flink REST API was down) keeps running.
+    pub fn needs_restart(&self) -> bool {
+        !matches!(self, PluginError::Collect(_))
+    }
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+}
+
+impl Runtime {
+    /// `max_stack_bytes` caps the wasm stack of every plugin.
+    pub fn new(max_stack_bytes: usize) -> Result<Arc<Self>, PluginError> {
+        let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(max_stack_bytes);
+        if cfg!(target_arch = "arm") {
+            config.target("pulley32").map_err(engine_error)?;
+        }
+        let engine = Engine::new(&config).map_err(engine_error)?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("picket-plugin-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
+        Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
+            .map_err(engine_error)?;
+        Ok(Arc::new(Runtime { engine, linker }))
+    }
+
+    /// Compiles a component (blocking, CPU-heavy: run it off the async workers).
+    pub fn compile(&self, wasm: &[u8]) -> Result<Component, PluginError> {
+        Component::new(&self.engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))
+    }
+}
+
+/// Limits of one plugin instance.
+#[derive(Debug, Clone)]
+pub struct InstanceLimits {
+    pub call_timeout: Duration,
+    pub max_memory_bytes: usize,
+    pub output: OutputLimits,
+}
+
+/// A running plugin instance: its own store, so nothing is shared with other plugins.
+pub struct Instance {
+    store: Store<HostState>,
+    plugin: Plugin,
+    limits: InstanceLimits,
+    stats: Arc<PluginStats>,
+}
+
+impl Instance {
+    /// Instantiates `component` and calls its `init` with `settings` (JSON).
+    pub async fn start(
+        runtime: &Runtime,
+        component: &Component,
+        name: String,
+        grants: Arc<Grants>,
+        settings: &str,
+        limits: InstanceLimits,
+        stats: Arc<PluginStats>,
+    ) -> Result<Self, PluginError> {
+        let state = HostState::new(name, grants, limits.max_memory_bytes, stats.clone());
+        let mut store = Store::new(&runtime.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        set_deadline(&mut store, limits.call_timeout);
+        let plugin = guard(
+            limits.call_timeout,
+            Plugin::instantiate_async(&mut store, component, &runtime.linker),
+        )
+        .await
+        .map_err(|e| classify(e, limits.call_timeout, PluginError::Instantiate))?;
+        let mut instance = Instance {
+            store,
+            plugin,
+            limits,
+            stats,
+        };
+        let timeout = instance.limits.call_timeout;
+        set_deadline(&mut instance.store, timeout);
+        let init = guard(
+            timeout,
+            instance.plugin.call_init(&mut instance.store, settings),
+        )
+        .await
+        .map_err(|e| classify(e, timeout, PluginError::Trap))?;
+        init.map_err(PluginError::Init)?;
+        Ok(instance)
+    }
+
+    /// One collection round, converted and checked against the output limits.
+    pub async fn collect(&mut self, now_ms: i64) -> Result<Vec<Family>, PluginError> {
+        let timeout = self.limits.call_timeout;
+        set_deadline(&mut self.store, timeout);
+        let started = Instant::now();
+        let result = guard(timeout, self.plugin.call_collect(&mut self.store))
+            .await
+            .map_err(|e| classify(e, timeout, PluginError::Trap));
+        PluginStats::set(
+            &self.stats.last_collect_micros,
+            started.elapsed().as_micros() as u64,
+        );
+        PluginStats::set(&self.stats.memory_bytes, self.memory_in_use() as u64);
+        let output = result?.map_err(PluginError::Collect)?;
+        Ok(convert::families(output, now_ms, self.limits.output)?)
+    }
+
+    /// Linear memory the instance has grown to, as the limiter saw it.
+    fn memory_in_use(&self) -> usize {
+        self.store.data().memory_in_use()
+    }
+}
+
+fn set_deadline(store: &mut Store<HostState>, timeout: Duration) {
+    let ticks = (timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+    store.set_epoch_deadline(ticks);
+}
+
+/// Backstop: a call that is still pending (inside a host call that ignores its own timeout)
+/// well after the deadline is abandoned.
+async fn guard<T>(
+    timeout: Duration,
+    call: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    match tokio::time::timeout(timeout + Duration::from_secs(1), call).await {
+        Ok(result) => result,
+        Err(_) => Err(wasmtime::Error::msg(TIMED_OUT)),
+    }
+}
+
+const TIMED_OUT: &str = "picket: call abandoned after its deadline";
+
+fn classify(
+    e: wasmtime::Error,
+    timeout: Duration,
+    otherwise: fn(String) -> PluginError,
+) -> PluginError {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        if *trap == wasmtime::Trap::Interrupt {
+            return PluginError::Timeout(timeout);
+        }
+        if *trap == wasmtime::Trap::StackOverflow {
+            return PluginError::Trap(format!(
+                "stack overflow (the stack cap is plugins.max_stack_bytes): {e:#}"
+            ));
+        }
+    }
+    let text = format!("{e:#}");
+    if text.contains(TIMED_OUT) {
+        PluginError::Timeout(timeout)
+    } else if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
+        PluginError::Memory(text)
+    } else {
+        otherwise(text)
+    }
+}

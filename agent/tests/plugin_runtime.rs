@@ -1,0 +1,296 @@
+//! The plugin runtime against a real compiled plugin (`plugins/testing/probe`): normal
+//! collection, every capability allowed and denied, and plugins that misbehave on purpose.
+//! Each misbehaviour must end in the right error kind, never hang or crash the host, and a
+//! fresh instance must work afterwards.
+
+#![cfg(feature = "plugins")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use picket_agent::plugin_stats::PluginStats;
+use picket_agent::plugins::convert::OutputLimits;
+use picket_agent::plugins::grants::{ExecGrant, Grants, HttpGrant};
+use picket_agent::plugins::runtime::{Instance, InstanceLimits, PluginError, Runtime};
+use picket_core::model::{Family, Value};
+use wasmtime::component::Component;
+
+fn probe_wasm() -> Vec<u8> {
+    let target = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .expect("target dir");
+    let path: PathBuf = target.join("wasm32-wasip2/release/picket_plugin_probe.wasm");
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build it with `cargo build -p picket-plugin-probe --target wasm32-wasip2 --release` (scripts/test does)",
+            path.display()
+        )
+    })
+}
+
+struct Fixture {
+    runtime: Arc<Runtime>,
+    component: Component,
+}
+
+fn fixture() -> Fixture {
+    let runtime = Runtime::new(256 * 1024).expect("engine");
+    let component = runtime.compile(&probe_wasm()).expect("probe compiles");
+    Fixture { runtime, component }
+}
+
+fn limits() -> InstanceLimits {
+    InstanceLimits {
+        call_timeout: Duration::from_millis(500),
+        max_memory_bytes: 32 * 1024 * 1024,
+        output: OutputLimits {
+            max_series: 10_000,
+            max_bytes: 4 * 1024 * 1024,
+            max_label_value_bytes: 4096,
+        },
+    }
+}
+
+async fn start(
+    f: &Fixture,
+    settings: &str,
+    grants: Grants,
+) -> (Result<Instance, PluginError>, Arc<PluginStats>) {
+    let stats = Arc::new(PluginStats::default());
+    let instance = Instance::start(
+        &f.runtime,
+        &f.component,
+        "probe/test".into(),
+        Arc::new(grants),
+        settings,
+        limits(),
+        stats.clone(),
+    )
+    .await;
+    (instance, stats)
+}
+
+async fn collect(
+    f: &Fixture,
+    settings: &str,
+    grants: Grants,
+) -> (Result<Vec<Family>, PluginError>, Arc<PluginStats>) {
+    let (instance, stats) = start(f, settings, grants).await;
+    let mut instance = instance.expect("instance starts");
+    (instance.collect(1_700_000_000_000).await, stats)
+}
+
+fn number(families: &[Family], name: &str) -> Option<f64> {
+    let f = families.iter().find(|f| f.name == name)?;
+    match f.points.first()?.value {
+        Value::Number(v) => Some(v),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_well_behaved_plugin_collects_with_host_timestamps() {
+    let f = fixture();
+    let (instance, stats) = start(&f, r#"{"mode":"ok"}"#, Grants::default()).await;
+    let mut instance = instance.unwrap();
+    let first = instance.collect(1_700_000_000_000).await.unwrap();
+    assert_eq!(number(&first, "probe_up"), Some(1.0));
+    assert_eq!(number(&first, "probe_collections_total"), Some(1.0));
+    assert!(first.iter().all(|fam| {
+        fam.points
+            .iter()
+            .all(|p| p.timestamp_ms == 1_700_000_000_000)
+    }));
+    let second = instance.collect(1_700_000_010_000).await.unwrap();
+    assert_eq!(
+        number(&second, "probe_collections_total"),
+        Some(2.0),
+        "state persists between calls"
+    );
+    assert!(PluginStats::get(&stats.memory_bytes) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn misbehaving_plugins_fail_with_the_right_kind_and_a_fresh_instance_recovers() {
+    let f = fixture();
+    for (mode, expected) in [
+        ("loop", &["timeout"][..]),
+        ("memory", &["memory"]),
+        ("recursion", &["trap"]),
+        ("panic", &["trap"]),
+        // Ten million series hit either the memory cap or the series cap first.
+        ("series", &["memory", "limit"]),
+        ("long-label", &["limit"]),
+    ] {
+        let (result, _) = collect(&f, &format!(r#"{{"mode":"{mode}"}}"#), Grants::default()).await;
+        let err = result.expect_err(mode);
+        assert!(
+            expected.contains(&err.kind()),
+            "{mode}: got {} ({err})",
+            err.kind()
+        );
+        assert!(err.needs_restart(), "{mode}: {err}");
+    }
+    // The host is fine and the same component starts cleanly again.
+    let (result, _) = collect(&f, r#"{"mode":"ok"}"#, Grants::default()).await;
+    assert_eq!(number(&result.unwrap(), "probe_up"), Some(1.0));
+
+    let (instance, _) = start(&f, r#"{"mode":"bad-init"}"#, Grants::default()).await;
+    match instance {
+        Err(PluginError::Init(message)) => assert!(message.contains("bad-init"), "{message}"),
+        Err(other) => panic!("expected an init error, got {other}"),
+        Ok(_) => panic!("bad-init was accepted"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capabilities_are_denied_unless_granted() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("temp");
+    std::fs::write(&allowed, "48300\n").unwrap();
+
+    // Nothing granted: file, exec and http are all refused, with the grant to add.
+    for settings in [
+        format!(r#"{{"mode":"read","path":"{}"}}"#, allowed.display()),
+        r#"{"mode":"read","path":"/etc/shadow"}"#.to_owned(),
+        r#"{"mode":"exec","program":"/bin/sh","args":"-c id"}"#.to_owned(),
+        r#"{"mode":"http","url":"http://127.0.0.1:9/"}"#.to_owned(),
+    ] {
+        let (result, stats) = collect(&f, &settings, Grants::default()).await;
+        match result {
+            Err(PluginError::Collect(message)) => {
+                assert!(
+                    message.to_lowercase().contains("denied"),
+                    "{settings}: {message}"
+                )
+            }
+            other => panic!("{settings}: expected a denied error, got {other:?}"),
+        }
+        assert_eq!(stats.errors().get("denied"), Some(&1), "{settings}");
+    }
+
+    // Granted: the file is read, and a path outside the glob still is not.
+    let grants = Grants {
+        read_file: vec![format!("{}/*", dir.path().display())],
+        ..Default::default()
+    };
+    let settings = format!(r#"{{"mode":"read","path":"{}"}}"#, allowed.display());
+    let (result, _) = collect(&f, &settings, grants.clone()).await;
+    assert_eq!(number(&result.unwrap(), "probe_read_bytes"), Some(6.0));
+    let sneaky = format!(
+        r#"{{"mode":"read","path":"{}/../etc/passwd"}}"#,
+        dir.path().display()
+    );
+    let (result, _) = collect(&f, &sneaky, grants).await;
+    assert!(matches!(result, Err(PluginError::Collect(m)) if m.to_lowercase().contains("denied")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_runs_only_the_granted_command_and_is_bounded() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("vcgencmd");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nif [ \"$1\" = hang ]; then exec sleep 30; fi\necho \"temp=48.3'C\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let program = script.display().to_string();
+    let grants = Grants {
+        exec: vec![
+            ExecGrant {
+                program: program.clone(),
+                args: vec!["measure_temp".into()],
+            },
+            ExecGrant {
+                program: program.clone(),
+                args: vec!["hang".into()],
+            },
+        ],
+        exec_timeout: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let ok = format!(r#"{{"mode":"exec","program":"{program}","args":"measure_temp"}}"#);
+    let (result, _) = collect(&f, &ok, grants.clone()).await;
+    assert_eq!(
+        number(&result.unwrap(), "probe_exec_stdout_bytes"),
+        Some(12.0)
+    );
+
+    let other_args = format!(r#"{{"mode":"exec","program":"{program}","args":"get_throttled"}}"#);
+    let (result, _) = collect(&f, &other_args, grants.clone()).await;
+    assert!(matches!(result, Err(PluginError::Collect(m)) if m.to_lowercase().contains("denied")));
+
+    // A command that hangs is killed at the grant's timeout; the plugin sees "timed out".
+    let hang = format!(r#"{{"mode":"exec","program":"{program}","args":"hang"}}"#);
+    let (result, stats) = collect(&f, &hang, grants).await;
+    assert!(
+        matches!(&result, Err(PluginError::Collect(m)) if m.to_lowercase().contains("timeout")),
+        "{result:?}"
+    );
+    assert_eq!(stats.errors().get("host_timeout"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_reaches_only_allowlisted_prefixes_with_a_size_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let body = if request.starts_with("GET /big") {
+                    "x".repeat(100_000)
+                } else {
+                    "{\"jobs\":[]}".to_owned()
+                };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    let f = fixture();
+    let grants = Grants {
+        http: HttpGrant {
+            allow: vec![format!("http://{addr}/jobs/"), format!("http://{addr}/big")],
+            max_bytes: Some(10_000),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (result, _) = collect(
+        &f,
+        &format!(r#"{{"mode":"http","url":"http://{addr}/jobs/overview"}}"#),
+        grants.clone(),
+    )
+    .await;
+    let families = result.unwrap();
+    assert_eq!(number(&families, "probe_http_body_bytes"), Some(11.0));
+    let (result, _) = collect(
+        &f,
+        &format!(r#"{{"mode":"http","url":"http://{addr}/taskmanagers"}}"#),
+        grants.clone(),
+    )
+    .await;
+    assert!(matches!(result, Err(PluginError::Collect(m)) if m.to_lowercase().contains("denied")));
+    let (result, _) = collect(
+        &f,
+        &format!(r#"{{"mode":"http","url":"http://{addr}/big"}}"#),
+        grants,
+    )
+    .await;
+    assert!(
+        matches!(&result, Err(PluginError::Collect(m)) if m.to_lowercase().contains("toolarge")),
+        "{result:?}"
+    );
+}

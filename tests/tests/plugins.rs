@@ -1,0 +1,165 @@
+//! Plugins inside a real agent process: a misbehaving instance is torn down and restarted
+//! while a well-behaved one keeps collecting; the failures show up in the agent's own metrics
+//! at the aggregator; and the broken instance comes back once it behaves.
+//!
+//! Needs the probe plugin built for wasm32-wasip2 (`scripts/test` does it).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use picket_tests::*;
+
+fn probe_dir() -> PathBuf {
+    let dir = bin_dir()
+        .parent()
+        .map(|target| target.join("wasm32-wasip2/release"))
+        .expect("target dir");
+    assert!(
+        dir.join("picket_plugin_probe.wasm").exists(),
+        "{}/picket_plugin_probe.wasm missing: build it with `cargo build -p picket-plugin-probe --target wasm32-wasip2 --release` (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn a_bad_plugin_is_contained_reported_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal.jsonl");
+    let agg = Aggregator::start_plaintext(dir.path(), Some(journal.clone()));
+    let marker = dir.path().join("misbehave");
+    std::fs::write(&marker, "1").unwrap();
+    let plugins = format!(
+        r#"
+[plugins]
+directory = "{probes}"
+
+[[plugins.instances]]
+name = "good"
+plugin = "picket_plugin_probe"
+interval = "200ms"
+settings = {{ mode = "ok" }}
+
+[[plugins.instances]]
+name = "spinner"
+plugin = "picket_plugin_probe"
+interval = "200ms"
+timeout = "100ms"
+settings = {{ mode = "loop" }}
+
+[[plugins.instances]]
+name = "flaky"
+plugin = "picket_plugin_probe"
+interval = "200ms"
+settings = {{ mode = "trap-while-file", path = "{marker}" }}
+grants = {{ read_file = ["{marker}"] }}
+"#,
+        probes = probe_dir().display(),
+        marker = marker.display()
+    );
+    let text = agent_config("pi-plugins", &[http(agg.grpc)], None, None, "")
+        .replace("[batch]", &format!("{plugins}\n[batch]"));
+    let (mut agent, config) = start_agent(dir.path(), "plugins", &text);
+    let run = std::process::Command::new(bin("picket-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let errors = |instance: &str, kind: &str| {
+        agg.metric_value(&format!(
+            "picket_plugin_errors_total{{instance=\"pi-plugins\",kind=\"{kind}\",plugin=\"picket_plugin_probe\",plugin_instance=\"{instance}\"}}"
+        ))
+    };
+    // The spinner times out again and again; the flaky one traps; the good one collects.
+    wait_for("the spinner's timeouts", Duration::from_secs(30), || {
+        errors("spinner", "timeout").filter(|n| *n >= 2.0)
+    });
+    wait_for("the flaky plugin's traps", Duration::from_secs(30), || {
+        errors("flaky", "trap").filter(|n| *n >= 1.0)
+    });
+    let good_rounds =
+        |j: &journal::Journal| j.series("probe_collections_total", "pi-plugins").len();
+    let before = good_rounds(&journal::read(&journal));
+    wait_for(
+        "the good plugin to keep collecting",
+        Duration::from_secs(30),
+        || (good_rounds(&journal::read(&journal)) >= before + 5).then_some(()),
+    );
+    assert_eq!(
+        agg.metric_value("picket_plugin_up{instance=\"pi-plugins\",plugin=\"picket_plugin_probe\",plugin_instance=\"good\"}"),
+        Some(1.0)
+    );
+    assert!(agent.is_running());
+
+    // Once the flaky plugin behaves, it is restarted (with backoff) and reports up.
+    std::fs::remove_file(&marker).unwrap();
+    wait_for(
+        "the flaky plugin to come back",
+        Duration::from_secs(30),
+        || {
+            agg.metric_value("picket_plugin_up{instance=\"pi-plugins\",plugin=\"picket_plugin_probe\",plugin_instance=\"flaky\"}")
+            .filter(|v| *v == 1.0)
+        },
+    );
+    assert!(agent.terminate(Duration::from_secs(20)).success());
+    journal::read(&journal).assert_each_series_once_in_order();
+}
+
+#[test]
+fn once_runs_plugin_instances_and_names_missing_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let watched = dir.path().join("watched");
+    std::fs::write(&watched, "12345").unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"instance = "pi-once"
+[sources.host]
+enabled = false
+[plugins]
+directory = "{probes}"
+[[plugins.instances]]
+name = "granted"
+plugin = "picket_plugin_template"
+settings = {{ path = "{watched}" }}
+grants = {{ read_file = ["{watched}"] }}
+[[plugins.instances]]
+name = "ungranted"
+plugin = "picket_plugin_template"
+settings = {{ path = "/etc/shadow" }}
+"#,
+            probes = probe_dir().display(),
+            watched = watched.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("picket-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("once")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = format!(
+        "template_file_bytes{{instance=\"pi-once\",path=\"{}\"}}",
+        watched.display()
+    );
+    assert_eq!(metric_value(&stdout, &line), Some(5.0), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ungranted")
+            && stderr.contains(
+                "denied: read-file /etc/shadow is not granted (add read_file = [\"/etc/shadow\"])"
+            ),
+        "{stderr}"
+    );
+}
