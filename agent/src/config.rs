@@ -372,10 +372,11 @@ fn validate_plugins(
             "set the directory holding the plugins' .wasm files".into(),
         ));
     }
-    if plugins.max_stack_bytes < 64 * 1024 {
+    let max_stack = crate::plugins::runtime::MAX_STACK_BYTES;
+    if !(64 * 1024..=max_stack).contains(&plugins.max_stack_bytes) {
         return Err(err(
             &["plugins", "max_stack_bytes"],
-            "must be at least 65536".into(),
+            format!("must be between 65536 and {max_stack}"),
         ));
     }
     for (i, instance) in plugins.instances.iter().enumerate() {
@@ -419,6 +420,20 @@ fn validate_plugins(
             .is_some_and(|d| d < Duration::from_millis(100))
         {
             return fail("interval", "must be at least 100ms".into());
+        }
+        if let Some(grant) = instance
+            .grants
+            .exec
+            .iter()
+            .find(|g| !g.program.starts_with('/'))
+        {
+            return fail(
+                "grants",
+                format!(
+                    "exec program {:?} must be an absolute path (e.g. \"/usr/bin/{}\"), so PATH cannot change what runs",
+                    grant.program, grant.program
+                ),
+            );
         }
         if instance.max_memory_mb == 0 || instance.max_series == 0 || instance.max_bytes == 0 {
             return fail("max_memory_mb", "limits must be above zero".into());
@@ -542,6 +557,22 @@ key = "/x/pi-key.pem"
         let e = check("[aggregator.tls]\ncert = \"/x.pem\"\n").unwrap_err();
         assert!(e.message.contains("aggregator.tls.key"), "{e}");
 
+        #[cfg(feature = "plugins")]
+        {
+            let e = check(
+                "[plugins]\ndirectory = \"/p\"\n[[plugins.instances]]\nname = \"a\"\nplugin = \"rpi\"\n\
+                 grants = { exec = [{ program = \"vcgencmd\", args = [] }] }\n",
+            )
+            .unwrap_err();
+            assert!(e.message.contains("/usr/bin/vcgencmd"), "{e}");
+            let e = check(
+                "[plugins]\ndirectory = \"/p\"\n[[plugins.instances]]\nname = \"a\"\nplugin = \"x\"\n\
+                 [[plugins.instances]]\nname = \"a\"\nplugin = \"y\"\n",
+            )
+            .unwrap_err();
+            assert_eq!(e.key.as_deref(), Some("plugins.instances.1.name"));
+            assert_eq!(e.position.map(|p| p.0), Some(7));
+        }
         let e = check("interval = \"soon\"\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("interval"));
     }

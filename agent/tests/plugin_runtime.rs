@@ -180,6 +180,30 @@ async fn capabilities_are_denied_unless_granted() {
     let settings = format!(r#"{{"mode":"read","path":"{}"}}"#, allowed.display());
     let (result, _) = collect(&f, &settings, grants.clone()).await;
     assert_eq!(number(&result.unwrap(), "probe_read_bytes"), Some(6.0));
+    // A symlink inside the granted directory pointing outside it is refused; a FIFO there
+    // neither hangs the call nor is read.
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
+    let settings = format!(
+        r#"{{"mode":"read","path":"{}/link"}}"#,
+        dir.path().display()
+    );
+    let (result, _) = collect(&f, &settings, grants.clone()).await;
+    assert!(
+        matches!(&result, Err(PluginError::Collect(m)) if m.to_lowercase().contains("denied") && m.contains("/etc/passwd")),
+        "{result:?}"
+    );
+    let fifo = dir.path().join("fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let settings = format!(r#"{{"mode":"read","path":"{}"}}"#, fifo.display());
+    let (result, _) = collect(&f, &settings, grants.clone()).await;
+    assert!(
+        matches!(&result, Err(PluginError::Collect(m)) if m.contains("not a regular file")),
+        "{result:?}"
+    );
     let sneaky = format!(
         r#"{{"mode":"read","path":"{}/../etc/passwd"}}"#,
         dir.path().display()
@@ -292,5 +316,30 @@ async fn http_reaches_only_allowlisted_prefixes_with_a_size_cap() {
     assert!(
         matches!(&result, Err(PluginError::Collect(m)) if m.to_lowercase().contains("toolarge")),
         "{result:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_plugin_does_not_hold_the_async_runtime() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let f = fixture();
+    let ticks = Arc::new(AtomicU64::new(0));
+    let ticker = {
+        let ticks = ticks.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // One thread only: if the plugin's 500 ms spin never yielded, the ticker could not run.
+    let (result, _) = collect(&f, r#"{"mode":"loop"}"#, Grants::default()).await;
+    assert_eq!(result.expect_err("spinner").kind(), "timeout");
+    let during = ticks.load(Ordering::Relaxed);
+    ticker.abort();
+    assert!(
+        during >= 10,
+        "the runtime was blocked while the plugin spun ({during} ticks)"
     );
 }

@@ -21,7 +21,7 @@ pub struct OutputLimits {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum OutputError {
-    #[error("returned more than {0} series in one collection")]
+    #[error("returned more than {0} series and families in one collection")]
     TooManySeries(usize),
     #[error("returned more than {0} bytes in one collection")]
     TooManyBytes(usize),
@@ -67,7 +67,16 @@ pub fn families(
             wit::MetricKind::Summary => MetricType::Summary,
             wit::MetricKind::Histogram => MetricType::Histogram,
         };
+        // Families count towards the caps too, so empty families cannot be used to smuggle
+        // unbounded names and help texts past them.
+        series += 1;
         bytes += f.name.len() + f.help.len();
+        if series > limits.max_series {
+            return Err(OutputError::TooManySeries(limits.max_series));
+        }
+        if bytes > limits.max_bytes {
+            return Err(OutputError::TooManyBytes(limits.max_bytes));
+        }
         let mut family = Family::new(f.name, kind, f.help);
         for s in f.samples {
             series += 1;
@@ -148,4 +157,68 @@ pub fn families(
         out.push(family);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> OutputLimits {
+        OutputLimits {
+            max_series: 3,
+            max_bytes: 1000,
+            max_label_value_bytes: 10,
+        }
+    }
+
+    fn family(name: &str, help: &str, samples: Vec<wit::Sample>) -> wit::Family {
+        wit::Family {
+            name: name.into(),
+            kind: wit::MetricKind::Gauge,
+            help: help.into(),
+            samples,
+        }
+    }
+
+    fn sample(value: wit::Value) -> wit::Sample {
+        wit::Sample {
+            labels: vec![],
+            value,
+            timestamp_ms: None,
+        }
+    }
+
+    #[test]
+    fn empty_families_count_towards_the_caps() {
+        let many = (0..4)
+            .map(|i| family(&format!("f{i}"), "", vec![]))
+            .collect();
+        assert_eq!(
+            families(many, 1, limits()),
+            Err(OutputError::TooManySeries(3))
+        );
+        let long_help = vec![family("f", &"h".repeat(2000), vec![])];
+        assert_eq!(
+            families(long_help, 1, limits()),
+            Err(OutputError::TooManyBytes(1000))
+        );
+    }
+
+    #[test]
+    fn values_must_match_the_family_type() {
+        let summary = wit::Value::Summary(wit::Summary {
+            count: 1,
+            sum: 1.0,
+            quantiles: vec![],
+        });
+        let out = families(vec![family("g", "", vec![sample(summary)])], 1, limits());
+        assert!(matches!(out, Err(OutputError::BadValue { .. })), "{out:?}");
+        let ok = families(
+            vec![family("g", "", vec![sample(wit::Value::Number(2.0))])],
+            7,
+            limits(),
+        )
+        .unwrap();
+        assert_eq!(ok[0].points[0].timestamp_ms, 7);
+    }
 }

@@ -55,18 +55,25 @@ pub const DEFAULT_EXEC_MAX_OUTPUT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_READ_FILE_MAX_BYTES: usize = 1024 * 1024;
 
 impl Grants {
-    /// The allowlisted prefix `url` falls under, if any. Prefix matching is on the whole URL
-    /// text, so grant `http://127.0.0.1:8081/` rather than `http://127.0.0.1:8081` (which
-    /// would also match port 80810).
+    /// Whether `url` is under an allowlisted prefix. Both are parsed: the scheme and the
+    /// authority (host and port) must match exactly, and the path must start with the
+    /// grant's path. URLs with user information, dot segments (also percent-encoded), `;`
+    /// parameters or a fragment are refused outright, since servers disagree on what they
+    /// mean and a prefix check on text could be walked around.
     pub fn http_allows(&self, url: &str) -> bool {
-        self.http
-            .allow
-            .iter()
-            .any(|prefix| url.starts_with(prefix.as_str()))
-            && !url.contains("/../")
-            && !url.ends_with("/..")
+        let Some(target) = ParsedUrl::parse(url) else {
+            return false;
+        };
+        self.http.allow.iter().any(|grant| {
+            ParsedUrl::parse(grant).is_some_and(|g| {
+                g.scheme == target.scheme
+                    && g.authority == target.authority
+                    && target.path.starts_with(&g.path)
+            })
+        })
     }
 
+    /// Exact program (an absolute path, so `PATH` cannot redirect it) and exact arguments.
     pub fn exec_allows(&self, program: &str, args: &[String]) -> bool {
         self.exec
             .iter()
@@ -114,6 +121,48 @@ impl Grants {
     }
 }
 
+/// A URL reduced to what grants compare.
+struct ParsedUrl {
+    scheme: String,
+    /// `host:port`, lower-case, with the scheme's default port filled in.
+    authority: String,
+    path: String,
+}
+
+impl ParsedUrl {
+    fn parse(url: &str) -> Option<ParsedUrl> {
+        let uri: hyper::Uri = url.parse().ok()?;
+        let scheme = uri.scheme_str()?.to_ascii_lowercase();
+        let authority = uri.authority()?;
+        if authority.as_str().contains('@') || url.contains('#') {
+            return None;
+        }
+        let port = authority.port_u16().or(match scheme.as_str() {
+            "http" => Some(80),
+            "https" => Some(443),
+            _ => None,
+        })?;
+        let path = uri.path();
+        let lowered = path.to_ascii_lowercase();
+        let ambiguous = path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+            || lowered.contains("%2e")
+            || lowered.contains("%2f")
+            || lowered.contains("%5c")
+            || path.contains(';')
+            || path.contains('\\');
+        if ambiguous {
+            return None;
+        }
+        Some(ParsedUrl {
+            scheme,
+            authority: format!("{}:{port}", authority.host().to_ascii_lowercase()),
+            path: path.to_owned(),
+        })
+    }
+}
+
 /// `*` stays within one path segment, as in a shell.
 pub const GLOB_OPTIONS: glob::MatchOptions = glob::MatchOptions {
     case_sensitive: true,
@@ -132,7 +181,7 @@ mod tests {
                 ..Default::default()
             },
             exec: vec![ExecGrant {
-                program: "vcgencmd".into(),
+                program: "/usr/bin/vcgencmd".into(),
                 args: vec!["measure_temp".into()],
             }],
             read_file: vec!["/sys/class/thermal/thermal_zone*/temp".into()],
@@ -141,19 +190,38 @@ mod tests {
     }
 
     #[test]
-    fn http_is_prefix_checked() {
+    fn http_matches_scheme_authority_and_path_prefix() {
         let g = grants();
         assert!(g.http_allows("http://127.0.0.1:8081/jobs/overview"));
+        assert!(g.http_allows("http://127.0.0.1:8081/"));
         assert!(!g.http_allows("http://127.0.0.1:80810/"));
         assert!(!g.http_allows("http://127.0.0.1:8081/../admin"));
+        assert!(!g.http_allows("http://127.0.0.1:8081/a/%2e%2e/admin"));
+        assert!(!g.http_allows("http://127.0.0.1:8081/a/..;/admin"));
+        assert!(!g.http_allows("http://127.0.0.1:8081@evil.example/"));
+        assert!(!g.http_allows("http://user@127.0.0.1:8081/"));
+        assert!(!g.http_allows("https://127.0.0.1:8081/"));
         assert!(!g.http_allows("http://example.com/"));
+        // A grant without a trailing slash still cannot reach another host or port.
+        let loose = Grants {
+            http: HttpGrant {
+                allow: vec!["http://localhost".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(loose.http_allows("http://localhost/metrics"));
+        assert!(loose.http_allows("http://localhost:80/metrics"));
+        assert!(!loose.http_allows("http://localhost.evil.example/"));
+        assert!(!loose.http_allows("http://localhost:8080/"));
     }
 
     #[test]
     fn exec_needs_exact_program_and_arguments() {
         let g = grants();
-        assert!(g.exec_allows("vcgencmd", &["measure_temp".into()]));
-        assert!(!g.exec_allows("vcgencmd", &["get_throttled".into()]));
+        assert!(g.exec_allows("/usr/bin/vcgencmd", &["measure_temp".into()]));
+        assert!(!g.exec_allows("vcgencmd", &["measure_temp".into()]));
+        assert!(!g.exec_allows("/usr/bin/vcgencmd", &["get_throttled".into()]));
         assert!(!g.exec_allows("/bin/sh", &["-c".into(), "vcgencmd measure_temp".into()]));
     }
 

@@ -29,6 +29,33 @@ pub struct HostState {
     stats: Arc<PluginStats>,
     /// Denied requests already logged, so a loop of them logs once.
     logged_denials: HashSet<String>,
+    /// Wall-clock deadline of the call in progress (see `runtime.rs`).
+    pub deadline: Option<std::time::Instant>,
+    /// Log lines left in the current minute; a chatty plugin cannot flood the agent's log.
+    log_budget: (std::time::Instant, u32),
+}
+
+/// Log lines one plugin instance may write per minute.
+const LOG_LINES_PER_MINUTE: u32 = 120;
+
+/// Longest text from a plugin (log line, error) the agent repeats, in characters.
+pub const MAX_PLUGIN_TEXT: usize = 1024;
+
+/// Makes plugin-provided text safe to log: bounded, and with control characters (newlines
+/// that could fake log lines, terminal escapes) escaped.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_PLUGIN_TEXT));
+    for c in text.chars().take(MAX_PLUGIN_TEXT) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if text.chars().nth(MAX_PLUGIN_TEXT).is_some() {
+        out.push('…');
+    }
+    out
 }
 
 impl HostState {
@@ -54,10 +81,14 @@ impl HostState {
             name,
             stats,
             logged_denials: HashSet::new(),
+            deadline: None,
+            log_budget: (std::time::Instant::now(), LOG_LINES_PER_MINUTE),
         }
     }
 
     fn deny(&mut self, what: String, how_to_grant: String) -> HostError {
+        let what = sanitize(&what);
+        let how_to_grant = sanitize(&how_to_grant);
         self.stats.count_error("denied");
         if self.logged_denials.len() < 64 && self.logged_denials.insert(what.clone()) {
             tracing::warn!(plugin = %self.name, request = %what,
@@ -81,6 +112,15 @@ pub struct MemoryLimiter {
     in_use: usize,
 }
 
+/// The error the limiter raises; recognised by type, never by message text (which a guest's
+/// backtrace could imitate).
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit exceeded: wanted {wanted} bytes, the cap is {cap} (max_memory_mb)")]
+pub struct MemoryLimitExceeded {
+    pub wanted: usize,
+    pub cap: usize,
+}
+
 /// Most table elements an instance may hold; generous for any real plugin.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
@@ -93,10 +133,10 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
     ) -> wasmtime::Result<bool> {
         let total = self.in_use.saturating_sub(current).saturating_add(desired);
         if total > self.max_bytes {
-            return Err(wasmtime::Error::msg(format!(
-                "memory limit exceeded: wanted {total} bytes, the cap is {} (max_memory_mb)",
-                self.max_bytes
-            )));
+            return Err(wasmtime::Error::new(MemoryLimitExceeded {
+                wanted: total,
+                cap: self.max_bytes,
+            }));
         }
         self.in_use = total;
         Ok(true)
@@ -140,8 +180,17 @@ impl log::Host for HostState {
         if !self.grants.log_allowed() {
             return;
         }
-        // Bounded so a plugin cannot write megabytes per line into the agent's log.
-        let message: String = message.chars().take(4096).collect();
+        let (since, left) = &mut self.log_budget;
+        if since.elapsed() >= Duration::from_secs(60) {
+            *since = std::time::Instant::now();
+            *left = LOG_LINES_PER_MINUTE;
+        }
+        if *left == 0 {
+            self.stats.count_error("log_dropped");
+            return;
+        }
+        *left -= 1;
+        let message = sanitize(&message);
         let plugin = self.name.as_str();
         match level {
             log::Level::Error => tracing::error!(%plugin, "{message}"),
@@ -161,26 +210,47 @@ impl files::Host for HostState {
             ));
         }
         let cap = self.grants.read_file_max_bytes();
+        let grants = self.grants.clone();
         let read = async {
-            let file = tokio::fs::File::open(&path).await?;
+            // A symlink inside a granted directory must not lead outside the grants: the
+            // resolved path is checked too.
+            let real = tokio::fs::canonicalize(&path).await?;
+            if !real.to_str().is_some_and(|r| grants.read_allows(r)) {
+                return Ok(Err(format!("{} (the target of {path})", real.display())));
+            }
+            // Non-blocking open: a FIFO must not hang the call; only regular files are read.
+            let file = tokio::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+                .open(&real)
+                .await?;
+            if !file.metadata().await?.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
             let mut buf = Vec::new();
             // One byte past the cap tells "exactly at the cap" from "too large".
             file.take(cap as u64 + 1).read_to_end(&mut buf).await?;
-            Ok::<_, std::io::Error>(buf)
+            Ok(Ok(buf))
         };
         match tokio::time::timeout(super::grants::DEFAULT_HOST_CALL_TIMEOUT, read).await {
             Err(_) => Err(HostError::Timeout),
             Ok(Err(e)) => Err(HostError::Failed(format!("{path}: {e}"))),
-            Ok(Ok(buf)) if buf.len() > cap => Err(HostError::TooLarge),
-            Ok(Ok(buf)) => Ok(buf),
+            Ok(Ok(Err(target))) => Err(self.deny(
+                format!("read-file {target}"),
+                format!("read_file = [\"{target}\"]"),
+            )),
+            Ok(Ok(Ok(buf))) if buf.len() > cap => Err(HostError::TooLarge),
+            Ok(Ok(Ok(buf))) => Ok(buf),
         }
     }
 
     async fn glob(&mut self, pattern: String) -> Result<Vec<String>, HostError> {
         // The pattern itself must be granted (verbatim or inside a granted glob) and every
         // result is checked again, so a broad pattern cannot list beyond the grants.
-        let granted = self.grants.read_file.iter().any(|g| g == &pattern)
-            || self.grants.read_allows(&pattern);
+        // Only a granted glob, verbatim, may be listed: `**` or a wider pattern that happens
+        // to match a grant's text would let the walk wander (/proc/*/root loops).
+        let granted =
+            !pattern.contains("**") && self.grants.read_file.iter().any(|g| g == &pattern);
         if !granted {
             return Err(self.deny(
                 format!("glob {pattern}"),
@@ -193,10 +263,11 @@ impl files::Host for HostState {
                 .map_err(|e| HostError::Failed(format!("bad pattern: {e}")))?;
             Ok::<_, HostError>(
                 paths
+                    // Bounded by entries visited, not only by results kept.
+                    .take(10_000)
                     .filter_map(Result::ok)
                     .filter_map(|p| p.to_str().map(str::to_owned))
                     .filter(|p| grants.read_allows(p))
-                    .take(10_000)
                     .collect::<Vec<_>>(),
             )
         });
@@ -227,8 +298,11 @@ impl exec::Host for HostState {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
+            // Its own process group, so a timeout kills grandchildren too.
+            .process_group(0)
             .spawn()
             .map_err(|e| HostError::Failed(format!("{program}: {e}")))?;
+        let group = child.id();
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(HostError::Failed("no pipes to the child".into()));
         };
@@ -252,8 +326,17 @@ impl exec::Host for HostState {
                 stderr: err,
             })
         };
-        // On timeout or a too-large answer, dropping the child kills it.
-        match tokio::time::timeout(self.grants.exec_timeout(), run).await {
+        let result = tokio::time::timeout(self.grants.exec_timeout(), run).await;
+        if !matches!(result, Ok(Ok(_))) {
+            // Timed out or answered too much: end the whole group, not only the child.
+            if let Some(pid) = group.and_then(|p| i32::try_from(p).ok()) {
+                // SAFETY: killpg only sends a signal, to the group this call created.
+                unsafe {
+                    libc::killpg(pid, libc::SIGKILL);
+                }
+            }
+        }
+        match result {
             Err(_) => {
                 self.stats.count_error("host_timeout");
                 Err(HostError::Timeout)
@@ -276,6 +359,27 @@ impl http::Host for HostState {
                 format!("http.allow = [\"{prefix}\"]"),
             ));
         }
+        // The plugin may not steer the request elsewhere (Host) or around the body cap
+        // (framing headers); headers are bounded in number and size.
+        const REFUSED: &[&str] = &[
+            "host",
+            "connection",
+            "transfer-encoding",
+            "content-length",
+            "upgrade",
+            "te",
+            "trailer",
+            "proxy-authorization",
+            "proxy-connection",
+        ];
+        let headers: Vec<(String, String)> = headers
+            .into_iter()
+            .filter(|(name, value)| {
+                !REFUSED.contains(&name.to_ascii_lowercase().as_str())
+                    && name.len() + value.len() <= 8192
+            })
+            .take(32)
+            .collect();
         let timeout = self.grants.http_timeout();
         let cap = self.grants.http_max_bytes();
         match tokio::time::timeout(timeout, super::http_client::get(&url, &headers, cap)).await {
@@ -299,5 +403,20 @@ impl host_stats::Host for HostState {
             Ok(Err(e)) => Err(HostError::Failed(e.to_string())),
             Ok(Ok(s)) => Ok(s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_text_is_bounded_and_cannot_fake_log_lines() {
+        assert_eq!(
+            sanitize("ok\nFAKE INFO agent: all good\x1b[31m"),
+            "ok\\nFAKE INFO agent: all good\\u{1b}[31m"
+        );
+        let long = "x".repeat(5000);
+        assert_eq!(sanitize(&long).chars().count(), MAX_PLUGIN_TEXT + 1);
     }
 }

@@ -199,7 +199,8 @@ pub async fn run_instance(
                 _ = tokio::time::sleep_until(next) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            next += interval;
+            // Skip slots missed while a slow call ran, rather than collecting back to back.
+            next = (next + interval).max(tokio::time::Instant::now());
             let ts = now_ms();
             match instance.collect(ts).await {
                 Ok(mut families) => {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, Store};
+use wasmtime::{Config, Engine, Store, UpdateDeadline};
 
 use picket_core::model::Family;
 
@@ -25,6 +25,9 @@ use crate::plugin_stats::PluginStats;
 
 /// How often the engine's epoch advances; deadlines are whole ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Upper bound of `plugins.max_stack_bytes`; wasmtime's default async stack is 2 MiB.
+pub const MAX_STACK_BYTES: usize = 1024 * 1024;
 
 /// Why a plugin instance failed. `kind()` is the `picket_plugin_errors_total` label.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +79,8 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// `max_stack_bytes` caps the wasm stack of every plugin.
+    /// `max_stack_bytes` caps the wasm stack of every plugin (at most [`MAX_STACK_BYTES`]:
+    /// the wasm stack lives on the async fiber stack, which must keep room for host calls).
     pub fn new(max_stack_bytes: usize) -> Result<Arc<Self>, PluginError> {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         let mut config = Config::new();
@@ -141,7 +145,17 @@ impl Instance {
         let state = HostState::new(name, grants, limits.max_memory_bytes, stats.clone());
         let mut store = Store::new(&runtime.engine, state);
         store.limiter(|state| &mut state.limits);
-        store.epoch_deadline_trap();
+        // Every tick: yield to the async runtime (a spinning plugin must not hold a worker
+        // thread the shipper and signal handling need), and stop the call once its wall-clock
+        // deadline has passed.
+        store.epoch_deadline_callback(|context| {
+            let expired = context.data().deadline.is_some_and(|d| Instant::now() >= d);
+            Ok(if expired {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
         set_deadline(&mut store, limits.call_timeout);
         let plugin = guard(
             limits.call_timeout,
@@ -163,7 +177,7 @@ impl Instance {
         )
         .await
         .map_err(|e| classify(e, timeout, PluginError::Trap))?;
-        init.map_err(PluginError::Init)?;
+        init.map_err(|e| PluginError::Init(super::host::sanitize(&e)))?;
         Ok(instance)
     }
 
@@ -180,7 +194,7 @@ impl Instance {
             started.elapsed().as_micros() as u64,
         );
         PluginStats::set(&self.stats.memory_bytes, self.memory_in_use() as u64);
-        let output = result?.map_err(PluginError::Collect)?;
+        let output = result?.map_err(|e| PluginError::Collect(super::host::sanitize(&e)))?;
         Ok(convert::families(output, now_ms, self.limits.output)?)
     }
 
@@ -191,8 +205,8 @@ impl Instance {
 }
 
 fn set_deadline(store: &mut Store<HostState>, timeout: Duration) {
-    let ticks = (timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
-    store.set_epoch_deadline(ticks);
+    store.data_mut().deadline = Some(Instant::now() + timeout);
+    store.set_epoch_deadline(1);
 }
 
 /// Backstop: a call that is still pending (inside a host call that ignores its own timeout)
@@ -203,11 +217,13 @@ async fn guard<T>(
 ) -> wasmtime::Result<T> {
     match tokio::time::timeout(timeout + Duration::from_secs(1), call).await {
         Ok(result) => result,
-        Err(_) => Err(wasmtime::Error::msg(TIMED_OUT)),
+        Err(_) => Err(wasmtime::Error::new(Abandoned)),
     }
 }
 
-const TIMED_OUT: &str = "picket: call abandoned after its deadline";
+#[derive(Debug, thiserror::Error)]
+#[error("call abandoned after its deadline")]
+struct Abandoned;
 
 fn classify(
     e: wasmtime::Error,
@@ -224,12 +240,11 @@ fn classify(
             ));
         }
     }
-    let text = format!("{e:#}");
-    if text.contains(TIMED_OUT) {
-        PluginError::Timeout(timeout)
-    } else if text.contains("memory") && (text.contains("grow") || text.contains("limit")) {
-        PluginError::Memory(text)
-    } else {
-        otherwise(text)
+    if let Some(limit) = e.downcast_ref::<super::host::MemoryLimitExceeded>() {
+        return PluginError::Memory(limit.to_string());
     }
+    if e.downcast_ref::<Abandoned>().is_some() {
+        return PluginError::Timeout(timeout);
+    }
+    otherwise(format!("{e:#}"))
 }

@@ -28,19 +28,25 @@ impl StalenessTracker {
                 current.insert((family.name.clone(), point.labels.clone()));
             }
         }
+        let mut index: std::collections::HashMap<String, usize> = families
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
         for (name, labels) in self.last.difference(&current) {
             let point = Point {
                 labels: labels.clone(),
                 timestamp_ms,
                 value: Value::Stale,
             };
-            match families.iter_mut().find(|f| &f.name == name) {
-                Some(family) => family.points.push(point),
+            match index.get(name) {
+                Some(&i) => families[i].points.push(point),
                 None => {
                     // The whole family vanished; its type does not matter for a stale marker.
                     let mut family =
                         Family::new(name.clone(), picket_core::model::MetricType::Untyped, "");
                     family.points.push(point);
+                    index.insert(name.clone(), families.len());
                     families.push(family);
                 }
             }
