@@ -38,6 +38,22 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Where the test plugins built for wasm32-wasip2 are (`scripts/test` builds them).
+pub fn plugin_dir() -> PathBuf {
+    let dir = bin_dir()
+        .parent()
+        .map(|target| target.join("wasm32-wasip2/release"))
+        .expect("target dir");
+    assert!(
+        dir.join("picket_plugin_probe.wasm").exists(),
+        "{}/picket_plugin_probe.wasm missing: build the test plugins with \
+         `cargo build -p picket-plugin-probe -p picket-plugin-template --target wasm32-wasip2 --release` \
+         (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");

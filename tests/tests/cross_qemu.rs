@@ -60,19 +60,6 @@ fn cross_binary(arch: &Arch) -> PathBuf {
     path
 }
 
-fn probe_dir() -> PathBuf {
-    let dir = bin_dir()
-        .parent()
-        .map(|t| t.join("wasm32-wasip2/release"))
-        .expect("target dir");
-    assert!(
-        dir.join("picket_plugin_probe.wasm").exists(),
-        "probe plugin missing in {}: `cargo build -p picket-plugin-probe --target wasm32-wasip2 --release` (scripts/test does)",
-        dir.display()
-    );
-    dir
-}
-
 fn emulated(arch: &Arch) -> Command {
     let mut cmd = Command::new(arch.qemu);
     cmd.arg("-L").arg(arch.sysroot).arg(cross_binary(arch));
@@ -104,7 +91,7 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
              settings = {{ mode = \"ok\" }}\n\
              [[plugins.instances]]\nname = \"spinner\"\nplugin = \"picket_plugin_probe\"\ntimeout = \"300ms\"\n\
              settings = {{ mode = \"loop\" }}\n",
-            probe_dir().display()
+            plugin_dir().display()
         );
         let text = agent_config(&name, &[https(agg.grpc)], Some(&pki), Some(&cert), "")
             .replace("interval = \"300ms\"", "interval = \"1s\"")

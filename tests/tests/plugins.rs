@@ -4,23 +4,9 @@
 //!
 //! Needs the probe plugin built for wasm32-wasip2 (`scripts/test` does it).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use picket_tests::*;
-
-fn probe_dir() -> PathBuf {
-    let dir = bin_dir()
-        .parent()
-        .map(|target| target.join("wasm32-wasip2/release"))
-        .expect("target dir");
-    assert!(
-        dir.join("picket_plugin_probe.wasm").exists(),
-        "{}/picket_plugin_probe.wasm missing: build it with `cargo build -p picket-plugin-probe --target wasm32-wasip2 --release` (scripts/test does)",
-        dir.display()
-    );
-    dir
-}
 
 #[test]
 fn a_bad_plugin_is_contained_reported_and_recovers() {
@@ -54,7 +40,7 @@ interval = "200ms"
 settings = {{ mode = "trap-while-file", path = "{marker}" }}
 grants = {{ read_file = ["{marker}"] }}
 "#,
-        probes = probe_dir().display(),
+        probes = plugin_dir().display(),
         marker = marker.display()
     );
     let text = agent_config("pi-plugins", &[http(agg.grpc)], None, None, "")
@@ -136,7 +122,7 @@ name = "ungranted"
 plugin = "picket_plugin_template"
 settings = {{ path = "/etc/shadow" }}
 "#,
-            probes = probe_dir().display(),
+            probes = plugin_dir().display(),
             watched = watched.display()
         ),
     )
