@@ -237,26 +237,14 @@ impl Default for InternalSourceConfig {
     }
 }
 
-/// A config and where it came from.
-pub struct Loaded {
-    pub config: AgentConfig,
-    pub origin: String,
-}
+/// A config with its origin and text, for error messages.
+pub type Loaded = picket_core::config::Loaded<AgentConfig>;
 
+/// Loads `path`, or the embedded defaults when `None`, and validates it.
 pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let (config, origin, text) = match path {
-        Some(path) => {
-            let (config, text) = picket_core::config::load::<AgentConfig>(path)?;
-            (config, path.display().to_string(), text)
-        }
-        None => (
-            AgentConfig::default(),
-            "embedded defaults".to_owned(),
-            String::new(),
-        ),
-    };
-    validate(&config, &origin, &text)?;
-    Ok(Loaded { config, origin })
+    let loaded = picket_core::config::load::<AgentConfig>(path)?;
+    validate(&loaded.config, &loaded.origin, &loaded.text)?;
+    Ok(loaded)
 }
 
 /// Checks one key cannot express alone. `check_files` also reads the TLS files (for

@@ -42,14 +42,11 @@ fn main() -> ExitCode {
         }
     };
     if let Command::CheckConfig = command {
-        let text = match &cli.config {
-            Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
-            None => String::new(),
-        };
-        let checked = config::check_tls_files(&loaded.config, &loaded.origin, &text);
+        let text = &loaded.text;
+        let checked = config::check_tls_files(&loaded.config, &loaded.origin, text);
         #[cfg(feature = "plugins")]
-        let checked = checked
-            .and_then(|()| config::check_plugin_files(&loaded.config, &loaded.origin, &text));
+        let checked =
+            checked.and_then(|()| config::check_plugin_files(&loaded.config, &loaded.origin, text));
         return match checked {
             Ok(()) => {
                 println!("{}: configuration is valid", loaded.origin);

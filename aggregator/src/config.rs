@@ -161,27 +161,14 @@ pub enum SinkConfig {
     },
 }
 
-/// Where a config came from, for error messages.
-pub struct Loaded {
-    pub config: AggregatorConfig,
-    pub origin: String,
-}
+/// A config with its origin and text, for error messages.
+pub type Loaded = picket_core::config::Loaded<AggregatorConfig>;
 
 /// Loads `path`, or the embedded defaults when `None`, and validates it.
 pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
-    let (config, origin, text) = match path {
-        Some(path) => {
-            let (config, text) = picket_core::config::load::<AggregatorConfig>(path)?;
-            (config, path.display().to_string(), text)
-        }
-        None => (
-            AggregatorConfig::default(),
-            "embedded defaults".to_owned(),
-            String::new(),
-        ),
-    };
-    validate(&config, &origin, &text)?;
-    Ok(Loaded { config, origin })
+    let loaded = picket_core::config::load::<AggregatorConfig>(path)?;
+    validate(&loaded.config, &loaded.origin, &loaded.text)?;
+    Ok(loaded)
 }
 
 /// Checks that span several keys or need the file system.

@@ -106,12 +106,34 @@ pub fn parse<T: DeserializeOwned>(origin: &str, text: &str) -> Result<T, ConfigE
     })
 }
 
-/// Reads and parses the file at `path`.
-pub fn load<T: DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
+/// A parsed config and where it came from, so checks after parsing can point into the text.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub config: T,
+    /// The file path, or `embedded defaults`.
+    pub origin: String,
+    /// The file's text (empty for the defaults).
+    pub text: String,
+}
+
+/// Reads and parses the file at `path`, or takes `T::default()` when there is none.
+pub fn load<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<Loaded<T>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(Loaded {
+            config: T::default(),
+            origin: "embedded defaults".to_owned(),
+            text: String::new(),
+        });
+    };
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::general(&origin, format!("cannot read config file: {e}")))?;
-    parse(&origin, &text).map(|config| (config, text))
+    let config = parse(&origin, &text)?;
+    Ok(Loaded {
+        config,
+        origin,
+        text,
+    })
 }
 
 fn toml_error(origin: &str, text: &str, e: &toml::de::Error, key: Option<String>) -> ConfigError {
@@ -235,7 +257,7 @@ mod tests {
 
     #[test]
     fn load_reports_missing_file() {
-        let err = load::<Top>(Path::new("/nonexistent/picket.toml")).unwrap_err();
+        let err = load::<Tls>(Some(Path::new("/nonexistent/picket.toml"))).unwrap_err();
         assert!(
             err.to_string()
                 .contains("/nonexistent/picket.toml: cannot read config file")
