@@ -67,6 +67,10 @@ pub async fn run(
                     if let Err(e) = log.set_level(&loaded.config.log.level) {
                         tracing::error!("SIGHUP: {e}");
                     }
+                    #[cfg(feature = "plugins")]
+                    if loaded.config.plugins != config_tx.borrow().plugins {
+                        tracing::warn!("SIGHUP: [plugins] changed; plugin instances keep their old settings until the agent restarts");
+                    }
                     let _ = config_tx.send(Arc::new(loaded.config));
                     tracing::info!(config = %loaded.origin, "SIGHUP: configuration reloaded");
                 }

@@ -307,6 +307,23 @@ impl Aggregator {
         Aggregator::start(dir, &spec)
     }
 
+    /// A TLS aggregator with `pki`'s server certificate; with `mutual_tls`, agents must
+    /// present a certificate from the same CA.
+    pub fn start_tls(
+        dir: &Path,
+        pki: &Pki,
+        mutual_tls: bool,
+        journal: Option<PathBuf>,
+    ) -> Aggregator {
+        let spec = AggregatorSpec {
+            pki: Some(pki),
+            mutual_tls,
+            journal,
+            extra: String::new(),
+        };
+        Aggregator::start(dir, &spec)
+    }
+
     pub fn wait_ready(&self) {
         wait_for("aggregator /readyz", Duration::from_secs(20), || {
             matches!(http_get(self.http, "/readyz"), Ok((200, _))).then_some(())

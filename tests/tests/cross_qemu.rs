@@ -70,15 +70,7 @@ fn emulated(arch: &Arch) -> Command {
 fn emulated_pi_agents_stream_to_an_x86_aggregator() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
-    let agg = Aggregator::start(
-        dir.path(),
-        &AggregatorSpec {
-            pki: Some(&pki),
-            mutual_tls: true,
-            journal: None,
-            extra: String::new(),
-        },
-    );
+    let agg = Aggregator::start_tls(dir.path(), &pki, true, None);
     let mut agents = Vec::new();
     for arch in &ARCHES {
         let name = format!("pi-{}", arch.rust_arch);

@@ -10,15 +10,7 @@ fn aggregator_killed_mid_stream_loses_and_duplicates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
     let journal = dir.path().join("journal.jsonl");
-    let mut agg = Aggregator::start(
-        dir.path(),
-        &AggregatorSpec {
-            pki: Some(&pki),
-            mutual_tls: true,
-            journal: Some(journal.clone()),
-            extra: String::new(),
-        },
-    );
+    let mut agg = Aggregator::start_tls(dir.path(), &pki, true, Some(journal.clone()));
     let names = ["pi-a", "pi-b"];
     let mut agents = Vec::new();
     for name in names {

@@ -10,18 +10,6 @@ use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
 };
 
-fn mtls_aggregator(dir: &Path, pki: &Pki) -> Aggregator {
-    Aggregator::start(
-        dir,
-        &AggregatorSpec {
-            pki: Some(pki),
-            mutual_tls: true,
-            journal: None,
-            extra: String::new(),
-        },
-    )
-}
-
 /// Opens a stream, sends one batch and returns the ack, or the error that stopped it.
 async fn try_stream(
     agg: &Aggregator,
@@ -84,7 +72,7 @@ fn client_cert(
 async fn mutual_tls_accepts_fleet_certificates_and_rejects_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
-    let agg = mtls_aggregator(dir.path(), &pki);
+    let agg = Aggregator::start_tls(dir.path(), &pki, true, None);
     let (cert, key) = pki.issue_agent("pi-01");
 
     // A fleet certificate: accepted, and its name is the identity whatever the hello claims.
@@ -194,15 +182,7 @@ async fn mutual_tls_accepts_fleet_certificates_and_rejects_the_rest() {
 async fn server_tls_is_verified_and_plaintext_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
-    let agg = Aggregator::start(
-        dir.path(),
-        &AggregatorSpec {
-            pki: Some(&pki),
-            mutual_tls: false,
-            journal: None,
-            extra: String::new(),
-        },
-    );
+    let agg = Aggregator::start_tls(dir.path(), &pki, false, None);
 
     // Server-only TLS: an agent with the right CA gets in.
     let ok = try_stream(
@@ -253,7 +233,7 @@ async fn server_tls_is_verified_and_plaintext_is_refused() {
 fn real_agent_streams_over_mutual_tls() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
-    let agg = mtls_aggregator(dir.path(), &pki);
+    let agg = Aggregator::start_tls(dir.path(), &pki, true, None);
     let cert = pki.issue_agent("pi-mtls");
     let text = agent_config(
         "pi-mtls",
