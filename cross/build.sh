@@ -28,7 +28,8 @@ if [ "$install" = 1 ]; then
   apt-get update -qq
   apt-get install -y -qq gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf \
     libc6-dev-arm64-cross libc6-dev-armhf-cross >/dev/null
-  rustup target add aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf >/dev/null
+  # wasm32-wasip2: agent/build.rs builds the embedded first-party plugins.
+  rustup target add aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf wasm32-wasip2 >/dev/null
 fi
 
 target_dir="${CARGO_TARGET_DIR:-target}"

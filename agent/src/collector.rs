@@ -1,5 +1,6 @@
-//! The collection loop: every `interval` (plus random jitter) it runs each enabled source,
-//! adds stale markers for series that vanished, and hands the round to the shipper.
+//! The agent's own collection loop: every `interval` (plus random jitter) it reports the
+//! agent's `picket_agent_*` metrics and hands the round to the shipper. Everything else is
+//! collected by plugins, each on its own schedule (see `plugins::manager`).
 //!
 //! Collection never waits for the network: the shipper drains the channel even while it is
 //! disconnected, and applies the buffer bound there.
@@ -11,21 +12,20 @@ use picket_core::model::{Family, now_ms};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::AgentConfig;
-use crate::sources::{StalenessTracker, host::HostSource, internal};
+use crate::sources::{StalenessTracker, internal};
 use crate::stats::AgentStats;
 
 pub struct Collector {
-    host: Option<HostSource>,
-    host_staleness: StalenessTracker,
     stats: Arc<AgentStats>,
+    /// A removed plugin instance's health series go stale rather than linger.
+    staleness: StalenessTracker,
 }
 
 impl Collector {
     pub fn new(stats: Arc<AgentStats>) -> Self {
         Collector {
-            host: None,
-            host_staleness: StalenessTracker::default(),
             stats,
+            staleness: StalenessTracker::default(),
         }
     }
 
@@ -34,31 +34,10 @@ impl Collector {
         let started = Instant::now();
         let ts = now_ms();
         let mut families = Vec::new();
-        let mut host_families = Vec::new();
-        if config.sources.host.enabled {
-            let mut host = self.host.take().unwrap_or_default();
-            // sysinfo reads /proc and /sys synchronously.
-            match tokio::task::spawn_blocking(move || {
-                let f = host.collect(ts);
-                (host, f)
-            })
-            .await
-            {
-                Ok((host, f)) => {
-                    self.host = Some(host);
-                    host_families = f;
-                }
-                Err(e) => tracing::error!("host source failed: {e}"),
-            }
-        } else {
-            self.host = None;
-        }
-        // Also runs when the source was just disabled, so its series go stale at once.
-        self.host_staleness.mark(&mut host_families, ts);
-        families.extend(host_families);
         if config.sources.internal.enabled {
             families.extend(internal::collect(&self.stats, ts));
         }
+        self.staleness.mark(&mut families, ts);
         let samples: usize = families.iter().map(Family::sample_count).sum();
         AgentStats::add(&self.stats.collections, 1);
         AgentStats::add(&self.stats.collected_samples, samples as u64);

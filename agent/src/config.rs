@@ -34,7 +34,6 @@ pub struct AgentConfig {
     pub buffer: BufferConfig,
     pub aggregator: AggregatorLink,
     pub sources: SourcesConfig,
-    #[cfg(feature = "plugins")]
     pub plugins: crate::plugins::PluginsConfig,
 }
 
@@ -50,7 +49,6 @@ impl Default for AgentConfig {
             buffer: BufferConfig::default(),
             aggregator: AggregatorLink::default(),
             sources: SourcesConfig::default(),
-            #[cfg(feature = "plugins")]
             plugins: crate::plugins::PluginsConfig::default(),
         }
     }
@@ -197,30 +195,18 @@ impl Default for TlsLink {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourcesConfig {
-    pub host: HostSourceConfig,
+    /// Only read to explain that host metrics moved to the `host` plugin.
+    #[serde(rename = "host")]
+    pub retired_host: Option<serde_json::Value>,
     pub internal: InternalSourceConfig,
 }
 
 impl Default for SourcesConfig {
     fn default() -> Self {
         SourcesConfig {
-            host: HostSourceConfig { enabled: true },
+            retired_host: None,
             internal: InternalSourceConfig { enabled: true },
         }
-    }
-}
-
-/// CPU, memory, swap, load, filesystems, network and temperatures (built in until the plugin
-/// runtime replaces it).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HostSourceConfig {
-    pub enabled: bool,
-}
-
-impl Default for HostSourceConfig {
-    fn default() -> Self {
-        HostSourceConfig { enabled: true }
     }
 }
 
@@ -337,7 +323,12 @@ pub fn validate(config: &AgentConfig, origin: &str, text: &str) -> Result<(), Co
             format!("mutual TLS needs both cert and key; add aggregator.tls.{missing}"),
         ));
     }
-    #[cfg(feature = "plugins")]
+    if config.sources.retired_host.is_some() {
+        return Err(err(
+            &["sources", "host"],
+            "host metrics now come from the embedded `host` plugin, which runs by default; remove [sources.host] (to run only the plugin instances you list, set plugins.defaults = false)".into(),
+        ));
+    }
     validate_plugins(&config.plugins, &err)?;
     if link.backoff_initial > link.backoff_max {
         return Err(err(
@@ -348,23 +339,23 @@ pub fn validate(config: &AgentConfig, origin: &str, text: &str) -> Result<(), Co
     Ok(())
 }
 
-#[cfg(feature = "plugins")]
 fn validate_plugins(
     plugins: &crate::plugins::PluginsConfig,
     err: &dyn Fn(&[&str], String) -> ConfigError,
 ) -> Result<(), ConfigError> {
     let mut names = std::collections::HashSet::new();
-    if !plugins.instances.is_empty() && plugins.directory.is_none() {
-        return Err(err(
-            &["plugins", "directory"],
-            "set the directory holding the plugins' .wasm files".into(),
-        ));
-    }
     let max_stack = crate::plugins::runtime::MAX_STACK_BYTES;
-    if !(64 * 1024..=max_stack).contains(&plugins.max_stack_bytes) {
+    let stack_range = 64 * 1024..=max_stack;
+    if !stack_range.contains(&plugins.max_stack_bytes) {
         return Err(err(
             &["plugins", "max_stack_bytes"],
             format!("must be between 65536 and {max_stack}"),
+        ));
+    }
+    if plugins.watch_interval < Duration::from_millis(100) {
+        return Err(err(
+            &["plugins", "watch_interval"],
+            "must be at least 100ms".into(),
         ));
     }
     for (i, instance) in plugins.instances.iter().enumerate() {
@@ -400,6 +391,28 @@ fn validate_plugins(
                 "the name of a .wasm file in plugins.directory, without the extension".into(),
             );
         }
+        if !crate::plugins::catalog::is_first_party(&instance.plugin) && plugins.directory.is_none()
+        {
+            let first_party: Vec<_> = crate::plugins::catalog::first_party_names().collect();
+            return fail(
+                "plugin",
+                format!(
+                    "{:?} is not one of the embedded plugins ({}); for a custom plugin set plugins.directory to the directory holding {}.wasm",
+                    instance.plugin,
+                    first_party.join(", "),
+                    instance.plugin
+                ),
+            );
+        }
+        if instance
+            .max_stack_bytes
+            .is_some_and(|s| !stack_range.contains(&s))
+        {
+            return fail(
+                "max_stack_bytes",
+                format!("must be between 65536 and {max_stack}"),
+            );
+        }
         if instance.timeout < Duration::from_millis(10) {
             return fail("timeout", "must be at least 10ms".into());
         }
@@ -431,24 +444,21 @@ fn validate_plugins(
 }
 
 /// Checks that every plugin instance's `.wasm` file is readable, for `check-config`.
-#[cfg(feature = "plugins")]
 pub fn check_plugin_files(
     config: &AgentConfig,
     origin: &str,
     text: &str,
 ) -> Result<(), ConfigError> {
-    let Some(directory) = &config.plugins.directory else {
-        return Ok(());
-    };
     for (i, instance) in config.plugins.instances.iter().enumerate() {
-        let path = directory.join(format!("{}.wasm", instance.plugin));
-        if let Err(e) = std::fs::metadata(&path) {
+        if let Err(e) =
+            crate::plugins::catalog::load(&instance.plugin, config.plugins.directory.as_deref())
+        {
             let index = i.to_string();
             return Err(ConfigError::at_key(
                 origin,
                 text,
                 &["plugins", "instances", &index, "plugin"],
-                format!("cannot read {}: {e}", path.display()),
+                e.to_string(),
             ));
         }
     }
@@ -490,7 +500,48 @@ mod tests {
         assert_eq!(c.interval, Duration::from_secs(10));
         assert_eq!(c.aggregator.endpoints, vec!["https://127.0.0.1:7400"]);
         assert!(!c.aggregator.tls.insecure);
-        assert!(c.sources.host.enabled);
+        let defaults: Vec<_> = c
+            .plugins
+            .effective_instances()
+            .into_iter()
+            .map(|i| i.plugin)
+            .collect();
+        assert!(defaults.contains(&"host".to_owned()), "{defaults:?}");
+    }
+
+    #[test]
+    fn the_retired_host_source_gets_a_pointer_to_the_plugin() {
+        let e = check("[sources.host]\nenabled = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`host` plugin") && e.contains(":1"), "{e}");
+    }
+
+    #[test]
+    fn custom_plugins_need_a_directory_and_first_party_ones_do_not() {
+        let custom = "[[plugins.instances]]\nname = \"x\"\nplugin = \"mine\"\n";
+        let e = check(custom).unwrap_err().to_string();
+        assert!(e.contains("plugins.directory"), "{e}");
+        let first_party = "[[plugins.instances]]\nname = \"f\"\nplugin = \"flink\"\n";
+        check(first_party).unwrap();
+    }
+
+    #[test]
+    fn an_instance_with_a_default_name_replaces_the_default() {
+        let c = check(
+            "[[plugins.instances]]\nname = \"host\"\nplugin = \"host\"\ninterval = \"30s\"\ngrants = { host_stats = true }\n",
+        )
+        .unwrap();
+        let hosts: Vec<_> = c
+            .plugins
+            .effective_instances()
+            .into_iter()
+            .filter(|i| i.name == "host")
+            .collect();
+        assert_eq!(hosts.len(), 1);
+        assert_eq!(hosts[0].interval, Some(Duration::from_secs(30)));
+        let none = check("[plugins]\ndefaults = false\n").unwrap();
+        assert!(none.plugins.effective_instances().is_empty());
     }
 
     #[test]
@@ -545,7 +596,6 @@ key = "/x/pi-key.pem"
         let e = check("[aggregator.tls]\ncert = \"/x.pem\"\n").unwrap_err();
         assert!(e.message.contains("aggregator.tls.key"), "{e}");
 
-        #[cfg(feature = "plugins")]
         {
             let e = check(
                 "[plugins]\ndirectory = \"/p\"\n[[plugins.instances]]\nname = \"a\"\nplugin = \"rpi\"\n\

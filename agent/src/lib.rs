@@ -1,13 +1,14 @@
 //! `picket-agent`: collects metrics on a node and streams them to a `picket-aggregator`.
 //!
-//! Module map: [`config`] reads `agent.toml`; [`collector`] runs the sources in [`sources`] on
-//! schedule; [`shipper`] batches, sends and resends until acknowledged; [`stats`] holds the
+//! Module map: [`config`] reads `agent.toml`; [`plugins`] runs the sandboxed collectors (all
+//! collection but the agent's own metrics); [`collector`] reports those (`sources::internal`)
+//! on schedule; [`shipper`] batches, sends and resends until acknowledged; [`stats`] holds the
 //! agent's own counters. [`run`] wires them together with signal handling.
 
 pub mod collector;
 pub mod config;
+pub mod describe;
 pub mod plugin_stats;
-#[cfg(feature = "plugins")]
 pub mod plugins;
 pub mod shipper;
 pub mod sources;
@@ -47,8 +48,12 @@ pub async fn run(
     let (config_tx, config_rx) = watch::channel(config.clone());
     let (rounds_tx, rounds_rx) = mpsc::channel(ROUND_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
-    #[cfg(feature = "plugins")]
-    let plugin_tasks = start_plugins(&config, &stats, &rounds_tx, &stop_rx)?;
+    let manager = plugins::manager::PluginManager::new(
+        plugins::manager::runtime_for(&config.plugins),
+        stats.clone(),
+        rounds_tx.clone(),
+    );
+    let plugin_manager = tokio::spawn(manager.run(config_rx.clone(), stop_rx.clone()));
     let collector =
         tokio::spawn(Collector::new(stats.clone()).run(config_rx.clone(), rounds_tx, stop_rx));
     let shipper = tokio::spawn(Shipper::new(config.clone(), stats).run(rounds_rx, config_rx));
@@ -67,10 +72,6 @@ pub async fn run(
                     if let Err(e) = log.set_level(&loaded.config.log.level) {
                         tracing::error!("SIGHUP: {e}");
                     }
-                    #[cfg(feature = "plugins")]
-                    if loaded.config.plugins != config_tx.borrow().plugins {
-                        tracing::warn!("SIGHUP: [plugins] changed; plugin instances keep their old settings until the agent restarts");
-                    }
                     let _ = config_tx.send(Arc::new(loaded.config));
                     tracing::info!(config = %loaded.origin, "SIGHUP: configuration reloaded");
                 }
@@ -83,59 +84,9 @@ pub async fn run(
     // The collector exits and closes the round channel; the shipper then seals its open
     // batch and drains for at most aggregator.shutdown_timeout.
     let _ = collector.await;
-    #[cfg(feature = "plugins")]
-    for task in plugin_tasks {
-        let _ = task.await;
-    }
+    let _ = plugin_manager.await;
     let _ = shipper.await;
     Ok(())
-}
-
-/// Starts one supervisor task per configured plugin instance. Their rounds go to the shipper
-/// like the built-in sources'. A plugin file that cannot be read disables that instance (and
-/// says why) rather than the agent.
-#[cfg(feature = "plugins")]
-fn start_plugins(
-    config: &AgentConfig,
-    stats: &Arc<AgentStats>,
-    rounds: &mpsc::Sender<Vec<Family>>,
-    stop: &watch::Receiver<bool>,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let plugins = &config.plugins;
-    if plugins.instances.is_empty() {
-        return Ok(Vec::new());
-    }
-    let runtime = plugins::runtime::Runtime::new(plugins.max_stack_bytes)
-        .context("starting the plugin runtime")?;
-    let directory = plugins.directory.clone().unwrap_or_default();
-    let mut tasks = Vec::new();
-    for instance in &plugins.instances {
-        let instance_stats = stats.register_plugin(&instance.plugin, &instance.name);
-        let path = directory.join(format!("{}.wasm", instance.plugin));
-        let wasm = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                instance_stats.count_error("compile");
-                tracing::error!(plugin = %instance.plugin, instance = %instance.name, path = %path.display(), error = %e,
-                    "plugin instance disabled: cannot read its .wasm file");
-                continue;
-            }
-        };
-        let task = plugins::InstanceTask {
-            runtime: runtime.clone(),
-            wasm: Arc::new(wasm),
-            interval: instance.interval.unwrap_or(config.interval),
-            config: instance.clone(),
-            stats: instance_stats,
-        };
-        tasks.push(tokio::spawn(plugins::run_instance(
-            task,
-            rounds.clone(),
-            stop.clone(),
-        )));
-    }
-    tracing::info!(instances = tasks.len(), "plugins started");
-    Ok(tasks)
 }
 
 /// `picket-agent once`: one round from every enabled source and plugin instance, with the
@@ -144,12 +95,6 @@ fn start_plugins(
 pub async fn collect_once(config: &AgentConfig) -> Vec<Family> {
     let mut collector = Collector::new(Arc::new(AgentStats::default()));
     let mut families = collector.collect(config).await;
-    if config.sources.host.enabled {
-        // CPU usage is measured between two refreshes; take the second round.
-        tokio::time::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL).await;
-        families = collector.collect(config).await;
-    }
-    #[cfg(feature = "plugins")]
     families.extend(collect_plugins_once(config).await);
     let common = config.common_labels();
     for family in &mut families {
@@ -165,37 +110,25 @@ pub async fn collect_once(config: &AgentConfig) -> Vec<Family> {
     families
 }
 
-/// One collection from every configured plugin instance, for `once`.
-#[cfg(feature = "plugins")]
+/// One collection from every plugin instance the agent would run, for `once`.
 async fn collect_plugins_once(config: &AgentConfig) -> Vec<Family> {
     let plugins = &config.plugins;
-    if plugins.instances.is_empty() {
-        return Vec::new();
-    }
-    let runtime = match plugins::runtime::Runtime::new(plugins.max_stack_bytes) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("plugins: {e}");
-            return Vec::new();
-        }
-    };
-    let directory = plugins.directory.clone().unwrap_or_default();
+    let runtime = plugins::manager::runtime_for(plugins);
     let mut out = Vec::new();
-    for instance in &plugins.instances {
+    for instance in plugins.effective_instances() {
         let name = format!("{}/{}", instance.plugin, instance.name);
-        let path = directory.join(format!("{}.wasm", instance.plugin));
         let result = async {
-            let wasm =
-                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let code = plugins::catalog::load(&instance.plugin, plugins.directory.as_deref())
+                .map_err(|e| e.to_string())?;
             let rt = runtime.clone();
-            let component = tokio::task::spawn_blocking(move || rt.compile(&wasm))
+            let stack = plugins.stack_bytes(&instance);
+            let compiled = tokio::task::spawn_blocking(move || rt.compile(&code.wasm, stack))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             let settings = serde_json::Value::Object(instance.settings.clone()).to_string();
             let mut running = plugins::runtime::Instance::start(
-                &runtime,
-                &component,
+                &compiled,
                 name.clone(),
                 Arc::new(instance.grants.clone()),
                 &settings,

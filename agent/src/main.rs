@@ -29,6 +29,21 @@ enum Command {
     /// Validate the config (and read the TLS files it names); exit 1 with a precise message
     /// on any error.
     CheckConfig,
+    /// Work with plugins.
+    Plugins {
+        #[command(subcommand)]
+        action: PluginsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// Print what a plugin (or every embedded plugin and every file in plugins.directory)
+    /// says about itself: version, the capabilities it wants, its default settings.
+    Describe {
+        /// One plugin: a first-party name or the stem of a .wasm file in plugins.directory.
+        name: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,7 +59,6 @@ fn main() -> ExitCode {
     if let Command::CheckConfig = command {
         let text = &loaded.text;
         let checked = config::check_tls_files(&loaded.config, &loaded.origin, text);
-        #[cfg(feature = "plugins")]
         let checked =
             checked.and_then(|()| config::check_plugin_files(&loaded.config, &loaded.origin, text));
         return match checked {
@@ -70,6 +84,21 @@ fn main() -> ExitCode {
         }
     };
     match command {
+        Command::Plugins {
+            action: PluginsCommand::Describe { name },
+        } => match runtime.block_on(picket_agent::describe::describe(
+            &loaded.config,
+            name.as_deref(),
+        )) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(text) => {
+                eprintln!("{text}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Once => {
             let families = runtime.block_on(picket_agent::collect_once(&loaded.config));
             let mut out = String::new();

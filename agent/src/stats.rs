@@ -32,14 +32,27 @@ pub struct AgentStats {
 }
 
 impl AgentStats {
-    /// Registers a plugin instance so the internal source reports its health.
+    /// The health record of a plugin instance, registered on first use so the internal
+    /// source reports it. A restarted or reloaded instance keeps its counters.
     pub fn register_plugin(&self, plugin: &str, instance: &str) -> Arc<PluginStats> {
+        let mut plugins = self.plugins.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, stats)) = plugins
+            .iter()
+            .find(|(p, i, _)| p == plugin && i == instance)
+        {
+            return stats.clone();
+        }
         let stats = Arc::new(PluginStats::default());
+        plugins.push((plugin.to_owned(), instance.to_owned(), stats.clone()));
+        stats
+    }
+
+    /// Forgets a plugin instance that was removed from the config, so its health series end.
+    pub fn unregister_plugin(&self, plugin: &str, instance: &str) {
         self.plugins
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((plugin.to_owned(), instance.to_owned(), stats.clone()));
-        stats
+            .retain(|(p, i, _)| !(p == plugin && i == instance));
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

@@ -3,8 +3,6 @@
 //! Each misbehaviour must end in the right error kind, never hang or crash the host, and a
 //! fresh instance must work afterwards.
 
-#![cfg(feature = "plugins")]
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +10,8 @@ use std::time::Duration;
 use picket_agent::plugin_stats::PluginStats;
 use picket_agent::plugins::convert::OutputLimits;
 use picket_agent::plugins::grants::{ExecGrant, Grants, HttpGrant};
-use picket_agent::plugins::runtime::{Instance, InstanceLimits, PluginError, Runtime};
+use picket_agent::plugins::runtime::{Compiled, Instance, InstanceLimits, PluginError, Runtime};
 use picket_core::model::{Family, Value};
-use wasmtime::component::Component;
 
 fn probe_wasm() -> Vec<u8> {
     let target = std::env::current_exe()
@@ -31,14 +28,15 @@ fn probe_wasm() -> Vec<u8> {
 }
 
 struct Fixture {
-    runtime: Arc<Runtime>,
-    component: Component,
+    compiled: Compiled,
 }
 
 fn fixture() -> Fixture {
-    let runtime = Runtime::new(256 * 1024).expect("engine");
-    let component = runtime.compile(&probe_wasm()).expect("probe compiles");
-    Fixture { runtime, component }
+    let runtime = Runtime::new();
+    let compiled = runtime
+        .compile(&probe_wasm(), 256 * 1024)
+        .expect("probe compiles");
+    Fixture { compiled }
 }
 
 fn limits() -> InstanceLimits {
@@ -60,8 +58,7 @@ async fn start(
 ) -> (Result<Instance, PluginError>, Arc<PluginStats>) {
     let stats = Arc::new(PluginStats::default());
     let instance = Instance::start(
-        &f.runtime,
-        &f.component,
+        &f.compiled,
         "probe/test".into(),
         Arc::new(grants),
         settings,
@@ -342,4 +339,138 @@ async fn a_spinning_plugin_does_not_hold_the_async_runtime() {
         during >= 10,
         "the runtime was blocked while the plugin spun ({during} ticks)"
     );
+}
+
+/// Lists of strings whose elements all point at the same megabyte would make a host that
+/// copies element by element allocate hundreds of gigabytes. The agent checks counts and
+/// sizes before copying: the call fails inside the plugin as too large, quickly, and the
+/// agent's own memory stays put.
+#[tokio::test(flavor = "multi_thread")]
+async fn aliased_argument_lists_are_refused_before_they_are_copied() {
+    let f = fixture();
+    let grants = Grants {
+        exec: vec![ExecGrant {
+            program: "/bin/true".into(),
+            args: vec![],
+        }],
+        http: HttpGrant {
+            allow: vec!["http://127.0.0.1:9/".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    for (mode, extra) in [
+        ("alias-exec", ""),
+        ("alias-http", r#","url":"http://127.0.0.1:9/x""#),
+    ] {
+        let rss_before = resident_bytes();
+        let (result, _) = collect(
+            &f,
+            &format!(r#"{{"mode":"{mode}"{extra}}}"#),
+            grants.clone(),
+        )
+        .await;
+        match result {
+            Err(PluginError::Collect(message)) => {
+                assert!(message.contains("larger than"), "{mode}: {message}")
+            }
+            other => panic!("{mode}: expected a too-large error inside the plugin, got {other:?}"),
+        }
+        let grown = resident_bytes().saturating_sub(rss_before);
+        assert!(
+            grown < 256 * 1024 * 1024,
+            "{mode}: the agent grew by {grown} bytes while refusing the call"
+        );
+    }
+}
+
+/// This process's resident set, from /proc (Linux only, like the agent's targets).
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// A CA and a server certificate for 127.0.0.1, as PEM, plus the server's TLS config.
+fn tls_server_config(dir: &std::path::Path) -> (std::path::PathBuf, Arc<rustls::ServerConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let mut server_params = CertificateParams::default();
+    server_params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![server_cert.der().clone()], key)
+    .unwrap();
+    (ca_path, Arc::new(config))
+}
+
+/// `https://` works against the grant's own CA, and a server the grant's CA did not sign is
+/// refused with a TLS error the plugin can read.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_is_verified_against_the_grants_ca() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_path, server_config) = tls_server_config(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut request = vec![0u8; 4096];
+                let _ = tls.read(&mut request).await;
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nsecure",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    let settings = format!(r#"{{"mode":"http","url":"https://{addr}/jobs/overview"}}"#);
+    let grant = |ca: Option<std::path::PathBuf>| Grants {
+        http: HttpGrant {
+            allow: vec![format!("https://{addr}/jobs/")],
+            ca,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (result, _) = collect(&f, &settings, grant(Some(ca_path))).await;
+    let families = result.expect("https GET with the grant's CA");
+    assert_eq!(number(&families, "probe_http_body_bytes"), Some(6.0));
+
+    // Another CA (here: the system bundle, or none at all) does not vouch for this server.
+    let other = tempfile::tempdir().unwrap();
+    let (other_ca, _) = tls_server_config(other.path());
+    let (result, _) = collect(&f, &settings, grant(Some(other_ca))).await;
+    match result {
+        Err(PluginError::Collect(message)) => assert!(message.contains("TLS"), "{message}"),
+        other => panic!("an unverified server was accepted: {other:?}"),
+    }
 }

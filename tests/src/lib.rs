@@ -8,6 +8,8 @@
 pub mod journal;
 pub mod raw;
 
+pub mod fixture_http;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -410,4 +412,25 @@ pub fn start_agent(dir: &Path, name: &str, config_text: &str) -> (Process, PathB
         Process::spawn(cmd, dir.join(format!("agent-{name}.log"))),
         config,
     )
+}
+
+/// A first-party plugin's fixture directory in the repository.
+pub fn plugin_fixtures(plugin: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../plugins")
+        .join(plugin)
+        .join("fixtures")
+}
+
+/// Copies a directory tree (permissions included, so fixture scripts stay executable).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create fixture copy");
+    for entry in std::fs::read_dir(from).expect("read fixture dir").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy fixture file");
+        }
+    }
 }

@@ -27,9 +27,9 @@ fn once_prints_prometheus_text_with_the_agent_labels() {
     )
     .unwrap_or_else(|| panic!("no memory line:\n{out}"));
     assert!(mem > 0.0);
-    // CPU busy needs two refreshes; `once` waits for the second.
+    // The embedded host plugin runs by default, with node_exporter's CPU counters.
     assert!(
-        out.contains("host_cpu_busy_ratio{cpu=\"total\",instance=\"pi-once\",rack=\"r7\"}"),
+        out.contains("node_cpu_seconds_total{cpu=\"0\",instance=\"pi-once\",mode=\"idle\",rack=\"r7\"}"),
         "{out}"
     );
     // Every sample line parses as name{labels} value.

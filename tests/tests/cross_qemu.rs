@@ -1,5 +1,7 @@
 //! The cross-built Raspberry Pi agents (aarch64 and armv7) run under qemu-user and stream to
-//! an x86_64 aggregator over mutual TLS: metrics collected on the emulated CPU arrive.
+//! an x86_64 aggregator over mutual TLS: metrics collected on the emulated CPU arrive, from
+//! every first-party plugin (on armv7 through Pulley): host, rpi (a fake `vcgencmd`),
+//! prometheus (scraping the aggregator's own /metrics) and flink (recorded REST answers).
 //!
 //! Needs `cross/build.sh` to have produced `dist/picket-agent-<target>` (or set
 //! PICKET_CROSS_DIR) and Debian's qemu-user with the cross C libraries; `scripts/test`
@@ -71,6 +73,12 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
     let agg = Aggregator::start_tls(dir.path(), &pki, true, None);
+    let flink = flink_overview_server();
+    // The rpi plugin's fake vcgencmd and sysfs tree; canonical, since grants are checked on
+    // resolved paths.
+    let rpi_dir = dir.path().join("rpi");
+    copy_tree(&plugin_fixtures("rpi"), &rpi_dir);
+    let rpi_dir = rpi_dir.canonicalize().unwrap();
     let mut agents = Vec::new();
     for arch in &ARCHES {
         let name = format!("pi-{}", arch.rust_arch);
@@ -82,8 +90,9 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
              [[plugins.instances]]\nname = \"probe\"\nplugin = \"picket_plugin_probe\"\ntimeout = \"20s\"\n\
              settings = {{ mode = \"ok\" }}\n\
              [[plugins.instances]]\nname = \"spinner\"\nplugin = \"picket_plugin_probe\"\ntimeout = \"300ms\"\n\
-             settings = {{ mode = \"loop\" }}\n",
-            plugin_dir().display()
+             settings = {{ mode = \"loop\" }}\n{}",
+            plugin_dir().display(),
+            first_party_instances(&rpi_dir, agg.http, flink.addr)
         );
         let text = agent_config(&name, &[https(agg.grpc)], Some(&pki), Some(&cert), "")
             .replace("interval = \"300ms\"", "interval = \"1s\"")
@@ -126,6 +135,35 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
             },
         );
     }
+    for arch in &ARCHES {
+        let name = format!("pi-{}", arch.rust_arch);
+        let target = agg.http.to_string();
+        let expected = [
+            // rpi: the fake vcgencmd's answer.
+            (
+                format!("rpi_soc_temperature_celsius{{instance=\"{name}\",sensor=\"soc\"}}"),
+                48.3,
+            ),
+            // prometheus: the aggregator's own exposition, scraped and parsed.
+            (
+                format!("picket_scrape_up{{instance=\"{name}\",target=\"{target}\"}}"),
+                1.0,
+            ),
+            // flink: slots from the recorded /overview.
+            (format!("flink_task_slots{{instance=\"{name}\"}}"), 2.0),
+        ];
+        wait_for(
+            &format!("{name} first-party plugin output"),
+            Duration::from_secs(180),
+            || {
+                let m = agg.metrics();
+                expected
+                    .iter()
+                    .all(|(series, value)| metric_value(&m, series) == Some(*value))
+                    .then_some(())
+            },
+        );
+    }
     for agent in &mut agents {
         assert!(
             agent.terminate(Duration::from_secs(60)).success(),
@@ -133,6 +171,52 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
             agent.log_text()
         );
     }
+}
+
+/// Instances of the embedded rpi, prometheus and flink plugins for the emulated agents.
+fn first_party_instances(
+    rpi_dir: &std::path::Path,
+    scrape: std::net::SocketAddr,
+    flink: std::net::SocketAddr,
+) -> String {
+    let vcgencmd = rpi_dir.join("vcgencmd").display().to_string();
+    let exec: Vec<String> = [
+        "[\"measure_temp\"]",
+        "[\"get_throttled\"]",
+        "[\"measure_clock\", \"arm\"]",
+        "[\"measure_volts\", \"core\"]",
+    ]
+    .iter()
+    .map(|args| format!("{{ program = \"{vcgencmd}\", args = {args} }}"))
+    .collect();
+    format!(
+        "[[plugins.instances]]\nname = \"rpi\"\nplugin = \"rpi\"\ntimeout = \"20s\"\n\
+         settings = {{ vcgencmd = \"{vcgencmd}\", fallback = false }}\n\
+         grants = {{ exec = [{}] }}\n\
+         [[plugins.instances]]\nname = \"scrape\"\nplugin = \"prometheus\"\ntimeout = \"20s\"\n\
+         settings = {{ targets = [\"http://{scrape}/metrics\"] }}\n\
+         grants = {{ http = {{ allow = [\"http://{scrape}/metrics\"] }} }}\n\
+         [[plugins.instances]]\nname = \"flink\"\nplugin = \"flink\"\ntimeout = \"20s\"\n\
+         settings = {{ url = \"http://{flink}\" }}\n\
+         grants = {{ http = {{ allow = [\"http://{flink}/\"] }} }}\n",
+        exec.join(", ")
+    )
+}
+
+/// Flink's recorded `/overview` and `/jobs/overview`; everything else is a 404, which the
+/// flink plugin counts and survives.
+fn flink_overview_server() -> fixture_http::Server {
+    let fixtures = plugin_fixtures("flink");
+    let read = |file: &str| std::fs::read(fixtures.join(file)).expect("flink fixture");
+    let (overview, jobs) = (read("overview.json"), read("jobs-overview-cancelled.json"));
+    fixture_http::Server::start(move |target| {
+        let json = "application/json; charset=UTF-8";
+        match target {
+            "/overview" => fixture_http::Reply::new(200, json, overview.clone()),
+            "/jobs/overview" => fixture_http::Reply::new(200, json, jobs.clone()),
+            _ => fixture_http::Reply::new(404, json, r#"{"errors":["Not found"]}"#),
+        }
+    })
 }
 
 #[test]

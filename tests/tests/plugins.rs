@@ -108,9 +108,8 @@ fn once_runs_plugin_instances_and_names_missing_grants() {
         &config,
         format!(
             r#"instance = "pi-once"
-[sources.host]
-enabled = false
 [plugins]
+defaults = false
 directory = "{probes}"
 [[plugins.instances]]
 name = "granted"
@@ -148,4 +147,55 @@ settings = {{ path = "/etc/shadow" }}
             ),
         "{stderr}"
     );
+}
+
+/// `plugins describe` asks each plugin (embedded and in the directory) what it is and wants.
+#[test]
+fn plugins_describe_lists_embedded_and_directory_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!("[plugins]\ndirectory = \"{}\"\n", plugin_dir().display()),
+    )
+    .unwrap();
+    let out = run_ok(
+        std::process::Command::new(bin("picket-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(["plugins", "describe"]),
+    );
+    for (plugin, wants) in [
+        ("host", "host-stats, log"),
+        ("rpi", "exec, read-file, log"),
+        ("prometheus", "http, log"),
+        ("flink", "http, log"),
+        ("picket_plugin_template", "read-file, log"),
+    ] {
+        let section = out
+            .split("\n\n")
+            .find(|s| s.starts_with(&format!("{plugin}\n")))
+            .unwrap_or_else(|| panic!("{plugin} not described:\n{out}"));
+        assert!(section.contains(&format!("wants: {wants}")), "{section}");
+        assert!(section.contains("sha256: "), "{section}");
+    }
+}
+
+/// An instance not granted what its plugin says it needs gets a warning naming the grant.
+#[test]
+fn missing_grants_are_named_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_plaintext(dir.path(), None);
+    let plugins = "[plugins]\ndefaults = false\n[[plugins.instances]]\nname = \"flink-prod\"\nplugin = \"flink\"\n";
+    let text = agent_config("pi-grants", &[http(agg.grpc)], None, None, "")
+        .replace("[batch]", &format!("{plugins}\n[batch]"));
+    let (mut agent, _) = start_agent(dir.path(), "grants", &text);
+    wait_for("the missing-grant warning", Duration::from_secs(60), || {
+        let log = agent.log_text();
+        (log.contains("flink/flink-prod")
+            && log.contains("wants the `http` capability")
+            && log.contains("http = { allow = "))
+        .then_some(())
+    });
+    assert!(agent.terminate(Duration::from_secs(20)).success());
 }

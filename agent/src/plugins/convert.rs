@@ -3,6 +3,11 @@
 //! A plugin's output is outside input: names and labels are checked like any peer's, and a
 //! collection over the series or byte cap is refused as a whole (the instance is restarted,
 //! since a plugin that returns ten million series is broken, not busy).
+//!
+//! The output arrives as the WIT's flat tables (`output` in `plugin.wit`): records refer to
+//! one text buffer by span and to their children by count. Spans may alias, so every string
+//! is measured against the caps *before* it is copied; that keeps what the agent allocates
+//! within `max_bytes` however the plugin arranges its spans.
 
 use picket_core::model::{
     Family, Histogram, Labels, MetricType, Point, Summary, Value, is_valid_label_name,
@@ -45,20 +50,86 @@ pub enum OutputError {
         metric: String,
         reason: &'static str,
     },
+    #[error(
+        "malformed output tables: {0} (plugins built with the SDK never produce this; a hand-written plugin must follow `output` in plugin.wit)"
+    )]
+    Malformed(&'static str),
+}
+
+/// Running totals checked against the limits as the output is read.
+struct Budget {
+    limits: OutputLimits,
+    series: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    fn add_series(&mut self) -> Result<(), OutputError> {
+        self.series += 1;
+        if self.series > self.limits.max_series {
+            return Err(OutputError::TooManySeries(self.limits.max_series));
+        }
+        Ok(())
+    }
+
+    fn add_bytes(&mut self, n: usize) -> Result<(), OutputError> {
+        self.bytes = self.bytes.saturating_add(n);
+        if self.bytes > self.limits.max_bytes {
+            return Err(OutputError::TooManyBytes(self.limits.max_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// Next `count` entries of `list` after `cursor`, advancing it.
+fn take<'a, T>(
+    list: &'a [T],
+    cursor: &mut usize,
+    count: u32,
+    what: &'static str,
+) -> Result<&'a [T], OutputError> {
+    let end = cursor
+        .checked_add(count as usize)
+        .filter(|end| *end <= list.len())
+        .ok_or(OutputError::Malformed(what))?;
+    let entries = &list[*cursor..end];
+    *cursor = end;
+    Ok(entries)
+}
+
+/// The text a span points at, without copying it.
+fn text(output: &wit::Output, span: wit::Span) -> Result<&str, OutputError> {
+    let start = span.start as usize;
+    start
+        .checked_add(span.len as usize)
+        .and_then(|end| output.text.get(start..end))
+        .ok_or(OutputError::Malformed(
+            "a span is outside the text or splits a character",
+        ))
 }
 
 /// Converts a collection, stamping samples without their own timestamp with `now_ms`.
 pub fn families(
-    output: Vec<wit::Family>,
+    output: &wit::Output,
     now_ms: i64,
     limits: OutputLimits,
 ) -> Result<Vec<Family>, OutputError> {
-    let mut series = 0usize;
-    let mut bytes = 0usize;
-    let mut out = Vec::with_capacity(output.len());
-    for f in output {
-        if !is_valid_metric_name(&f.name) {
-            return Err(OutputError::BadName(f.name));
+    let mut budget = Budget {
+        limits,
+        series: 0,
+        bytes: 0,
+    };
+    let (mut next_sample, mut next_label, mut next_quantile, mut next_bucket) = (0, 0, 0, 0);
+    let mut out = Vec::new();
+    for f in &output.families {
+        let name = text(output, f.name)?;
+        let help = text(output, f.help)?;
+        // Families count towards the caps too, so empty families cannot be used to smuggle
+        // unbounded names and help texts past them.
+        budget.add_series()?;
+        budget.add_bytes(name.len() + help.len())?;
+        if !is_valid_metric_name(name) {
+            return Err(OutputError::BadName(name.to_owned()));
         }
         let kind = match f.kind {
             wit::MetricKind::Untyped => MetricType::Untyped,
@@ -67,74 +138,51 @@ pub fn families(
             wit::MetricKind::Summary => MetricType::Summary,
             wit::MetricKind::Histogram => MetricType::Histogram,
         };
-        // Families count towards the caps too, so empty families cannot be used to smuggle
-        // unbounded names and help texts past them.
-        series += 1;
-        bytes += f.name.len() + f.help.len();
-        if series > limits.max_series {
-            return Err(OutputError::TooManySeries(limits.max_series));
-        }
-        if bytes > limits.max_bytes {
-            return Err(OutputError::TooManyBytes(limits.max_bytes));
-        }
-        let mut family = Family::new(f.name, kind, f.help);
-        for s in f.samples {
-            series += 1;
-            if series > limits.max_series {
-                return Err(OutputError::TooManySeries(limits.max_series));
-            }
-            let mut labels = Labels::new();
-            for l in s.labels {
-                bytes += l.name.len() + l.value.len();
-                if !is_valid_label_name(&l.name) || l.name.starts_with("__") {
-                    return Err(OutputError::BadLabel {
-                        metric: family.name,
-                        label: l.name,
-                    });
-                }
-                if l.name == "instance" {
-                    return Err(OutputError::InstanceLabel {
-                        metric: family.name,
-                    });
-                }
-                if l.value.len() > limits.max_label_value_bytes {
-                    return Err(OutputError::LabelTooLong {
-                        metric: family.name,
-                        label: l.name,
-                        len: l.value.len(),
-                        max: limits.max_label_value_bytes,
-                    });
-                }
-                if labels.contains(&l.name) {
-                    return Err(OutputError::DuplicateLabel {
-                        metric: family.name,
-                        label: l.name,
-                    });
-                }
-                labels.insert(l.name, l.value);
-            }
+        let mut family = Family::new(name.to_owned(), kind, help.to_owned());
+        let samples = take(
+            &output.samples,
+            &mut next_sample,
+            f.samples,
+            "a family claims more samples than the list holds",
+        )?;
+        for s in samples {
+            budget.add_series()?;
+            let labels = take(
+                &output.labels,
+                &mut next_label,
+                s.labels,
+                "a sample claims more labels than the list holds",
+            )?;
+            let labels = convert_labels(output, labels, &family.name, &mut budget)?;
             let value = match s.value {
                 wit::Value::Number(v) => Value::Number(v),
-                wit::Value::Summary(x) => {
-                    bytes += x.quantiles.len() * 16;
+                wit::Value::Summary(a) => {
+                    budget.add_bytes(a.entries as usize * 16)?;
+                    let quantiles = take(
+                        &output.quantiles,
+                        &mut next_quantile,
+                        a.entries,
+                        "a summary claims more quantiles than the list holds",
+                    )?;
                     Value::Summary(Summary {
-                        count: x.count,
-                        sum: x.sum,
-                        quantiles: x
-                            .quantiles
-                            .into_iter()
-                            .map(|q| (q.quantile, q.value))
-                            .collect(),
+                        count: a.count,
+                        sum: a.sum,
+                        quantiles: quantiles.iter().map(|q| (q.quantile, q.value)).collect(),
                     })
                 }
-                wit::Value::Histogram(x) => {
-                    bytes += x.buckets.len() * 16;
+                wit::Value::Histogram(a) => {
+                    budget.add_bytes(a.entries as usize * 16)?;
+                    let buckets = take(
+                        &output.buckets,
+                        &mut next_bucket,
+                        a.entries,
+                        "a histogram claims more buckets than the list holds",
+                    )?;
                     Value::Histogram(Histogram {
-                        count: x.count,
-                        sum: x.sum,
-                        buckets: x
-                            .buckets
-                            .into_iter()
+                        count: a.count,
+                        sum: a.sum,
+                        buckets: buckets
+                            .iter()
                             .map(|b| (b.upper_bound, b.cumulative_count))
                             .collect(),
                     })
@@ -144,10 +192,7 @@ pub fn families(
                 metric: family.name.clone(),
                 reason,
             })?;
-            bytes += 16;
-            if bytes > limits.max_bytes {
-                return Err(OutputError::TooManyBytes(limits.max_bytes));
-            }
+            budget.add_bytes(16)?;
             family.points.push(Point {
                 labels,
                 timestamp_ms: s.timestamp_ms.filter(|t| *t > 0).unwrap_or(now_ms),
@@ -156,7 +201,58 @@ pub fn families(
         }
         out.push(family);
     }
+    let all_used = next_sample == output.samples.len()
+        && next_label == output.labels.len()
+        && next_quantile == output.quantiles.len()
+        && next_bucket == output.buckets.len();
+    if !all_used {
+        return Err(OutputError::Malformed(
+            "the counts do not add up to the lengths of the lists",
+        ));
+    }
     Ok(out)
+}
+
+fn convert_labels(
+    output: &wit::Output,
+    labels: &[wit::Label],
+    metric: &str,
+    budget: &mut Budget,
+) -> Result<Labels, OutputError> {
+    let mut converted = Labels::new();
+    for l in labels {
+        let name = text(output, l.name)?;
+        let value = text(output, l.value)?;
+        // Measured before anything is copied: aliased spans cannot inflate the copy.
+        budget.add_bytes(name.len() + value.len())?;
+        if !is_valid_label_name(name) || name.starts_with("__") {
+            return Err(OutputError::BadLabel {
+                metric: metric.to_owned(),
+                label: name.to_owned(),
+            });
+        }
+        if name == "instance" {
+            return Err(OutputError::InstanceLabel {
+                metric: metric.to_owned(),
+            });
+        }
+        if value.len() > budget.limits.max_label_value_bytes {
+            return Err(OutputError::LabelTooLong {
+                metric: metric.to_owned(),
+                label: name.to_owned(),
+                len: value.len(),
+                max: budget.limits.max_label_value_bytes,
+            });
+        }
+        if converted.contains(name) {
+            return Err(OutputError::DuplicateLabel {
+                metric: metric.to_owned(),
+                label: name.to_owned(),
+            });
+        }
+        converted.insert(name.to_owned(), value.to_owned());
+    }
+    Ok(converted)
 }
 
 #[cfg(test)]
@@ -171,54 +267,146 @@ mod tests {
         }
     }
 
-    fn family(name: &str, help: &str, samples: Vec<wit::Sample>) -> wit::Family {
-        wit::Family {
-            name: name.into(),
-            kind: wit::MetricKind::Gauge,
-            help: help.into(),
-            samples,
-        }
+    /// Builds flat output by hand, as a hostile or hand-written plugin could.
+    #[derive(Default)]
+    struct Tables {
+        text: String,
+        families: Vec<wit::Family>,
+        samples: Vec<wit::Sample>,
+        labels: Vec<wit::Label>,
+        quantiles: Vec<wit::Quantile>,
     }
 
-    fn sample(value: wit::Value) -> wit::Sample {
-        wit::Sample {
-            labels: vec![],
-            value,
-            timestamp_ms: None,
+    impl Tables {
+        fn span(&mut self, s: &str) -> wit::Span {
+            let span = wit::Span {
+                start: self.text.len() as u32,
+                len: s.len() as u32,
+            };
+            self.text.push_str(s);
+            span
+        }
+
+        fn family(&mut self, name: &str, help: &str, samples: u32) -> &mut Self {
+            let (name, help) = (self.span(name), self.span(help));
+            self.families.push(wit::Family {
+                name,
+                kind: wit::MetricKind::Gauge,
+                help,
+                samples,
+            });
+            self
+        }
+
+        fn sample(&mut self, labels: u32, value: wit::Value) -> &mut Self {
+            self.samples.push(wit::Sample {
+                labels,
+                value,
+                timestamp_ms: None,
+            });
+            self
+        }
+
+        fn output(&self) -> wit::Output {
+            wit::Output {
+                text: self.text.clone(),
+                families: self.families.clone(),
+                samples: self.samples.clone(),
+                labels: self.labels.clone(),
+                quantiles: self.quantiles.clone(),
+                buckets: Vec::new(),
+            }
         }
     }
 
     #[test]
     fn empty_families_count_towards_the_caps() {
-        let many = (0..4)
-            .map(|i| family(&format!("f{i}"), "", vec![]))
-            .collect();
+        let mut t = Tables::default();
+        for i in 0..4 {
+            t.family(&format!("f{i}"), "", 0);
+        }
         assert_eq!(
-            families(many, 1, limits()),
+            families(&t.output(), 1, limits()),
             Err(OutputError::TooManySeries(3))
         );
-        let long_help = vec![family("f", &"h".repeat(2000), vec![])];
+        let mut t = Tables::default();
+        t.family("f", &"h".repeat(2000), 0);
         assert_eq!(
-            families(long_help, 1, limits()),
+            families(&t.output(), 1, limits()),
             Err(OutputError::TooManyBytes(1000))
         );
     }
 
     #[test]
     fn values_must_match_the_family_type() {
-        let summary = wit::Value::Summary(wit::Summary {
-            count: 1,
-            sum: 1.0,
-            quantiles: vec![],
-        });
-        let out = families(vec![family("g", "", vec![sample(summary)])], 1, limits());
+        let mut t = Tables::default();
+        t.family("g", "", 1).sample(
+            0,
+            wit::Value::Summary(wit::Aggregate {
+                count: 1,
+                sum: 1.0,
+                entries: 0,
+            }),
+        );
+        let out = families(&t.output(), 1, limits());
         assert!(matches!(out, Err(OutputError::BadValue { .. })), "{out:?}");
-        let ok = families(
-            vec![family("g", "", vec![sample(wit::Value::Number(2.0))])],
-            7,
-            limits(),
-        )
-        .unwrap();
+        let mut t = Tables::default();
+        t.family("g", "", 1).sample(0, wit::Value::Number(2.0));
+        let ok = families(&t.output(), 7, limits()).unwrap();
         assert_eq!(ok[0].points[0].timestamp_ms, 7);
+    }
+
+    #[test]
+    fn aliased_spans_are_measured_before_they_are_copied() {
+        // One 900-byte value referenced by many labels: each reference counts in full.
+        let mut t = Tables::default();
+        let big = t.span(&"v".repeat(900));
+        let names: Vec<_> = (0..2).map(|i| t.span(&format!("l{i}"))).collect();
+        t.family("g", "", 1).sample(2, wit::Value::Number(1.0));
+        for name in names {
+            t.labels.push(wit::Label { name, value: big });
+        }
+        let generous = OutputLimits {
+            max_label_value_bytes: 1000,
+            ..limits()
+        };
+        assert_eq!(
+            families(&t.output(), 1, generous),
+            Err(OutputError::TooManyBytes(1000))
+        );
+    }
+
+    #[test]
+    fn counts_and_spans_must_fit_the_tables() {
+        let mut t = Tables::default();
+        t.family("g", "", 2).sample(0, wit::Value::Number(1.0));
+        assert!(matches!(
+            families(&t.output(), 1, limits()),
+            Err(OutputError::Malformed(_))
+        ));
+        let mut t = Tables::default();
+        t.family("g", "", 0).sample(0, wit::Value::Number(1.0));
+        assert!(matches!(
+            families(&t.output(), 1, limits()),
+            Err(OutputError::Malformed(_))
+        ));
+        let mut t = Tables::default();
+        t.family("g", "", 0);
+        t.families[0].name = wit::Span {
+            start: u32::MAX,
+            len: u32::MAX,
+        };
+        assert!(matches!(
+            families(&t.output(), 1, limits()),
+            Err(OutputError::Malformed(_))
+        ));
+        // A span that splits a multi-byte character.
+        let mut t = Tables::default();
+        t.family("é", "", 0);
+        t.families[0].name.len = 1;
+        assert!(matches!(
+            families(&t.output(), 1, limits()),
+            Err(OutputError::Malformed(_))
+        ));
     }
 }

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::bindings::picket::plugin::types::Capability;
+
 /// Grants of one plugin instance, as written under `[plugins.instances.grants]`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -24,7 +26,7 @@ pub struct Grants {
     /// Readable paths or globs, e.g. `["/sys/class/thermal/thermal_zone*/temp"]`.
     pub read_file: Vec<String>,
     pub read_file_max_bytes: Option<usize>,
-    /// A sysinfo snapshot of CPU, memory, load, filesystems, networks and sensors.
+    /// A snapshot of CPU times, memory, load, filesystems, disks, networks and sensors.
     pub host_stats: bool,
     /// Writing to the agent's log. On by default: it cannot reach anything outside the agent.
     pub log: Option<bool>,
@@ -38,6 +40,9 @@ pub struct HttpGrant {
     #[serde(with = "humantime_serde")]
     pub timeout: Option<Duration>,
     pub max_bytes: Option<usize>,
+    /// CA certificate (PEM) that `https://` servers of this grant are verified against,
+    /// instead of the system's bundle (e.g. a Flink REST endpoint with its own CA).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -92,6 +97,42 @@ impl Grants {
                 glob::Pattern::new(g)
                     .is_ok_and(|pattern| pattern.matches_path_with(p, GLOB_OPTIONS))
             })
+    }
+
+    /// The WIT name of a capability (`read-file`, `host-stats`, ...).
+    pub fn capability_name(capability: Capability) -> &'static str {
+        match capability {
+            Capability::Http => "http",
+            Capability::Exec => "exec",
+            Capability::ReadFile => "read-file",
+            Capability::HostStats => "host-stats",
+            Capability::Log => "log",
+        }
+    }
+
+    /// For each capability a plugin says it wants but this grant set leaves out: its name
+    /// and what to add to the instance's grants.
+    pub fn missing(&self, wanted: &[Capability]) -> Vec<(&'static str, &'static str)> {
+        wanted
+            .iter()
+            .filter_map(|capability| match capability {
+                Capability::Http if self.http.allow.is_empty() => {
+                    Some(("http", "http = { allow = [\"http://127.0.0.1:8081/\"] }"))
+                }
+                Capability::Exec if self.exec.is_empty() => Some((
+                    "exec",
+                    "exec = [{ program = \"/usr/bin/...\", args = [...] }]",
+                )),
+                Capability::ReadFile if self.read_file.is_empty() => {
+                    Some(("read-file", "read_file = [\"/path/or/glob\"]"))
+                }
+                Capability::HostStats if !self.host_stats => {
+                    Some(("host-stats", "host_stats = true"))
+                }
+                Capability::Log if !self.log_allowed() => Some(("log", "log = true")),
+                _ => None,
+            })
+            .collect()
     }
 
     pub fn log_allowed(&self) -> bool {

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use wasmtime::component::ResourceTable;
+use wasmtime::StoreContextMut;
+use wasmtime::component::{Linker, ResourceTable, WasmList, WasmStr};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::picket::plugin::types::HostError;
@@ -279,8 +280,124 @@ impl files::Host for HostState {
     }
 }
 
-impl exec::Host for HostState {
-    async fn run(&mut self, program: String, args: Vec<String>) -> Result<exec::Output, HostError> {
+/// Most arguments an `exec` call may pass, and their total size in bytes.
+pub const MAX_EXEC_ARGS: usize = 64;
+pub const MAX_EXEC_ARG_BYTES: usize = 16 * 1024;
+/// Most request headers an `http` call may pass, and the size of each (name and value).
+pub const MAX_HTTP_HEADERS: usize = 32;
+pub const MAX_HTTP_HEADER_BYTES: usize = 8 * 1024;
+
+/// Registers `exec.run` and `http.get` by hand rather than through the generated bindings.
+///
+/// Why: the generated glue copies a `list<string>` argument element by element before the
+/// host sees it, and a plugin can point every element at the same large buffer, so a list
+/// of a million aliased entries would make the agent copy terabytes. Here the lists arrive
+/// unlifted (`WasmList`/`WasmStr`), their counts and sizes are checked first, and only then
+/// is anything copied.
+pub fn add_bounded_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    linker
+        .instance("picket:plugin/exec@0.1.0")?
+        .func_wrap_async(
+            "run",
+            |mut store: StoreContextMut<'_, HostState>,
+             (program, args): (WasmStr, WasmList<WasmStr>)| {
+                let lifted = lift_exec_args(&mut store, &program, &args);
+                Box::new(async move {
+                    let result = match lifted {
+                        Ok((program, args)) => store.data_mut().exec_run(program, args).await,
+                        Err(e) => Err(e),
+                    };
+                    Ok((result,))
+                })
+            },
+        )?;
+    linker
+        .instance("picket:plugin/http@0.1.0")?
+        .func_wrap_async(
+            "get",
+            |mut store: StoreContextMut<'_, HostState>,
+             (url, headers): (WasmStr, WasmList<(WasmStr, WasmStr)>)| {
+                let lifted = lift_http_request(&mut store, &url, &headers);
+                Box::new(async move {
+                    let result = match lifted {
+                        Ok((url, headers)) => store.data_mut().http_get(url, headers).await,
+                        Err(e) => Err(e),
+                    };
+                    Ok((result,))
+                })
+            },
+        )?;
+    Ok(())
+}
+
+fn lift_string(
+    store: &StoreContextMut<'_, HostState>,
+    text: &WasmStr,
+) -> Result<String, HostError> {
+    text.to_str(store)
+        .map(|s| s.into_owned())
+        .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))
+}
+
+fn lift_exec_args(
+    store: &mut StoreContextMut<'_, HostState>,
+    program: &WasmStr,
+    args: &WasmList<WasmStr>,
+) -> Result<(String, Vec<String>), HostError> {
+    if args.len() > MAX_EXEC_ARGS {
+        return Err(HostError::TooLarge);
+    }
+    let mut lifted = Vec::with_capacity(args.len());
+    let mut total = 0usize;
+    for i in 0..args.len() {
+        let Some(arg) = args.get(&mut *store, i) else {
+            break;
+        };
+        let arg = arg.map_err(|e| HostError::Failed(format!("bad argument list: {e}")))?;
+        // Measured through the borrowed view before the copy.
+        let len = arg
+            .to_str(&*store)
+            .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))?
+            .len();
+        total = total.saturating_add(len);
+        if total > MAX_EXEC_ARG_BYTES {
+            return Err(HostError::TooLarge);
+        }
+        lifted.push(lift_string(store, &arg)?);
+    }
+    Ok((lift_string(store, program)?, lifted))
+}
+
+fn lift_http_request(
+    store: &mut StoreContextMut<'_, HostState>,
+    url: &WasmStr,
+    headers: &WasmList<(WasmStr, WasmStr)>,
+) -> Result<(String, Vec<(String, String)>), HostError> {
+    if headers.len() > MAX_HTTP_HEADERS {
+        return Err(HostError::TooLarge);
+    }
+    let mut lifted = Vec::with_capacity(headers.len());
+    for i in 0..headers.len() {
+        let Some(header) = headers.get(&mut *store, i) else {
+            break;
+        };
+        let (name, value) =
+            header.map_err(|e| HostError::Failed(format!("bad header list: {e}")))?;
+        let size = |s: &WasmStr| s.to_str(&*store).map(|s| s.len()).unwrap_or(usize::MAX);
+        if size(&name).saturating_add(size(&value)) > MAX_HTTP_HEADER_BYTES {
+            return Err(HostError::TooLarge);
+        }
+        lifted.push((lift_string(store, &name)?, lift_string(store, &value)?));
+    }
+    Ok((lift_string(store, url)?, lifted))
+}
+
+impl HostState {
+    async fn exec_run(
+        &mut self,
+        program: String,
+        args: Vec<String>,
+    ) -> Result<exec::Output, HostError> {
         if !self.grants.exec_allows(&program, &args) {
             let what = format!("exec {program} {}", args.join(" "));
             let how = format!("exec = [{{ program = {program:?}, args = {args:?} }}]");
@@ -346,8 +463,8 @@ impl exec::Host for HostState {
     }
 }
 
-impl http::Host for HostState {
-    async fn get(
+impl HostState {
+    async fn http_get(
         &mut self,
         url: String,
         headers: Vec<(String, String)>,
@@ -360,7 +477,7 @@ impl http::Host for HostState {
             ));
         }
         // The plugin may not steer the request elsewhere (Host) or around the body cap
-        // (framing headers); headers are bounded in number and size.
+        // (framing headers); their number and size were bounded when they were lifted.
         const REFUSED: &[&str] = &[
             "host",
             "connection",
@@ -374,15 +491,16 @@ impl http::Host for HostState {
         ];
         let headers: Vec<(String, String)> = headers
             .into_iter()
-            .filter(|(name, value)| {
-                !REFUSED.contains(&name.to_ascii_lowercase().as_str())
-                    && name.len() + value.len() <= 8192
-            })
-            .take(32)
+            .filter(|(name, _)| !REFUSED.contains(&name.to_ascii_lowercase().as_str()))
             .collect();
         let timeout = self.grants.http_timeout();
         let cap = self.grants.http_max_bytes();
-        match tokio::time::timeout(timeout, super::http_client::get(&url, &headers, cap)).await {
+        match tokio::time::timeout(
+            timeout,
+            super::http_client::get(&url, &headers, cap, self.grants.http.ca.as_deref()),
+        )
+        .await
+        {
             Err(_) => {
                 self.stats.count_error("host_timeout");
                 Err(HostError::Timeout)

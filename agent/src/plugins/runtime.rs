@@ -8,8 +8,10 @@
 //!   in a tokio timeout as a backstop.
 //! - Memory: a per-store limiter caps linear memory; growth beyond it traps.
 //! - Stack: the engine caps wasm stack depth, so deep recursion traps instead of crashing.
+//!   wasmtime sets that cap per engine, so there is one engine per distinct cap.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -18,6 +20,8 @@ use wasmtime::{Config, Engine, Store, UpdateDeadline};
 use picket_core::model::Family;
 
 use super::bindings::Plugin;
+use super::bindings::picket::plugin::types::Description;
+use super::cache::CompileCache;
 use super::convert::{self, OutputLimits};
 use super::grants::Grants;
 use super::host::HostState;
@@ -73,20 +77,74 @@ impl PluginError {
     }
 }
 
+/// The agent's plugin engines: one per distinct stack cap (wasmtime sets the cap per engine,
+/// and a component belongs to the engine that compiled it), created on first use.
 pub struct Runtime {
+    engines: Mutex<HashMap<usize, Arc<EngineSet>>>,
+    cache: Option<CompileCache>,
+}
+
+/// An engine with the linker that provides the host functions.
+pub struct EngineSet {
     engine: Engine,
     linker: Linker<HostState>,
 }
 
+/// A component ready to instantiate, with the engine that compiled it.
+#[derive(Clone)]
+pub struct Compiled {
+    component: Component,
+    engines: Arc<EngineSet>,
+}
+
 impl Runtime {
-    /// `max_stack_bytes` caps the wasm stack of every plugin (at most [`MAX_STACK_BYTES`]:
-    /// the wasm stack lives on the async fiber stack, which must keep room for host calls).
-    pub fn new(max_stack_bytes: usize) -> Result<Arc<Self>, PluginError> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Runtime {
+            engines: Mutex::new(HashMap::new()),
+            cache: None,
+        })
+    }
+
+    /// A runtime that keeps compiled plugins in `cache` between restarts.
+    pub fn with_cache(cache: CompileCache) -> Arc<Self> {
+        Arc::new(Runtime {
+            engines: Mutex::new(HashMap::new()),
+            cache: Some(cache),
+        })
+    }
+
+    fn engines(&self, max_stack_bytes: usize) -> Result<Arc<EngineSet>, PluginError> {
+        let mut engines = self.engines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = engines.get(&max_stack_bytes) {
+            return Ok(set.clone());
+        }
+        let set = Arc::new(EngineSet::new(max_stack_bytes)?);
+        engines.insert(max_stack_bytes, set.clone());
+        Ok(set)
+    }
+
+    /// Compiles a component for an engine with the given stack cap, or loads it from the
+    /// cache (blocking, CPU-heavy: run it off the async workers).
+    pub fn compile(&self, wasm: &[u8], max_stack_bytes: usize) -> Result<Compiled, PluginError> {
+        let engines = self.engines(max_stack_bytes)?;
+        let component = match &self.cache {
+            Some(cache) => cache.load_or_compile(&engines.engine, wasm)?,
+            None => Component::new(&engines.engine, wasm)
+                .map_err(|e| PluginError::Compile(format!("{e:#}")))?,
+        };
+        Ok(Compiled { component, engines })
+    }
+}
+
+impl EngineSet {
+    /// `max_stack_bytes` caps the wasm stack (at most [`MAX_STACK_BYTES`]: the wasm stack
+    /// lives on the async fiber stack, which must keep room for host calls).
+    fn new(max_stack_bytes: usize) -> Result<Self, PluginError> {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
-        config.max_wasm_stack(max_stack_bytes);
+        config.max_wasm_stack(max_stack_bytes.min(MAX_STACK_BYTES));
         if cfg!(target_arch = "arm") {
             config.target("pulley32").map_err(engine_error)?;
         }
@@ -104,14 +162,18 @@ impl Runtime {
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
-        Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
-            .map_err(engine_error)?;
-        Ok(Arc::new(Runtime { engine, linker }))
-    }
-
-    /// Compiles a component (blocking, CPU-heavy: run it off the async workers).
-    pub fn compile(&self, wasm: &[u8]) -> Result<Component, PluginError> {
-        Component::new(&self.engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))
+        // Every import but `exec` and `http`, whose list arguments are lifted by hand.
+        {
+            use super::bindings::picket::plugin::{files, host_stats, log, types};
+            type Host = HasSelf<HostState>;
+            types::add_to_linker::<HostState, Host>(&mut linker, |s| s).map_err(engine_error)?;
+            files::add_to_linker::<HostState, Host>(&mut linker, |s| s).map_err(engine_error)?;
+            host_stats::add_to_linker::<HostState, Host>(&mut linker, |s| s)
+                .map_err(engine_error)?;
+            log::add_to_linker::<HostState, Host>(&mut linker, |s| s).map_err(engine_error)?;
+        }
+        super::host::add_bounded_imports(&mut linker).map_err(engine_error)?;
+        Ok(EngineSet { engine, linker })
     }
 }
 
@@ -134,16 +196,36 @@ pub struct Instance {
 impl Instance {
     /// Instantiates `component` and calls its `init` with `settings` (JSON).
     pub async fn start(
-        runtime: &Runtime,
-        component: &Component,
+        compiled: &Compiled,
         name: String,
         grants: Arc<Grants>,
         settings: &str,
         limits: InstanceLimits,
         stats: Arc<PluginStats>,
     ) -> Result<Self, PluginError> {
+        let mut instance = Self::instantiate(compiled, name, grants, limits, stats).await?;
+        let timeout = instance.limits.call_timeout;
+        set_deadline(&mut instance.store, timeout);
+        let init = guard(
+            timeout,
+            instance.plugin.call_init(&mut instance.store, settings),
+        )
+        .await
+        .map_err(|e| classify(e, timeout, PluginError::Trap))?;
+        init.map_err(|e| PluginError::Init(super::host::sanitize(&e)))?;
+        Ok(instance)
+    }
+
+    /// Instantiates `component` without calling `init` (enough for `describe`).
+    pub async fn instantiate(
+        compiled: &Compiled,
+        name: String,
+        grants: Arc<Grants>,
+        limits: InstanceLimits,
+        stats: Arc<PluginStats>,
+    ) -> Result<Self, PluginError> {
         let state = HostState::new(name, grants, limits.max_memory_bytes, stats.clone());
-        let mut store = Store::new(&runtime.engine, state);
+        let mut store = Store::new(&compiled.engines.engine, state);
         store.limiter(|state| &mut state.limits);
         // Every tick: yield to the async runtime (a spinning plugin must not hold a worker
         // thread the shipper and signal handling need), and stop the call once its wall-clock
@@ -159,26 +241,26 @@ impl Instance {
         set_deadline(&mut store, limits.call_timeout);
         let plugin = guard(
             limits.call_timeout,
-            Plugin::instantiate_async(&mut store, component, &runtime.linker),
+            Plugin::instantiate_async(&mut store, &compiled.component, &compiled.engines.linker),
         )
         .await
         .map_err(|e| classify(e, limits.call_timeout, PluginError::Instantiate))?;
-        let mut instance = Instance {
+        Ok(Instance {
             store,
             plugin,
             limits,
             stats,
-        };
-        let timeout = instance.limits.call_timeout;
-        set_deadline(&mut instance.store, timeout);
-        let init = guard(
-            timeout,
-            instance.plugin.call_init(&mut instance.store, settings),
-        )
-        .await
-        .map_err(|e| classify(e, timeout, PluginError::Trap))?;
-        init.map_err(|e| PluginError::Init(super::host::sanitize(&e)))?;
-        Ok(instance)
+        })
+    }
+
+    /// The plugin's own description: name, version, the capabilities it wants, defaults.
+    pub async fn describe(&mut self) -> Result<Description, PluginError> {
+        let timeout = self.limits.call_timeout;
+        set_deadline(&mut self.store, timeout);
+        let description = guard(timeout, self.plugin.call_describe(&mut self.store))
+            .await
+            .map_err(|e| classify(e, timeout, PluginError::Trap))?;
+        Ok(description)
     }
 
     /// One collection round, converted and checked against the output limits.
@@ -195,7 +277,7 @@ impl Instance {
         );
         PluginStats::set(&self.stats.memory_bytes, self.memory_in_use() as u64);
         let output = result?.map_err(|e| PluginError::Collect(super::host::sanitize(&e)))?;
-        Ok(convert::families(output, now_ms, self.limits.output)?)
+        Ok(convert::families(&output, now_ms, self.limits.output)?)
     }
 
     /// Linear memory the instance has grown to, as the limiter saw it.

@@ -1,11 +1,10 @@
 //! Metric sources the agent collects from each round.
 //!
-//! Until the WebAssembly plugin runtime lands, two sources are built in: `host` (sysinfo) and
-//! `internal` (the agent's own counters). [`StalenessTracker`] turns series that disappear
+//! One source is built in: `internal` (the agent's own counters); everything else comes from
+//! plugins. [`StalenessTracker`] turns series that disappear
 //! between rounds (an unplugged disk, a finished Flink job) into stale markers, so downstream
 //! systems drop them at once instead of waiting for a timeout.
 
-pub mod host;
 pub mod internal;
 
 use std::collections::HashSet;

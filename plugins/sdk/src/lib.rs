@@ -19,6 +19,9 @@
 //! export!(Hello);
 //! ```
 //!
+//! Plugins work with ordinary nested [`types::Family`] values; the SDK turns them into the
+//! flat tables the WIT `collect` returns (see `output` in the WIT for why it is flat).
+//!
 //! Host capabilities are the modules under [`host`]; each call fails with
 //! `HostError::Denied` unless the operator granted it to this plugin instance.
 
@@ -28,25 +31,58 @@ pub mod bindings {
         world: "plugin",
         path: "../wit",
         pub_export_macro: true,
-        export_macro_name: "export",
+        export_macro_name: "__export_plugin_bindings",
         default_bindings_module: "picket_plugin_sdk::bindings",
     });
 }
 
-pub use bindings::Guest;
-pub use bindings::export;
+pub mod families;
+#[doc(hidden)]
+pub mod flatten;
+pub mod types;
 
-/// The shared WIT types: families, samples, values, capabilities, errors.
-pub mod types {
-    pub use crate::bindings::picket::plugin::types::*;
+/// What a plugin implements: the three exports of the `plugin` world, with the collection
+/// as ordinary nested families.
+pub trait Guest {
+    /// Name, version, the capabilities wanted and the default settings.
+    fn describe() -> types::Description;
+    /// Called once per instance (and again after a restart) with the instance's settings as
+    /// a JSON object. An error here is shown to the operator as a configuration error.
+    fn init(settings: String) -> Result<(), String>;
+    /// One collection round.
+    fn collect() -> Result<Vec<types::Family>, String>;
+}
+
+/// Exports a type implementing [`Guest`] as the plugin's component exports.
+#[macro_export]
+macro_rules! export {
+    ($plugin:ty) => {
+        #[doc(hidden)]
+        struct __PicketPluginExports;
+
+        impl $crate::bindings::Guest for __PicketPluginExports {
+            fn describe() -> $crate::types::Description {
+                <$plugin as $crate::Guest>::describe()
+            }
+            fn init(settings: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
+                <$plugin as $crate::Guest>::init(settings)
+            }
+            fn collect() -> ::std::result::Result<
+                $crate::bindings::picket::plugin::types::Output,
+                ::std::string::String,
+            > {
+                <$plugin as $crate::Guest>::collect().and_then(|families| $crate::flatten::flatten(&families))
+            }
+        }
+
+        $crate::bindings::__export_plugin_bindings!(__PicketPluginExports with_types_in $crate::bindings);
+    };
 }
 
 /// Host capabilities, as granted per plugin instance.
 pub mod host {
     pub use crate::bindings::picket::plugin::{exec, files, host_stats, http, log};
 }
-
-pub mod families;
 
 /// Writes a line to the agent's log, tagged with this plugin instance.
 pub fn log(level: host::log::Level, message: &str) {

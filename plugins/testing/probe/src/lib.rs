@@ -14,13 +14,15 @@
 //! | `http` | GETs setting `url` and returns the body length and status |
 //! | `bad-init` | refuses its settings |
 //! | `trap-while-file` | panics while the file in setting `path` is readable, then behaves |
+//! | `alias-exec` | calls `exec` with 200,000 arguments that all point at one 1 MiB string |
+//! | `alias-http` | calls `http` with 100,000 headers that all point at one 1 MiB string |
 
 use std::cell::RefCell;
 
 use picket_plugin_sdk::families::FamilyBuilder;
 use picket_plugin_sdk::host::{exec, files, http};
 use picket_plugin_sdk::types::{Capability, Description, Family};
-use picket_plugin_sdk::{Guest, export};
+use picket_plugin_sdk::{Guest, error_message, export};
 
 thread_local! {
     static STATE: RefCell<State> = RefCell::new(State::default());
@@ -157,10 +159,46 @@ impl Guest for Probe {
                     panic!("probe traps while {path} exists");
                 }
             }
+            "alias-exec" => {
+                let big = "a".repeat(1 << 20);
+                let args = aliases(&big, 200_000);
+                let result = exec::run("/bin/true", &args);
+                let _ = std::mem::ManuallyDrop::new(args);
+                result.map_err(|e| format!("alias-exec: {}", error_message(&e)))?;
+            }
+            "alias-http" => {
+                let big = "h".repeat(1 << 20);
+                let values = aliases(&big, 100_000);
+                let headers: Vec<(String, String)> = values
+                    .iter()
+                    .map(|v| {
+                        // SAFETY: see `aliases`; these copies are never dropped either.
+                        unsafe { (alias(v), alias(v)) }
+                    })
+                    .collect();
+                let url = setting(&settings, "url").unwrap_or_default();
+                let result = http::get(&url, &headers);
+                let _ = std::mem::ManuallyDrop::new(headers);
+                let _ = std::mem::ManuallyDrop::new(values);
+                result.map_err(|e| format!("alias-http: {}", error_message(&e)))?;
+            }
             other => return Err(format!("unknown mode {other:?}")),
         }
         Ok(out)
     }
+}
+
+/// `count` strings that all share `big`'s buffer: what a hostile plugin hands the host to make
+/// it copy the same bytes over and over. The result must never be dropped (wrap it in
+/// `ManuallyDrop`), since every element claims to own the same allocation.
+fn aliases(big: &str, count: usize) -> Vec<String> {
+    // SAFETY: a deliberately hostile test plugin; the strings are only read (by the host
+    // while lowering the call) and are leaked rather than freed.
+    (0..count).map(|_| unsafe { alias(big) }).collect()
+}
+
+unsafe fn alias(s: &str) -> String {
+    unsafe { String::from_raw_parts(s.as_ptr() as *mut u8, s.len(), s.len()) }
 }
 
 export!(Probe);

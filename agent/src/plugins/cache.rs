@@ -1,0 +1,187 @@
+//! Compiled plugins kept on disk, so a restart (or a Pi with a slow CPU) skips compilation.
+//!
+//! Loading precompiled code means trusting it completely: wasmtime maps it as executable
+//! without verification. So the agent only loads what it wrote itself. Each entry is
+//! authenticated with HMAC-SHA256 under a random key the agent creates in the cache directory
+//! on first use (mode 0600, directory 0700); an entry whose tag does not verify (written by
+//! anyone else, truncated by a power cut, or produced by another agent build) is discarded
+//! and the plugin compiled afresh. Entries are keyed by the SHA-256 of the plugin's code, the
+//! engine's compatibility hash (wasmtime version, target, settings) and the agent's version.
+
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::hmac;
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use super::catalog::{hex, sha256};
+use super::runtime::PluginError;
+
+const KEY_FILE: &str = "key";
+const TAG_LEN: usize = 32;
+
+pub struct CompileCache {
+    dir: PathBuf,
+    key: hmac::Key,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("plugin cache {dir}: {what}: {source}")]
+pub struct CacheError {
+    dir: PathBuf,
+    what: &'static str,
+    source: std::io::Error,
+}
+
+impl CompileCache {
+    /// Opens (creating it and its key if needed) the cache in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, CacheError> {
+        let error = |what, source| CacheError {
+            dir: dir.to_owned(),
+            what,
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| error("cannot create it", e))?;
+        let key_path = dir.join(KEY_FILE);
+        let key = match fs::read(&key_path) {
+            Ok(key) if key.len() == 32 => key,
+            Ok(_) | Err(_) => {
+                let mut key = [0u8; 32];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+                    .map_err(|_| error("no randomness for a key", std::io::Error::other("ring")))?;
+                write_atomically(&key_path, &key).map_err(|e| error("cannot write the key", e))?;
+                key.to_vec()
+            }
+        };
+        Ok(CompileCache {
+            dir: dir.to_owned(),
+            key: hmac::Key::new(hmac::HMAC_SHA256, &key),
+        })
+    }
+
+    fn entry_path(&self, engine: &Engine, wasm: &[u8]) -> PathBuf {
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        engine
+            .precompile_compatibility_hash()
+            .hash(&mut engine_hash);
+        let mut id = sha256(wasm).to_vec();
+        id.extend_from_slice(&engine_hash.finish().to_le_bytes());
+        id.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+        self.dir.join(format!("{}.cwasm", hex(&sha256(&id))))
+    }
+
+    /// The cached compilation of `wasm` for `engine`, or a fresh one (then cached).
+    pub fn load_or_compile(&self, engine: &Engine, wasm: &[u8]) -> Result<Component, PluginError> {
+        let path = self.entry_path(engine, wasm);
+        if let Some(component) = self.load(engine, &path) {
+            return Ok(component);
+        }
+        let component =
+            Component::new(engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        match component.serialize() {
+            Ok(code) => {
+                let tag = hmac::sign(&self.key, &code);
+                let mut entry = Vec::with_capacity(TAG_LEN + code.len());
+                entry.extend_from_slice(tag.as_ref());
+                entry.extend_from_slice(&code);
+                if let Err(e) = write_atomically(&path, &entry) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled plugin");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot serialise the compiled plugin"),
+        }
+        Ok(component)
+    }
+
+    fn load(&self, engine: &Engine, path: &Path) -> Option<Component> {
+        let entry = fs::read(path).ok()?;
+        let verified = entry.len() > TAG_LEN
+            && hmac::verify(&self.key, &entry[TAG_LEN..], &entry[..TAG_LEN]).is_ok();
+        if !verified {
+            tracing::warn!(path = %path.display(), "discarding a cached plugin the agent did not write (its tag does not verify)");
+            let _ = fs::remove_file(path);
+            return None;
+        }
+        // SAFETY: the bytes carry a valid tag under the key only this agent holds, so they
+        // are exactly what `Component::serialize` produced here for this engine's settings.
+        match unsafe { Component::deserialize(engine, &entry[TAG_LEN..]) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "discarding an unusable cached plugin");
+                let _ = fs::remove_file(path);
+                None
+            }
+        }
+    }
+}
+
+/// Writes through a temporary file and a rename, so a power cut leaves the old file or the
+/// new one, never half of it.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> Engine {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        Engine::new(&config).unwrap()
+    }
+
+    /// The smallest valid component: the component preamble and nothing else.
+    const EMPTY_COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0";
+
+    #[test]
+    fn only_entries_written_by_this_cache_are_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::open(dir.path()).unwrap();
+        let engine = engine();
+        cache.load_or_compile(&engine, EMPTY_COMPONENT).unwrap();
+        let path = cache.entry_path(&engine, EMPTY_COMPONENT);
+        assert!(cache.load(&engine, &path).is_some(), "a fresh entry loads");
+
+        // Tampering with one byte of the code breaks the tag: discarded, not loaded.
+        let mut entry = fs::read(&path).unwrap();
+        let last = entry.len() - 1;
+        entry[last] ^= 1;
+        fs::write(&path, &entry).unwrap();
+        assert!(cache.load(&engine, &path).is_none());
+        assert!(!path.exists(), "the bad entry is removed");
+
+        // An entry from another agent (another key) is refused too.
+        cache.load_or_compile(&engine, EMPTY_COMPONENT).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let other_cache = CompileCache::open(other.path()).unwrap();
+        assert!(other_cache.load(&engine, &path).is_none());
+
+        // The key survives a reopen, so entries do too.
+        let reopened = CompileCache::open(dir.path()).unwrap();
+        cache.load_or_compile(&engine, EMPTY_COMPONENT).unwrap();
+        assert!(reopened.load(&engine, &path).is_some());
+        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! Runs the plugin instances the config asks for and keeps them in step with it.
+//!
+//! - At start and on every config reload (SIGHUP) it compares the wanted instances with the
+//!   running ones: new ones start, removed ones stop (their series go stale at once), and
+//!   ones whose settings, grants, limits or schedule changed restart with the new values.
+//! - Every `plugins.watch_interval` it checks the files of custom plugins; a file that was
+//!   added or replaced is compiled, and only when that works are its instances restarted on
+//!   the new code. A file that does not compile leaves the running code in place (and says
+//!   so), so a half-copied or broken upload never takes a working collector down.
+//!
+//! Components are compiled once per (code, stack cap) and shared by all instances of them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use picket_core::model::{Family, now_ms};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::catalog::{self, FileStamp, Origin, PluginCode};
+use super::config::{InstanceConfig, PluginsConfig};
+use super::runtime::{Compiled, Runtime};
+use super::supervisor::{InstanceTask, run_instance};
+use crate::config::AgentConfig;
+use crate::sources::StalenessTracker;
+use crate::stats::AgentStats;
+
+struct Running {
+    config: InstanceConfig,
+    interval: Duration,
+    stack_bytes: usize,
+    code: PluginCode,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<StalenessTracker>,
+}
+
+pub struct PluginManager {
+    runtime: Arc<Runtime>,
+    stats: Arc<AgentStats>,
+    rounds: mpsc::Sender<Vec<Family>>,
+    running: HashMap<String, Running>,
+    /// Compiled components by (code digest, stack cap).
+    compiled: HashMap<([u8; 32], usize), Compiled>,
+    /// Instances that could not start because their file was missing or did not compile,
+    /// with the file's stamp then (`None`: missing). Retried when the file changes, so
+    /// adding the file later starts them; the failure is logged once, not every check.
+    waiting: HashMap<String, Option<FileStamp>>,
+}
+
+impl PluginManager {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        stats: Arc<AgentStats>,
+        rounds: mpsc::Sender<Vec<Family>>,
+    ) -> Self {
+        PluginManager {
+            runtime,
+            stats,
+            rounds,
+            running: HashMap::new(),
+            compiled: HashMap::new(),
+            waiting: HashMap::new(),
+        }
+    }
+
+    /// Keeps the instances in step with `config` and the plugin files until `stop`; then
+    /// stops every instance (without stale markers: the agent is going away, not the series).
+    pub async fn run(
+        mut self,
+        mut config: watch::Receiver<Arc<AgentConfig>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let current = Arc::clone(&config.borrow_and_update());
+        self.apply(&current).await;
+        let mut watch_interval = current.plugins.watch_interval;
+        loop {
+            tokio::select! {
+                // Mapped to (): the guard `wait_for` returns must not live across the awaits
+                // in the other branches.
+                _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let current = Arc::clone(&config.borrow_and_update());
+                    watch_interval = current.plugins.watch_interval;
+                    self.apply(&current).await;
+                }
+                _ = tokio::time::sleep(watch_interval) => {
+                    let current = Arc::clone(&config.borrow());
+                    self.reload_changed_files(&current).await;
+                }
+            }
+        }
+        for (_, running) in self.running.drain() {
+            let _ = running.stop.send(true);
+            let _ = running.task.await;
+        }
+    }
+
+    /// Starts, stops and restarts instances so that what runs is what `config` says.
+    pub async fn apply(&mut self, config: &AgentConfig) {
+        let plugins = &config.plugins;
+        let wanted = plugins.effective_instances();
+        let removed: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| !wanted.iter().any(|w| &w.name == *name))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(running) = self.running.remove(&name) {
+                tracing::info!(instance = %name, "plugin instance removed from the config; stopping it");
+                self.stop_and_mark_stale(running).await;
+            }
+        }
+        self.waiting
+            .retain(|name, _| wanted.iter().any(|w| &w.name == name));
+        for instance in wanted {
+            let interval = instance.interval.unwrap_or(config.interval);
+            let stack_bytes = plugins.stack_bytes(&instance);
+            if let Some(running) = self.running.get(&instance.name) {
+                let same = running.config == instance
+                    && running.interval == interval
+                    && running.stack_bytes == stack_bytes;
+                if same {
+                    continue;
+                }
+                tracing::info!(instance = %instance.name, "plugin instance settings changed; restarting it");
+            }
+            let code = match catalog::load(&instance.plugin, plugins.directory.as_deref()) {
+                Ok(code) => code,
+                Err(e) => {
+                    if self.waiting.insert(instance.name.clone(), None).is_none() {
+                        let stats = self.stats.register_plugin(&instance.plugin, &instance.name);
+                        stats.count_error("compile");
+                        tracing::error!(instance = %instance.name, error = %e,
+                            "plugin instance not started; it starts when its file appears");
+                    }
+                    continue;
+                }
+            };
+            self.start(instance, interval, stack_bytes, code).await;
+        }
+    }
+
+    /// Restarts the instances whose plugin file was replaced since it was read, and starts
+    /// the waiting ones whose file appeared or changed.
+    pub async fn reload_changed_files(&mut self, config: &AgentConfig) {
+        let directory = config.plugins.directory.as_deref();
+        let wanted = config.plugins.effective_instances();
+        let retry = self.waiting.iter().any(|(name, seen)| {
+            let now = wanted
+                .iter()
+                .find(|w| &w.name == name)
+                .and_then(|w| catalog::file_path(&w.plugin, directory).ok())
+                .and_then(|path| FileStamp::of(&path).ok());
+            now.is_some() && now != *seen
+        });
+        if retry {
+            self.apply(config).await;
+        }
+        let mut changed = Vec::new();
+        for (name, running) in &self.running {
+            let Origin::File(path) = &running.code.origin else {
+                continue;
+            };
+            let now = FileStamp::of(path).ok();
+            if now.is_some() && now != running.code.stamp {
+                changed.push(name.clone());
+            }
+        }
+        for name in changed {
+            let Some(running) = self.running.get(&name) else {
+                continue;
+            };
+            let (config, interval, stack_bytes, digest) = (
+                running.config.clone(),
+                running.interval,
+                running.stack_bytes,
+                running.code.digest,
+            );
+            let code = match catalog::load(&config.plugin, directory) {
+                Ok(code) => code,
+                Err(e) => {
+                    tracing::warn!(instance = %name, error = %e, "plugin file changed but cannot be read; keeping the running code");
+                    continue;
+                }
+            };
+            let remember_stamp = |manager: &mut Self| {
+                if let Some(running) = manager.running.get_mut(&name) {
+                    running.code.stamp = code.stamp;
+                }
+            };
+            if code.digest == digest {
+                // Touched, not changed: remember the new stamp and carry on.
+                remember_stamp(self);
+                continue;
+            }
+            if let Err(e) = self.compile(&code, stack_bytes).await {
+                remember_stamp(self);
+                let stats = self.stats.register_plugin(&config.plugin, &name);
+                stats.count_error(e.kind());
+                tracing::error!(instance = %name, file = %code.origin, error = %e,
+                    "the replaced plugin file does not compile; the instance keeps running the previous code");
+                continue;
+            }
+            tracing::info!(instance = %name, file = %code.origin, sha256 = %catalog::hex(&code.digest),
+                "plugin file replaced; reloading the instance");
+            self.start(config, interval, stack_bytes, code).await;
+        }
+        // Drop compiled code no instance uses any more.
+        let in_use: Vec<_> = self
+            .running
+            .values()
+            .map(|r| (r.code.digest, r.stack_bytes))
+            .collect();
+        self.compiled.retain(|key, _| in_use.contains(key));
+    }
+
+    async fn compile(
+        &mut self,
+        code: &PluginCode,
+        stack_bytes: usize,
+    ) -> Result<Compiled, super::runtime::PluginError> {
+        let key = (code.digest, stack_bytes);
+        if let Some(compiled) = self.compiled.get(&key) {
+            return Ok(compiled.clone());
+        }
+        let runtime = self.runtime.clone();
+        let wasm = code.wasm.clone();
+        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm, stack_bytes))
+            .await
+            .map_err(|e| {
+                super::runtime::PluginError::Compile(format!("compiler panicked: {e}"))
+            })??;
+        self.compiled.insert(key, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// Starts `instance` on `code`, replacing (and handing over from) a running one of the
+    /// same name.
+    async fn start(
+        &mut self,
+        instance: InstanceConfig,
+        interval: Duration,
+        stack_bytes: usize,
+        code: PluginCode,
+    ) {
+        let stats = self.stats.register_plugin(&instance.plugin, &instance.name);
+        let compiled = match self.compile(&code, stack_bytes).await {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                if self.waiting.insert(instance.name.clone(), code.stamp) != Some(code.stamp) {
+                    stats.count_error(e.kind());
+                    tracing::error!(instance = %instance.name, plugin = %code.origin, error = %e,
+                        "plugin instance not started: its code does not compile; it starts when the file is replaced");
+                }
+                return;
+            }
+        };
+        self.waiting.remove(&instance.name);
+        let staleness = match self.running.remove(&instance.name) {
+            Some(previous) => {
+                let _ = previous.stop.send(true);
+                previous.task.await.unwrap_or_default()
+            }
+            None => StalenessTracker::default(),
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = InstanceTask {
+            compiled,
+            config: instance.clone(),
+            interval,
+            stats,
+            agent_stats: self.stats.clone(),
+            staleness,
+        };
+        let handle = tokio::spawn(run_instance(task, self.rounds.clone(), stop_rx));
+        tracing::info!(instance = %instance.name, plugin = %instance.plugin, code = %code.origin, ?interval, "plugin instance started");
+        self.running.insert(
+            instance.name.clone(),
+            Running {
+                config: instance,
+                interval,
+                stack_bytes,
+                code,
+                stop: stop_tx,
+                task: handle,
+            },
+        );
+    }
+
+    /// Stops an instance for good: every series it reported is marked stale.
+    async fn stop_and_mark_stale(&self, running: Running) {
+        let _ = running.stop.send(true);
+        if let Ok(mut staleness) = running.task.await {
+            let mut stale = Vec::new();
+            staleness.mark(&mut stale, now_ms());
+            if !stale.is_empty() {
+                let _ = self.rounds.send(stale).await;
+            }
+        }
+        self.stats
+            .unregister_plugin(&running.config.plugin, &running.config.name);
+    }
+
+    /// Names of the running instances, for tests and logs.
+    pub fn running(&self) -> Vec<String> {
+        let mut names: Vec<_> = self.running.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// The default runtime for a config: with the compile cache when one is configured and can
+/// be opened (otherwise it compiles on every start, and says why).
+pub fn runtime_for(plugins: &PluginsConfig) -> Arc<Runtime> {
+    match &plugins.cache_directory {
+        None => Runtime::new(),
+        Some(dir) => match super::cache::CompileCache::open(dir) {
+            Ok(cache) => Runtime::with_cache(cache),
+            Err(e) => {
+                tracing::warn!(error = %e, "plugin compile cache unavailable; compiling on every start");
+                Runtime::new()
+            }
+        },
+    }
+}
