@@ -22,8 +22,8 @@ use picket_agent::plugins::config::InstanceConfig;
 use picket_agent::plugins::grants::{ExecGrant, Grants, HttpGrant};
 use picket_agent::plugins::runtime::{Instance, PluginError, Runtime};
 use picket_core::model::{Family, Point, Value};
-use picket_tests::{copy_tree, plugin_fixtures};
 use picket_tests::fixture_http::{Reply, Server, closed_port};
+use picket_tests::{copy_tree, plugin_fixtures};
 use serde_json::json;
 
 // ---- Shared helpers --------------------------------------------------------------------------

@@ -148,4 +148,3 @@ pub fn closed_port() -> u16 {
         .expect("the listener's address")
         .port()
 }
-

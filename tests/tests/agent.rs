@@ -29,7 +29,9 @@ fn once_prints_prometheus_text_with_the_agent_labels() {
     assert!(mem > 0.0);
     // The embedded host plugin runs by default, with node_exporter's CPU counters.
     assert!(
-        out.contains("node_cpu_seconds_total{cpu=\"0\",instance=\"pi-once\",mode=\"idle\",rack=\"r7\"}"),
+        out.contains(
+            "node_cpu_seconds_total{cpu=\"0\",instance=\"pi-once\",mode=\"idle\",rack=\"r7\"}"
+        ),
         "{out}"
     );
     // Every sample line parses as name{labels} value.
