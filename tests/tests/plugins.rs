@@ -199,3 +199,67 @@ fn missing_grants_are_named_at_start() {
     });
     assert!(agent.terminate(Duration::from_secs(20)).success());
 }
+
+/// With `plugins.cache_directory` the agent keeps what it compiled, and a cached entry that
+/// was tampered with is thrown away and rebuilt rather than loaded.
+#[test]
+fn the_compile_cache_is_reused_and_tampering_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "instance = \"pi-cache\"\n[plugins]\ncache_directory = \"{}\"\n",
+            cache.display()
+        ),
+    )
+    .unwrap();
+    let once = || {
+        run_ok(
+            std::process::Command::new(bin("picket-agent"))
+                .arg("--config")
+                .arg(&config)
+                .arg("once"),
+        )
+    };
+    let entries = || -> Vec<std::path::PathBuf> {
+        let mut e: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect();
+        e.sort();
+        e
+    };
+    let first = once();
+    assert!(
+        first.contains("node_memory_MemTotal_bytes{instance=\"pi-cache\"}"),
+        "{first}"
+    );
+    let cached = entries();
+    assert_eq!(cached.len(), 1, "one entry for the default host instance");
+    let original = std::fs::read(&cached[0]).unwrap();
+
+    // Flip one byte of the compiled code: the tag no longer verifies.
+    let mut tampered = original.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0xff;
+    std::fs::write(&cached[0], &tampered).unwrap();
+    let second = once();
+    assert!(
+        second.contains("node_memory_MemTotal_bytes{instance=\"pi-cache\"}"),
+        "{second}"
+    );
+    let rebuilt = std::fs::read(&cached[0]).unwrap();
+    assert_ne!(
+        rebuilt, tampered,
+        "the tampered entry was replaced, not used"
+    );
+    let key = std::fs::metadata(cache.join("key")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777,
+        0o600
+    );
+}
