@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use picket_plugin_sdk::families::FamilyBuilder;
-use picket_plugin_sdk::host::host_stats::{Cpu, HwmonSensor, Snapshot};
+use picket_plugin_sdk::host::host_stats::{Cpu, Disk, Filesystem, HwmonSensor, Snapshot};
 use picket_plugin_sdk::types::Family;
 
 use crate::filters;
@@ -184,124 +184,170 @@ fn memory(snapshot: &Snapshot, out: &mut Collected) {
     }
 }
 
-/// node_exporter's `filesystem` collector.
-fn filesystem(snapshot: &Snapshot, config: &Config, out: &mut Collected) {
-    let mut size = FamilyBuilder::gauge("node_filesystem_size_bytes", "Filesystem size in bytes.");
-    let mut free = FamilyBuilder::gauge(
-        "node_filesystem_free_bytes",
-        "Filesystem free space in bytes.",
-    );
-    let mut avail = FamilyBuilder::gauge(
-        "node_filesystem_avail_bytes",
-        "Filesystem space available to non-root users in bytes.",
-    );
-    let mut files = FamilyBuilder::gauge("node_filesystem_files", "Filesystem total file nodes.");
-    let mut files_free =
-        FamilyBuilder::gauge("node_filesystem_files_free", "Filesystem free file nodes.");
-    let mut readonly = FamilyBuilder::gauge(
-        "node_filesystem_readonly",
-        "1 if the filesystem is mounted read-only, else 0.",
-    );
-    // One series per label set, the first mount winning, as in node_exporter: the same
-    // device can be mounted at the same place twice (stacked mounts).
-    let mut seen = BTreeSet::new();
-    for fs in &snapshot.filesystems {
-        if filters::any_matches(&config.fstype_exclude, &fs.fstype)
-            || config
-                .mountpoint_exclude
-                .iter()
-                .any(|prefix| filters::prefix_covers(prefix, &fs.mountpoint))
-        {
-            continue;
-        }
-        if !seen.insert((&fs.device, &fs.mountpoint, &fs.fstype)) {
-            continue;
-        }
-        let labels = [
-            ("device", fs.device.as_str()),
-            ("mountpoint", fs.mountpoint.as_str()),
-            ("fstype", fs.fstype.as_str()),
-        ];
-        size.sample(&labels, fs.size_bytes as f64);
-        free.sample(&labels, fs.free_bytes as f64);
-        avail.sample(&labels, fs.available_bytes as f64);
-        files.sample(&labels, fs.files as f64);
-        files_free.sample(&labels, fs.files_free as f64);
-        readonly.sample(&labels, if fs.read_only { 1.0 } else { 0.0 });
+/// One family of a per-device collector: its name, help, type, and how to read a row.
+struct Column<T> {
+    name: &'static str,
+    help: &'static str,
+    counter: bool,
+    read: fn(&T) -> f64,
+}
+
+const fn gauge<T>(name: &'static str, help: &'static str, read: fn(&T) -> f64) -> Column<T> {
+    Column {
+        name,
+        help,
+        counter: false,
+        read,
     }
-    for family in [avail, files, files_free, free, readonly, size] {
+}
+
+const fn counter<T>(name: &'static str, help: &'static str, read: fn(&T) -> f64) -> Column<T> {
+    Column {
+        name,
+        help,
+        counter: true,
+        read,
+    }
+}
+
+/// One family per column, one sample per row (a row: the item and its labels).
+fn add_columns<T>(columns: &[Column<T>], rows: &[(&T, Vec<(&str, &str)>)], out: &mut Collected) {
+    for column in columns {
+        let mut family = if column.counter {
+            FamilyBuilder::counter(column.name, column.help)
+        } else {
+            FamilyBuilder::gauge(column.name, column.help)
+        };
+        for (item, labels) in rows {
+            family.sample(labels, (column.read)(item));
+        }
         out.add(family);
     }
 }
 
-/// node_exporter's `diskstats` collector (the classic /proc/diskstats columns).
-fn disk(snapshot: &Snapshot, config: &Config, out: &mut Collected) {
-    let mut reads = FamilyBuilder::counter(
-        "node_disk_reads_completed_total",
-        "Reads completed successfully.",
-    );
-    let mut reads_merged = FamilyBuilder::counter("node_disk_reads_merged_total", "Reads merged.");
-    let mut read_bytes =
-        FamilyBuilder::counter("node_disk_read_bytes_total", "Bytes read successfully.");
-    let mut read_time = FamilyBuilder::counter(
-        "node_disk_read_time_seconds_total",
-        "Seconds spent by all reads.",
-    );
-    let mut writes = FamilyBuilder::counter(
-        "node_disk_writes_completed_total",
-        "Writes completed successfully.",
-    );
-    let mut writes_merged =
-        FamilyBuilder::counter("node_disk_writes_merged_total", "Writes merged.");
-    let mut written_bytes = FamilyBuilder::counter(
-        "node_disk_written_bytes_total",
-        "Bytes written successfully.",
-    );
-    let mut write_time = FamilyBuilder::counter(
-        "node_disk_write_time_seconds_total",
-        "Seconds spent by all writes.",
-    );
-    let mut io_now = FamilyBuilder::gauge("node_disk_io_now", "I/Os currently in progress.");
-    let mut io_time = FamilyBuilder::counter(
+/// node_exporter's `filesystem` collector, in name order.
+const FILESYSTEM: [Column<Filesystem>; 6] = [
+    gauge(
+        "node_filesystem_avail_bytes",
+        "Filesystem space available to non-root users in bytes.",
+        |f| f.available_bytes as f64,
+    ),
+    gauge(
+        "node_filesystem_files",
+        "Filesystem total file nodes.",
+        |f| f.files as f64,
+    ),
+    gauge(
+        "node_filesystem_files_free",
+        "Filesystem free file nodes.",
+        |f| f.files_free as f64,
+    ),
+    gauge(
+        "node_filesystem_free_bytes",
+        "Filesystem free space in bytes.",
+        |f| f.free_bytes as f64,
+    ),
+    gauge(
+        "node_filesystem_readonly",
+        "1 if the filesystem is mounted read-only, else 0.",
+        |f| if f.read_only { 1.0 } else { 0.0 },
+    ),
+    gauge(
+        "node_filesystem_size_bytes",
+        "Filesystem size in bytes.",
+        |f| f.size_bytes as f64,
+    ),
+];
+
+fn filesystem(snapshot: &Snapshot, config: &Config, out: &mut Collected) {
+    // One series per label set, the first mount winning, as in node_exporter: the same
+    // device can be mounted at the same place twice (stacked mounts).
+    let mut seen = BTreeSet::new();
+    let rows: Vec<_> = snapshot
+        .filesystems
+        .iter()
+        .filter(|fs| {
+            !filters::any_matches(&config.fstype_exclude, &fs.fstype)
+                && !config
+                    .mountpoint_exclude
+                    .iter()
+                    .any(|prefix| filters::prefix_covers(prefix, &fs.mountpoint))
+                && seen.insert((&fs.device, &fs.mountpoint, &fs.fstype))
+        })
+        .map(|fs| {
+            let labels = vec![
+                ("device", fs.device.as_str()),
+                ("mountpoint", fs.mountpoint.as_str()),
+                ("fstype", fs.fstype.as_str()),
+            ];
+            (fs, labels)
+        })
+        .collect();
+    add_columns(&FILESYSTEM, &rows, out);
+}
+
+/// node_exporter's `diskstats` collector (the classic /proc/diskstats columns), in name
+/// order.
+const DISK: [Column<Disk>; 11] = [
+    gauge("node_disk_io_now", "I/Os currently in progress.", |d| {
+        d.io_in_progress as f64
+    }),
+    counter(
         "node_disk_io_time_seconds_total",
         "Seconds spent doing I/Os.",
-    );
-    let mut io_weighted = FamilyBuilder::counter(
+        |d| d.io_time_seconds,
+    ),
+    counter(
         "node_disk_io_time_weighted_seconds_total",
         "Weighted seconds spent doing I/Os (each I/O's time times the I/Os in progress).",
-    );
-    for d in &snapshot.disks {
-        if filters::any_matches(&config.disk_exclude, &d.device) {
-            continue;
-        }
-        let labels = [("device", d.device.as_str())];
-        reads.sample(&labels, d.reads_completed as f64);
-        reads_merged.sample(&labels, d.reads_merged as f64);
-        read_bytes.sample(&labels, d.read_bytes as f64);
-        read_time.sample(&labels, d.read_time_seconds);
-        writes.sample(&labels, d.writes_completed as f64);
-        writes_merged.sample(&labels, d.writes_merged as f64);
-        written_bytes.sample(&labels, d.written_bytes as f64);
-        write_time.sample(&labels, d.write_time_seconds);
-        io_now.sample(&labels, d.io_in_progress as f64);
-        io_time.sample(&labels, d.io_time_seconds);
-        io_weighted.sample(&labels, d.io_time_weighted_seconds);
-    }
-    for family in [
-        io_now,
-        io_time,
-        io_weighted,
-        read_bytes,
-        read_time,
-        reads,
-        reads_merged,
-        write_time,
-        writes,
-        writes_merged,
-        written_bytes,
-    ] {
-        out.add(family);
-    }
+        |d| d.io_time_weighted_seconds,
+    ),
+    counter(
+        "node_disk_read_bytes_total",
+        "Bytes read successfully.",
+        |d| d.read_bytes as f64,
+    ),
+    counter(
+        "node_disk_read_time_seconds_total",
+        "Seconds spent by all reads.",
+        |d| d.read_time_seconds,
+    ),
+    counter(
+        "node_disk_reads_completed_total",
+        "Reads completed successfully.",
+        |d| d.reads_completed as f64,
+    ),
+    counter("node_disk_reads_merged_total", "Reads merged.", |d| {
+        d.reads_merged as f64
+    }),
+    counter(
+        "node_disk_write_time_seconds_total",
+        "Seconds spent by all writes.",
+        |d| d.write_time_seconds,
+    ),
+    counter(
+        "node_disk_writes_completed_total",
+        "Writes completed successfully.",
+        |d| d.writes_completed as f64,
+    ),
+    counter("node_disk_writes_merged_total", "Writes merged.", |d| {
+        d.writes_merged as f64
+    }),
+    counter(
+        "node_disk_written_bytes_total",
+        "Bytes written successfully.",
+        |d| d.written_bytes as f64,
+    ),
+];
+
+fn disk(snapshot: &Snapshot, config: &Config, out: &mut Collected) {
+    let rows: Vec<_> = snapshot
+        .disks
+        .iter()
+        .filter(|d| !filters::any_matches(&config.disk_exclude, &d.device))
+        .map(|d| (d, vec![("device", d.device.as_str())]))
+        .collect();
+    add_columns(&DISK, &rows, out);
 }
 
 /// node_exporter's `netdev` collector (bytes, packets, errors and drops).
