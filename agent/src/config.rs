@@ -413,14 +413,37 @@ fn validate_plugins(
                 format!("must be between 65536 and {max_stack}"),
             );
         }
-        if instance.timeout < Duration::from_millis(10) {
-            return fail("timeout", "must be at least 10ms".into());
+        if !(Duration::from_millis(10)..=Duration::from_secs(600)).contains(&instance.timeout) {
+            return fail("timeout", "must be between 10ms and 10m".into());
         }
-        if instance
-            .interval
-            .is_some_and(|d| d < Duration::from_millis(100))
-        {
-            return fail("interval", "must be at least 100ms".into());
+        if instance.interval.is_some_and(|d| {
+            !(Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&d)
+        }) {
+            return fail("interval", "must be between 100ms and 24h".into());
+        }
+        // Host calls run inside the call's deadline: a host timeout as long as the deadline
+        // would end the whole call instead of reaching the plugin as a `timeout` error.
+        let grants = &instance.grants;
+        for (key, timeout, granted) in [
+            (
+                "http.timeout",
+                grants.http_timeout(),
+                !grants.http.allow.is_empty(),
+            ),
+            (
+                "exec_timeout",
+                grants.exec_timeout(),
+                !grants.exec.is_empty(),
+            ),
+        ] {
+            if granted && timeout >= instance.timeout {
+                return fail(
+                    "timeout",
+                    format!(
+                        "must be longer than grants.{key} ({timeout:?}), which is spent inside it; raise timeout or lower grants.{key}"
+                    ),
+                );
+            }
         }
         if let Some(grant) = instance
             .grants
@@ -507,6 +530,14 @@ mod tests {
             .map(|i| i.plugin)
             .collect();
         assert!(defaults.contains(&"host".to_owned()), "{defaults:?}");
+    }
+
+    #[test]
+    fn host_call_timeouts_must_fit_inside_the_call_deadline() {
+        let text = "[[plugins.instances]]\nname = \"f\"\nplugin = \"flink\"\ntimeout = \"3s\"\ngrants = { http = { allow = [\"http://127.0.0.1:8081/\"] } }\n";
+        let e = check(text).unwrap_err().to_string();
+        assert!(e.contains("grants.http.timeout"), "{e}");
+        check(&text.replace("3s", "6s")).unwrap();
     }
 
     #[test]

@@ -38,7 +38,8 @@ fn names(config: &AgentConfig, name: Option<&str>) -> Vec<String> {
 
 /// The text `plugins describe` prints; `Err` when a named plugin cannot be described.
 pub async fn describe(config: &AgentConfig, name: Option<&str>) -> Result<String, String> {
-    let runtime = crate::plugins::manager::runtime_for(&config.plugins);
+    // No compile cache: a one-off command must not create or own the service's cache.
+    let runtime = crate::plugins::runtime::Runtime::new();
     let mut out = String::new();
     let mut failures = Vec::new();
     for name in names(config, name) {
@@ -69,8 +70,7 @@ pub async fn describe(config: &AgentConfig, name: Option<&str>) -> Result<String
         .await;
         match described {
             Ok((code, d)) => {
-                let capabilities: Vec<String> = d
-                    .capabilities
+                let capabilities: Vec<String> = Grants::distinct(&d.capabilities)
                     .iter()
                     .map(|c| Grants::capability_name(*c).to_owned())
                     .collect();

@@ -113,7 +113,9 @@ pub async fn collect_once(config: &AgentConfig) -> Vec<Family> {
 /// One collection from every plugin instance the agent would run, for `once`.
 async fn collect_plugins_once(config: &AgentConfig) -> Vec<Family> {
     let plugins = &config.plugins;
-    let runtime = plugins::manager::runtime_for(plugins);
+    // No compile cache here: a one-off command (often run as root) must not create or own
+    // the cache the service uses.
+    let runtime = plugins::runtime::Runtime::new();
     let mut out = Vec::new();
     for instance in plugins.effective_instances() {
         let name = format!("{}/{}", instance.plugin, instance.name);

@@ -47,6 +47,14 @@ impl AgentStats {
         stats
     }
 
+    /// Forgets an instance by name, whatever its plugin.
+    pub fn unregister_instance(&self, instance: &str) {
+        self.plugins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(_, i, _)| i != instance);
+    }
+
     /// Forgets a plugin instance that was removed from the config, so its health series end.
     pub fn unregister_plugin(&self, plugin: &str, instance: &str) {
         self.plugins

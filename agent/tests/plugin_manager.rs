@@ -131,7 +131,8 @@ async fn plugins_follow_their_files_and_the_config() {
         "the old code's series went stale after the reload"
     );
 
-    // A broken replacement is refused and the working code keeps collecting.
+    // A broken replacement is refused and the working code keeps collecting: rounds stamped
+    // after the refusal still come from the template, and the instance was not restarted.
     std::fs::write(dir.path().join("custom.wasm.tmp"), b"\0asm not really").unwrap();
     std::fs::rename(
         dir.path().join("custom.wasm.tmp"),
@@ -139,6 +140,7 @@ async fn plugins_follow_their_files_and_the_config() {
     )
     .unwrap();
     let errors_before = compile_errors(&stats);
+    let restarts_before = restarts(&stats);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while compile_errors(&stats) == errors_before {
         assert!(
@@ -148,7 +150,25 @@ async fn plugins_follow_their_files_and_the_config() {
         // Keep draining so the instance is not blocked on a full channel.
         let _ = tokio::time::timeout(Duration::from_millis(200), rounds.recv()).await;
     }
-    round_with(&mut rounds, "template_file_bytes").await;
+    let refused_at = picket_core::model::now_ms();
+    let mut fresh = false;
+    for _ in 0..20 {
+        let round = round_with(&mut rounds, "template_file_bytes").await;
+        fresh = round
+            .iter()
+            .filter(|f| f.name == "template_file_bytes")
+            .flat_map(|f| &f.points)
+            .any(|p| p.timestamp_ms > refused_at);
+        if fresh {
+            break;
+        }
+    }
+    assert!(fresh, "no fresh round from the old code after the refusal");
+    assert_eq!(
+        restarts(&stats),
+        restarts_before,
+        "the running instance was disturbed"
+    );
 
     // SIGHUP with new settings restarts the instance with them.
     install(dir.path(), &wasm("picket_plugin_probe"));
@@ -184,23 +204,32 @@ async fn plugins_follow_their_files_and_the_config() {
         next.plugins.instances.clear();
         *c = Arc::new(next);
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if stats.plugins.lock().unwrap().is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "instance never removed"
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(200), rounds.recv()).await;
-    }
+    let stale = round_with(&mut rounds, "probe_up").await;
+    let probe_up = stale.iter().find(|f| f.name == "probe_up").unwrap();
+    assert!(
+        probe_up.points.iter().all(|p| p.value == Value::Stale),
+        "a removed instance's last series are marked stale: {probe_up:?}"
+    );
+    assert!(
+        stats.plugins.lock().unwrap().is_empty(),
+        "health series ended"
+    );
 
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(30), task)
         .await
         .expect("the manager stops")
         .unwrap();
+}
+
+fn restarts(stats: &AgentStats) -> u64 {
+    stats
+        .plugins
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, _, s)| picket_agent::plugin_stats::PluginStats::get(&s.restarts))
+        .sum()
 }
 
 fn compile_errors(stats: &AgentStats) -> u64 {

@@ -359,11 +359,16 @@ async fn aliased_argument_lists_are_refused_before_they_are_copied() {
         },
         ..Default::default()
     };
+    let url = r#","url":"http://127.0.0.1:9/x""#;
+    // The first two trip the count checks, the last two the size checks.
     for (mode, extra) in [
         ("alias-exec", ""),
-        ("alias-http", r#","url":"http://127.0.0.1:9/x""#),
+        ("alias-http", url),
+        ("alias-exec-size", ""),
+        ("alias-http-size", url),
     ] {
-        let rss_before = resident_bytes();
+        reset_peak_resident();
+        let rss_before = resident_bytes("VmRSS");
         let (result, _) = collect(
             &f,
             &format!(r#"{{"mode":"{mode}"{extra}}}"#),
@@ -376,7 +381,8 @@ async fn aliased_argument_lists_are_refused_before_they_are_copied() {
             }
             other => panic!("{mode}: expected a too-large error inside the plugin, got {other:?}"),
         }
-        let grown = resident_bytes().saturating_sub(rss_before);
+        // The peak, not the current size: a copy made and freed must show too.
+        let grown = resident_bytes("VmHWM").saturating_sub(rss_before);
         assert!(
             grown < 256 * 1024 * 1024,
             "{mode}: the agent grew by {grown} bytes while refusing the call"
@@ -384,19 +390,27 @@ async fn aliased_argument_lists_are_refused_before_they_are_copied() {
     }
 }
 
-/// This process's resident set, from /proc (Linux only, like the agent's targets).
-fn resident_bytes() -> u64 {
+/// Starts a new peak-resident measurement (`VmHWM`).
+fn reset_peak_resident() {
+    std::fs::write("/proc/self/clear_refs", "5").expect("/proc/self/clear_refs");
+}
+
+/// A resident-set figure of this process (`VmRSS`, or the peak `VmHWM`), from /proc.
+fn resident_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
-        .expect("VmRSS in /proc/self/status")
+        .expect("the field in /proc/self/status")
 }
 
 /// A CA and a server certificate for 127.0.0.1, as PEM, plus the server's TLS config.
-fn tls_server_config(dir: &std::path::Path) -> (std::path::PathBuf, Arc<rustls::ServerConfig>) {
+fn tls_server_config(
+    dir: &std::path::Path,
+    server_ip: &str,
+) -> (std::path::PathBuf, Arc<rustls::ServerConfig>) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::default();
@@ -406,7 +420,7 @@ fn tls_server_config(dir: &std::path::Path) -> (std::path::PathBuf, Arc<rustls::
     let mut server_params = CertificateParams::default();
     server_params
         .subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        .push(SanType::IpAddress(server_ip.parse().unwrap()));
     let server_key = KeyPair::generate().unwrap();
     let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
     let ca_path = dir.join("ca.pem");
@@ -430,7 +444,7 @@ async fn https_is_verified_against_the_grants_ca() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f = fixture();
     let dir = tempfile::tempdir().unwrap();
-    let (ca_path, server_config) = tls_server_config(dir.path());
+    let (ca_path, server_config) = tls_server_config(dir.path(), "127.0.0.1");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
@@ -465,12 +479,44 @@ async fn https_is_verified_against_the_grants_ca() {
     let families = result.expect("https GET with the grant's CA");
     assert_eq!(number(&families, "probe_http_body_bytes"), Some(6.0));
 
-    // Another CA (here: the system bundle, or none at all) does not vouch for this server.
+    // Another CA does not vouch for this server, and neither does the system bundle.
     let other = tempfile::tempdir().unwrap();
-    let (other_ca, _) = tls_server_config(other.path());
-    let (result, _) = collect(&f, &settings, grant(Some(other_ca))).await;
-    match result {
+    let (other_ca, _) = tls_server_config(other.path(), "127.0.0.1");
+    for ca in [Some(other_ca), None] {
+        let (result, _) = collect(&f, &settings, grant(ca.clone())).await;
+        match result {
+            Err(PluginError::Collect(message)) => assert!(message.contains("TLS"), "{message}"),
+            other => panic!("an unverified server was accepted with {ca:?}: {other:?}"),
+        }
+    }
+}
+
+/// A certificate from the granted CA but for another address is refused: the name is checked,
+/// not only the signature.
+#[tokio::test(flavor = "multi_thread")]
+async fn https_checks_the_servers_name() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_path, server_config) = tls_server_config(dir.path(), "127.0.0.2");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = acceptor.accept(tcp).await;
+        }
+    });
+    let settings = format!(r#"{{"mode":"http","url":"https://{addr}/x"}}"#);
+    let grants = Grants {
+        http: HttpGrant {
+            allow: vec![format!("https://{addr}/")],
+            ca: Some(ca_path),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match collect(&f, &settings, grants).await.0 {
         Err(PluginError::Collect(message)) => assert!(message.contains("TLS"), "{message}"),
-        other => panic!("an unverified server was accepted: {other:?}"),
+        other => panic!("a certificate for another address was accepted: {other:?}"),
     }
 }

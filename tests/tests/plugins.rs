@@ -200,62 +200,72 @@ fn missing_grants_are_named_at_start() {
     assert!(agent.terminate(Duration::from_secs(20)).success());
 }
 
-/// With `plugins.cache_directory` the agent keeps what it compiled, and a cached entry that
-/// was tampered with is thrown away and rebuilt rather than loaded.
+/// With `plugins.cache_directory` the running agent keeps what it compiled and reuses it on
+/// the next start; an entry that was tampered with is thrown away (and said so) and rebuilt
+/// rather than loaded.
 #[test]
 fn the_compile_cache_is_reused_and_tampering_is_refused() {
     let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_plaintext(dir.path(), None);
     let cache = dir.path().join("cache");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "instance = \"pi-cache\"\n[plugins]\ncache_directory = \"{}\"\n",
-            cache.display()
-        ),
-    )
-    .unwrap();
-    let once = || {
-        run_ok(
-            std::process::Command::new(bin("picket-agent"))
-                .arg("--config")
-                .arg(&config)
-                .arg("once"),
-        )
+    let plugins = format!(
+        "[plugins]\ndefaults = false\ncache_directory = \"{}\"\n\
+         [[plugins.instances]]\nname = \"host\"\nplugin = \"host\"\ngrants = {{ host_stats = true }}\n",
+        cache.display()
+    );
+    // One agent run under its own name (so the aggregator's view of an earlier run cannot
+    // satisfy the wait): until its host metrics arrive, then SIGTERM.
+    let run = |round: &str| -> String {
+        let name = format!("pi-cache-{round}");
+        let text = agent_config(&name, &[http(agg.grpc)], None, None, "")
+            .replace("[batch]", &format!("{plugins}\n[batch]"));
+        let (mut agent, _) = start_agent(dir.path(), &name, &text);
+        let series = format!("node_memory_MemTotal_bytes{{instance=\"{name}\"}}");
+        wait_for("host metrics", Duration::from_secs(60), || {
+            agg.metrics().contains(&series).then_some(())
+        });
+        assert!(agent.terminate(Duration::from_secs(20)).success());
+        agent.log_text()
     };
     let entries = || -> Vec<std::path::PathBuf> {
-        let mut e: Vec<_> = std::fs::read_dir(&cache)
+        std::fs::read_dir(&cache)
             .unwrap()
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
-            .collect();
-        e.sort();
-        e
+            .collect()
     };
-    let first = once();
-    assert!(
-        first.contains("node_memory_MemTotal_bytes{instance=\"pi-cache\"}"),
-        "{first}"
-    );
-    let cached = entries();
-    assert_eq!(cached.len(), 1, "one entry for the default host instance");
-    let original = std::fs::read(&cached[0]).unwrap();
 
-    // Flip one byte of the compiled code: the tag no longer verifies.
-    let mut tampered = original.clone();
-    let last = tampered.len() - 1;
-    tampered[last] ^= 0xff;
-    std::fs::write(&cached[0], &tampered).unwrap();
-    let second = once();
-    assert!(
-        second.contains("node_memory_MemTotal_bytes{instance=\"pi-cache\"}"),
-        "{second}"
+    run("cold");
+    let cached = entries();
+    assert_eq!(cached.len(), 1, "one entry for the one instance");
+    let entry = cached[0].clone();
+    let written = std::fs::read(&entry).unwrap();
+    let modified = std::fs::metadata(&entry).unwrap().modified().unwrap();
+
+    // Warm start: the entry is used as it is, not rewritten.
+    let log = run("warm");
+    assert!(!log.contains("did not write"), "{log}");
+    assert_eq!(std::fs::read(&entry).unwrap(), written);
+    assert_eq!(
+        std::fs::metadata(&entry).unwrap().modified().unwrap(),
+        modified
     );
-    let rebuilt = std::fs::read(&cached[0]).unwrap();
-    assert_ne!(
-        rebuilt, tampered,
-        "the tampered entry was replaced, not used"
+
+    // One byte flipped in the middle of the compiled code: the tag no longer verifies.
+    let mut tampered = written.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0xff;
+    std::fs::write(&entry, &tampered).unwrap();
+    let log = run("tampered");
+    assert!(
+        log.contains("did not write"),
+        "the forged entry was not refused:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read(&entry).unwrap(),
+        written,
+        "the entry was rebuilt from the plugin"
     );
     let key = std::fs::metadata(cache.join("key")).unwrap();
     assert_eq!(

@@ -3,15 +3,20 @@
 //! Loading precompiled code means trusting it completely: wasmtime maps it as executable
 //! without verification. So the agent only loads what it wrote itself. Each entry is
 //! authenticated with HMAC-SHA256 under a random key the agent creates in the cache directory
-//! on first use (mode 0600, directory 0700); an entry whose tag does not verify (written by
-//! anyone else, truncated by a power cut, or produced by another agent build) is discarded
-//! and the plugin compiled afresh. Entries are keyed by the SHA-256 of the plugin's code, the
-//! engine's compatibility hash (wasmtime version, target, settings) and the agent's version.
+//! on first use. The directory must belong to the agent's user and be writable by no one else
+//! (the agent creates it 0700), and the key must be private (0600, not a symlink): otherwise
+//! the cache is not used at all, since whoever can write the key can forge entries. An entry
+//! whose tag does not verify (written by anyone else, truncated by a power cut, produced by
+//! another agent build, or moved from another entry's name: the tag covers the name too) is
+//! discarded and the plugin compiled afresh. Entries are named by the SHA-256 of the plugin's
+//! code, the engine's compatibility hash (wasmtime version, target, settings) and the agent's
+//! version.
 
 use std::fs;
 use std::hash::{Hash, Hasher};
+use std::io::Read as _;
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ring::hmac;
@@ -50,10 +55,23 @@ impl CompileCache {
             .mode(0o700)
             .create(dir)
             .map_err(|e| error("cannot create it", e))?;
+        let dir_meta = fs::symlink_metadata(dir).map_err(|e| error("cannot inspect it", e))?;
+        // Others may list it, not write it: a writable directory lets them replace the key.
+        private_to_us(&dir_meta, 0o022)
+            .map_err(|why| error("refusing to use it", std::io::Error::other(why)))?;
         let key_path = dir.join(KEY_FILE);
-        let key = match fs::read(&key_path) {
+        let key = match read_private(&key_path) {
             Ok(key) if key.len() == 32 => key,
-            Ok(_) | Err(_) => {
+            Ok(_) => {
+                return Err(error(
+                    "the key file is not 32 bytes; remove it to start afresh",
+                    std::io::Error::other(key_path.display().to_string()),
+                ));
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error("refusing the key file", e));
+            }
+            Err(_) => {
                 let mut key = [0u8; 32];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
                     .map_err(|_| error("no randomness for a key", std::io::Error::other("ring")))?;
@@ -65,6 +83,14 @@ impl CompileCache {
             dir: dir.to_owned(),
             key: hmac::Key::new(hmac::HMAC_SHA256, &key),
         })
+    }
+
+    /// The tag of an entry: over its name and its code, so entries cannot be swapped.
+    fn tag(&self, path: &Path, code: &[u8]) -> hmac::Tag {
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(path.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+        context.update(code);
+        context.sign()
     }
 
     fn entry_path(&self, engine: &Engine, wasm: &[u8]) -> PathBuf {
@@ -88,7 +114,7 @@ impl CompileCache {
             Component::new(engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
         match component.serialize() {
             Ok(code) => {
-                let tag = hmac::sign(&self.key, &code);
+                let tag = self.tag(&path, &code);
                 let mut entry = Vec::with_capacity(TAG_LEN + code.len());
                 entry.extend_from_slice(tag.as_ref());
                 entry.extend_from_slice(&code);
@@ -104,7 +130,10 @@ impl CompileCache {
     fn load(&self, engine: &Engine, path: &Path) -> Option<Component> {
         let entry = fs::read(path).ok()?;
         let verified = entry.len() > TAG_LEN
-            && hmac::verify(&self.key, &entry[TAG_LEN..], &entry[..TAG_LEN]).is_ok();
+            && equal_in_constant_time(
+                self.tag(path, &entry[TAG_LEN..]).as_ref(),
+                &entry[..TAG_LEN],
+            );
         if !verified {
             tracing::warn!(path = %path.display(), "discarding a cached plugin the agent did not write (its tag does not verify)");
             let _ = fs::remove_file(path);
@@ -123,14 +152,59 @@ impl CompileCache {
     }
 }
 
-/// Writes through a temporary file and a rename, so a power cut leaves the old file or the
-/// new one, never half of it.
+/// Compares two tags without stopping at the first difference, so timing says nothing
+/// about how much of a forged tag was right.
+fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether a file or directory belongs to this process's user and grants nothing in `mask`
+/// to anyone else; a symlink is refused.
+fn private_to_us(meta: &fs::Metadata, mask: u32) -> Result<(), String> {
+    // SAFETY: geteuid only reads the process's credentials.
+    let uid = unsafe { libc::geteuid() };
+    if meta.file_type().is_symlink() {
+        return Err("it is a symlink".into());
+    }
+    if meta.uid() != uid {
+        return Err(format!(
+            "it belongs to uid {}, not this agent's {uid}",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & mask != 0 {
+        return Err(format!(
+            "mode {:o} lets others in (chmod go= it)",
+            meta.mode() & 0o777
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a file that must be ours and private (not a symlink, owner only).
+fn read_private(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    private_to_us(&file.metadata()?, 0o077).map_err(std::io::Error::other)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Writes through a fresh temporary file (never an existing one, never through a symlink)
+/// and a rename, so a power cut leaves the old file or the new one, never half of it.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = path.with_extension(format!(
+        "tmp-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
     let mut file = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&tmp)?;
     file.write_all(bytes)?;

@@ -137,11 +137,15 @@ pub struct InstanceConfig {
     pub max_stack_bytes: Option<usize>,
 }
 
+/// Longer than the host calls' own default timeout (5 s), so a slow endpoint reaches the
+/// plugin as a `timeout` host error it can report, rather than ending the whole call.
 fn default_timeout() -> Duration {
-    Duration::from_secs(5)
+    Duration::from_secs(10)
 }
+/// Plenty for the first-party plugins on typical input (the host plugin uses about 2 MiB);
+/// a scrape of tens of megabytes needs more.
 fn default_memory_mb() -> usize {
-    64
+    32
 }
 fn default_max_series() -> usize {
     100_000

@@ -6,8 +6,11 @@
 //!
 //! The output arrives as the WIT's flat tables (`output` in `plugin.wit`): records refer to
 //! one text buffer by span and to their children by count. Spans may alias, so every string
-//! is measured against the caps *before* it is copied; that keeps what the agent allocates
-//! within `max_bytes` however the plugin arranges its spans.
+//! is measured against the caps *before* it is copied, and each family, point and label is
+//! charged what it costs in the agent's model (not only its text): what the agent allocates
+//! stays within a small constant factor of `max_bytes` however the plugin arranges its
+//! spans. A sample may carry at most [`MAX_PLUGIN_LABELS`] labels, so one plugin's output can
+//! never make the aggregator refuse a batch shared with other plugins.
 
 use picket_core::model::{
     Family, Histogram, Labels, MetricType, Point, Summary, Value, is_valid_label_name,
@@ -15,6 +18,22 @@ use picket_core::model::{
 };
 
 use super::bindings::picket::plugin::types as wit;
+
+/// Labels a plugin may put on one sample: the wire limit less room for the agent's
+/// `instance` and a generous set of configured common labels.
+pub const MAX_PLUGIN_LABELS: usize = picket_core::codec::MAX_LABELS_PER_SERIES - 32;
+
+/// What the model costs per item beyond its text, charged against `max_bytes`.
+const FAMILY_COST: usize = std::mem::size_of::<Family>();
+const POINT_COST: usize = std::mem::size_of::<Point>();
+/// A label is a pair of heap strings in a sorted vector.
+const LABEL_COST: usize = std::mem::size_of::<(String, String)>() + 32;
+
+/// Plugin text quoted in an error: bounded, so a megabyte-long bad name cannot end up in
+/// every log line.
+fn quote(text: &str) -> String {
+    super::host::sanitize(text.get(..text.floor_char_boundary(128)).unwrap_or(""))
+}
 
 /// Caps on what one collection may return.
 #[derive(Debug, Clone, Copy)]
@@ -54,6 +73,8 @@ pub enum OutputError {
         "malformed output tables: {0} (plugins built with the SDK never produce this; a hand-written plugin must follow `output` in plugin.wit)"
     )]
     Malformed(&'static str),
+    #[error("a sample carries {0} labels, more than the {MAX_PLUGIN_LABELS} a plugin may set")]
+    TooManyLabels(u32),
 }
 
 /// Running totals checked against the limits as the output is read.
@@ -127,9 +148,9 @@ pub fn families(
         // Families count towards the caps too, so empty families cannot be used to smuggle
         // unbounded names and help texts past them.
         budget.add_series()?;
-        budget.add_bytes(name.len() + help.len())?;
+        budget.add_bytes(FAMILY_COST + name.len() + help.len())?;
         if !is_valid_metric_name(name) {
-            return Err(OutputError::BadName(name.to_owned()));
+            return Err(OutputError::BadName(quote(name)));
         }
         let kind = match f.kind {
             wit::MetricKind::Untyped => MetricType::Untyped,
@@ -147,6 +168,10 @@ pub fn families(
         )?;
         for s in samples {
             budget.add_series()?;
+            budget.add_bytes(POINT_COST)?;
+            if s.labels as usize > MAX_PLUGIN_LABELS {
+                return Err(OutputError::TooManyLabels(s.labels));
+            }
             let labels = take(
                 &output.labels,
                 &mut next_label,
@@ -157,7 +182,7 @@ pub fn families(
             let value = match s.value {
                 wit::Value::Number(v) => Value::Number(v),
                 wit::Value::Summary(a) => {
-                    budget.add_bytes(a.entries as usize * 16)?;
+                    budget.add_bytes((a.entries as usize).saturating_mul(16))?;
                     let quantiles = take(
                         &output.quantiles,
                         &mut next_quantile,
@@ -171,7 +196,7 @@ pub fn families(
                     })
                 }
                 wit::Value::Histogram(a) => {
-                    budget.add_bytes(a.entries as usize * 16)?;
+                    budget.add_bytes((a.entries as usize).saturating_mul(16))?;
                     let buckets = take(
                         &output.buckets,
                         &mut next_bucket,
@@ -192,7 +217,6 @@ pub fn families(
                 metric: family.name.clone(),
                 reason,
             })?;
-            budget.add_bytes(16)?;
             family.points.push(Point {
                 labels,
                 timestamp_ms: s.timestamp_ms.filter(|t| *t > 0).unwrap_or(now_ms),
@@ -224,11 +248,11 @@ fn convert_labels(
         let name = text(output, l.name)?;
         let value = text(output, l.value)?;
         // Measured before anything is copied: aliased spans cannot inflate the copy.
-        budget.add_bytes(name.len() + value.len())?;
+        budget.add_bytes(LABEL_COST + name.len() + value.len())?;
         if !is_valid_label_name(name) || name.starts_with("__") {
             return Err(OutputError::BadLabel {
                 metric: metric.to_owned(),
-                label: name.to_owned(),
+                label: quote(name),
             });
         }
         if name == "instance" {
@@ -239,7 +263,7 @@ fn convert_labels(
         if value.len() > budget.limits.max_label_value_bytes {
             return Err(OutputError::LabelTooLong {
                 metric: metric.to_owned(),
-                label: name.to_owned(),
+                label: quote(name),
                 len: value.len(),
                 max: budget.limits.max_label_value_bytes,
             });
@@ -247,7 +271,7 @@ fn convert_labels(
         if converted.contains(name) {
             return Err(OutputError::DuplicateLabel {
                 metric: metric.to_owned(),
-                label: name.to_owned(),
+                label: quote(name),
             });
         }
         converted.insert(name.to_owned(), value.to_owned());
@@ -373,6 +397,21 @@ mod tests {
         assert_eq!(
             families(&t.output(), 1, generous),
             Err(OutputError::TooManyBytes(1000))
+        );
+    }
+
+    #[test]
+    fn a_sample_cannot_carry_more_labels_than_a_batch_allows() {
+        let mut t = Tables::default();
+        t.family("g", "", 1)
+            .sample(MAX_PLUGIN_LABELS as u32 + 1, wit::Value::Number(1.0));
+        let generous = OutputLimits {
+            max_bytes: 1 << 20,
+            ..limits()
+        };
+        assert_eq!(
+            families(&t.output(), 1, generous),
+            Err(OutputError::TooManyLabels(MAX_PLUGIN_LABELS as u32 + 1))
         );
     }
 

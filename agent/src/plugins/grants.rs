@@ -110,10 +110,22 @@ impl Grants {
         }
     }
 
+    /// The distinct capabilities of a plugin's (untrusted, possibly huge) list, in WIT order.
+    pub fn distinct(wanted: &[Capability]) -> Vec<Capability> {
+        const ALL: [Capability; 5] = [
+            Capability::Http,
+            Capability::Exec,
+            Capability::ReadFile,
+            Capability::HostStats,
+            Capability::Log,
+        ];
+        ALL.into_iter().filter(|c| wanted.contains(c)).collect()
+    }
+
     /// For each capability a plugin says it wants but this grant set leaves out: its name
     /// and what to add to the instance's grants.
     pub fn missing(&self, wanted: &[Capability]) -> Vec<(&'static str, &'static str)> {
-        wanted
+        Self::distinct(wanted)
             .iter()
             .filter_map(|capability| match capability {
                 Capability::Http if self.http.allow.is_empty() => {

@@ -296,7 +296,7 @@ pub const MAX_HTTP_HEADER_BYTES: usize = 8 * 1024;
 /// is anything copied.
 pub fn add_bounded_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker
-        .instance("picket:plugin/exec@0.1.0")?
+        .instance("picket:plugin/exec@0.2.0")?
         .func_wrap_async(
             "run",
             |mut store: StoreContextMut<'_, HostState>,
@@ -312,7 +312,7 @@ pub fn add_bounded_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<(
             },
         )?;
     linker
-        .instance("picket:plugin/http@0.1.0")?
+        .instance("picket:plugin/http@0.2.0")?
         .func_wrap_async(
             "get",
             |mut store: StoreContextMut<'_, HostState>,
@@ -330,6 +330,9 @@ pub fn add_bounded_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<(
     Ok(())
 }
 
+/// Longest program path or URL a plugin may pass.
+const MAX_TARGET_BYTES: usize = 8 * 1024;
+
 fn lift_string(
     store: &StoreContextMut<'_, HostState>,
     text: &WasmStr,
@@ -337,6 +340,21 @@ fn lift_string(
     text.to_str(store)
         .map(|s| s.into_owned())
         .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))
+}
+
+/// A program path or URL, refused before the copy when it is longer than any real one.
+fn lift_target(
+    store: &StoreContextMut<'_, HostState>,
+    text: &WasmStr,
+) -> Result<String, HostError> {
+    let len = text
+        .to_str(store)
+        .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))?
+        .len();
+    if len > MAX_TARGET_BYTES {
+        return Err(HostError::TooLarge);
+    }
+    lift_string(store, text)
 }
 
 fn lift_exec_args(
@@ -365,7 +383,7 @@ fn lift_exec_args(
         }
         lifted.push(lift_string(store, &arg)?);
     }
-    Ok((lift_string(store, program)?, lifted))
+    Ok((lift_target(store, program)?, lifted))
 }
 
 fn lift_http_request(
@@ -389,7 +407,7 @@ fn lift_http_request(
         }
         lifted.push((lift_string(store, &name)?, lift_string(store, &value)?));
     }
-    Ok((lift_string(store, url)?, lifted))
+    Ok((lift_target(store, url)?, lifted))
 }
 
 impl HostState {
@@ -515,11 +533,28 @@ impl host_stats::Host for HostState {
         if !self.grants.host_stats {
             return Err(self.deny("host-stats".into(), "host_stats = true".into()));
         }
-        let snapshot = tokio::task::spawn_blocking(super::stats_snapshot::take);
-        match tokio::time::timeout(Duration::from_secs(10), snapshot).await {
-            Err(_) => Err(HostError::Timeout),
-            Ok(Err(e)) => Err(HostError::Failed(e.to_string())),
-            Ok(Ok(s)) => Ok(s),
+        // One snapshot at a time in the whole agent: a read stuck in the kernel (a dead
+        // mount) keeps holding the permit, so it ties up one blocking thread, not one more
+        // per call; later calls wait for the permit and time out.
+        static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+        let snapshot = async {
+            let permit = ONE_AT_A_TIME
+                .acquire()
+                .await
+                .map_err(|e| HostError::Failed(e.to_string()))?;
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                super::stats_snapshot::take()
+            })
+            .await
+            .map_err(|e| HostError::Failed(e.to_string()))
+        };
+        match tokio::time::timeout(super::grants::DEFAULT_HOST_CALL_TIMEOUT, snapshot).await {
+            Err(_) => {
+                self.stats.count_error("host_timeout");
+                Err(HostError::Timeout)
+            }
+            Ok(result) => result,
         }
     }
 }

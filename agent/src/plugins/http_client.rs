@@ -164,7 +164,7 @@ fn roots_from(candidates: &[&Path]) -> Result<RootCertStore, HostError> {
         }
     }
     Err(HostError::Failed(format!(
-        "no CA certificates to verify https with ({}); set the grant's http.ca",
+        "TLS: no CA certificates to verify https with ({}); set the grant's http.ca",
         problems.join("; ")
     )))
 }

@@ -93,9 +93,16 @@ impl PluginManager {
                 }
             }
         }
-        for (_, running) in self.running.drain() {
-            let _ = running.stop.send(true);
-            let _ = running.task.await;
+        // Stop all at once, then wait for all: shutdown takes the slowest instance's time,
+        // not the sum.
+        let running: Vec<Running> = self.running.drain().map(|(_, r)| r).collect();
+        for r in &running {
+            let _ = r.stop.send(true);
+        }
+        for r in running {
+            if let Err(e) = r.task.await {
+                tracing::error!(instance = %r.config.name, error = %e, "plugin supervisor failed");
+            }
         }
     }
 
@@ -115,15 +122,30 @@ impl PluginManager {
                 self.stop_and_mark_stale(running).await;
             }
         }
-        self.waiting
-            .retain(|name, _| wanted.iter().any(|w| &w.name == name));
+        let stats = self.stats.clone();
+        self.waiting.retain(|name, _| {
+            let keep = wanted.iter().any(|w| &w.name == name);
+            if !keep {
+                stats.unregister_instance(name);
+            }
+            keep
+        });
         for instance in wanted {
             let interval = instance.interval.unwrap_or(config.interval);
             let stack_bytes = plugins.stack_bytes(&instance);
             if let Some(running) = self.running.get(&instance.name) {
+                // A custom plugin must still come from the configured directory.
+                let same_source = match &running.code.origin {
+                    Origin::Embedded => true,
+                    Origin::File(path) => {
+                        catalog::file_path(&instance.plugin, plugins.directory.as_deref())
+                            .is_ok_and(|p| &p == path)
+                    }
+                };
                 let same = running.config == instance
                     && running.interval == interval
-                    && running.stack_bytes == stack_bytes;
+                    && running.stack_bytes == stack_bytes
+                    && same_source;
                 if same {
                     continue;
                 }
@@ -264,7 +286,18 @@ impl PluginManager {
         let staleness = match self.running.remove(&instance.name) {
             Some(previous) => {
                 let _ = previous.stop.send(true);
-                previous.task.await.unwrap_or_default()
+                if previous.config.plugin != instance.plugin {
+                    // Health series are keyed by plugin too: end the old plugin's.
+                    self.stats
+                        .unregister_plugin(&previous.config.plugin, &previous.config.name);
+                }
+                match previous.task.await {
+                    Ok(staleness) => staleness,
+                    Err(e) => {
+                        tracing::error!(instance = %instance.name, error = %e, "plugin supervisor failed; its series will expire at the aggregator");
+                        StalenessTracker::default()
+                    }
+                }
             }
             None => StalenessTracker::default(),
         };
@@ -295,15 +328,21 @@ impl PluginManager {
     /// Stops an instance for good: every series it reported is marked stale.
     async fn stop_and_mark_stale(&self, running: Running) {
         let _ = running.stop.send(true);
-        if let Ok(mut staleness) = running.task.await {
-            let mut stale = Vec::new();
-            staleness.mark(&mut stale, now_ms());
-            if !stale.is_empty() {
-                let _ = self.rounds.send(stale).await;
-            }
-        }
+        let result = running.task.await;
         self.stats
             .unregister_plugin(&running.config.plugin, &running.config.name);
+        match result {
+            Ok(mut staleness) => {
+                let mut stale = Vec::new();
+                staleness.mark(&mut stale, now_ms());
+                if !stale.is_empty() {
+                    let _ = self.rounds.send(stale).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(instance = %running.config.name, error = %e, "plugin supervisor failed; its series will expire at the aggregator");
+            }
+        }
     }
 
     /// Names of the running instances, for tests and logs.

@@ -1,7 +1,7 @@
 //! Sandboxed WebAssembly collector plugins (wasmtime, component model). All collection in the
 //! agent except its own `picket_agent_*` metrics goes through here.
 //!
-//! The contract is `plugins/wit/plugin.wit` (`picket:plugin@0.1.0`). The [`manager`] runs the
+//! The contract is `plugins/wit/plugin.wit` (`picket:plugin@0.2.0`). The [`manager`] runs the
 //! configured instances (plus the default ones) and keeps them in step with the config
 //! (SIGHUP) and with the files in `plugins.directory` (replaced files are reloaded). Each
 //! instance gets its own store and its own [`supervisor`] task: it instantiates the plugin,

@@ -328,5 +328,6 @@ fn classify(
     if e.downcast_ref::<Abandoned>().is_some() {
         return PluginError::Timeout(timeout);
     }
-    otherwise(format!("{e:#}"))
+    // A guest's trap message carries its own symbol names: bounded and escaped.
+    otherwise(super::host::sanitize(&format!("{e:#}")))
 }

@@ -257,9 +257,17 @@ const SKIPPED_FSTYPES: &[&str] = &[
     "cifs",
     "smb3",
     "ceph",
-    "fuse.sshfs",
+    "smbfs",
+    "afs",
+    "lustre",
+    "glusterfs",
+    "davfs",
     "9p",
 ];
+
+/// FUSE filesystems known to be local; every other `fuse.*` (sshfs, rclone, s3fs, ...) may
+/// sit on a network and is skipped like NFS.
+const LOCAL_FUSE: &[&str] = &["fuseblk", "fuse.ntfs-3g", "fuse.exfat", "fuse.mergerfs"];
 
 struct Mount {
     device: String,
@@ -274,7 +282,8 @@ fn parse_mounts(text: &str) -> Vec<Mount> {
             let f: Vec<&str> = line.split_whitespace().collect();
             let (device, mountpoint, fstype, options) =
                 (f.first()?, f.get(1)?, f.get(2)?, f.get(3)?);
-            if SKIPPED_FSTYPES.contains(fstype) {
+            let remote_fuse = fstype.starts_with("fuse.") && !LOCAL_FUSE.contains(fstype);
+            if SKIPPED_FSTYPES.contains(fstype) || remote_fuse {
                 return None;
             }
             Some(Mount {
@@ -467,6 +476,7 @@ mod tests {
     fn mounts_skip_pseudo_and_network_filesystems_and_unescape() {
         let mounts = parse_mounts(
             "/dev/root / ext4 rw,noatime 0 0\nproc /proc proc rw 0 0\nsrv:/x /mnt/nfs nfs4 rw 0 0\n\
+             remote: /mnt/s3 fuse.rclone rw 0 0\n\
              /dev/sda1 /media/my\\040disk vfat ro,relatime 0 0\n",
         );
         let points: Vec<_> = mounts.iter().map(|m| m.mountpoint.as_str()).collect();

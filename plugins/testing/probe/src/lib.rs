@@ -16,6 +16,8 @@
 //! | `trap-while-file` | panics while the file in setting `path` is readable, then behaves |
 //! | `alias-exec` | calls `exec` with 200,000 arguments that all point at one 1 MiB string |
 //! | `alias-http` | calls `http` with 100,000 headers that all point at one 1 MiB string |
+//! | `alias-exec-size` | calls `exec` with 64 arguments (the count allowed) that all point at one 1 MiB string |
+//! | `alias-http-size` | calls `http` with 32 headers (the count allowed) that all point at one 1 MiB string |
 
 use std::cell::RefCell;
 
@@ -159,16 +161,18 @@ impl Guest for Probe {
                     panic!("probe traps while {path} exists");
                 }
             }
-            "alias-exec" => {
+            "alias-exec" | "alias-exec-size" => {
                 let big = "a".repeat(1 << 20);
-                let args = aliases(&big, 200_000);
+                let count = if mode == "alias-exec" { 200_000 } else { 64 };
+                let args = aliases(&big, count);
                 let result = exec::run("/bin/true", &args);
                 let _ = std::mem::ManuallyDrop::new(args);
                 result.map_err(|e| format!("alias-exec: {}", error_message(&e)))?;
             }
-            "alias-http" => {
+            "alias-http" | "alias-http-size" => {
                 let big = "h".repeat(1 << 20);
-                let values = aliases(&big, 100_000);
+                let count = if mode == "alias-http" { 100_000 } else { 32 };
+                let values = aliases(&big, count);
                 let headers: Vec<(String, String)> = values
                     .iter()
                     .map(|v| {
