@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use picket_agent::plugin_stats::PluginStats;
 use picket_agent::plugins::catalog;
-use picket_agent::plugins::config::InstanceConfig;
-use picket_agent::plugins::grants::{ExecGrant, Grants, HttpGrant};
+use picket_agent::plugins::config::{InstanceConfig, rpi_grants};
+use picket_agent::plugins::grants::{Grants, HttpGrant};
 use picket_agent::plugins::runtime::{Instance, PluginError, Runtime};
 use picket_core::model::{Family, Point, Value};
 use picket_tests::fixture_http::{Reply, Server, closed_port};
@@ -250,25 +250,10 @@ async fn rpi_reads_vcgencmd_and_falls_back_to_sysfs() {
         .join("rpi");
     copy_tree(&plugin_fixtures("rpi"), &root);
     let program = root.join("vcgencmd").display().to_string();
-    let thermal = root.join("sys/class/thermal");
-    let temp_glob = format!("{}/thermal_zone*/temp", thermal.display());
-    let type_glob = format!("{}/thermal_zone*/type", thermal.display());
-    let grants = Grants {
-        exec: [
-            &["measure_temp"][..],
-            &["get_throttled"],
-            &["measure_clock", "arm"],
-            &["measure_volts", "core"],
-        ]
-        .iter()
-        .map(|args| ExecGrant {
-            program: program.clone(),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-        })
-        .collect(),
-        read_file: vec![temp_glob.clone(), type_glob],
-        ..Default::default()
-    };
+    let thermal = root.join("sys/class/thermal").display().to_string();
+    let temp_glob = format!("{thermal}/thermal_zone*/temp");
+    // The very grants the agent gives its default rpi instance, pointed at the fixtures.
+    let grants = rpi_grants(&program, &[&thermal]);
     let settings = json!({ "vcgencmd": program, "thermal_glob": temp_glob }).to_string();
     let (mut rpi, stats) = start("rpi", grants, &settings).await;
 

@@ -73,28 +73,40 @@ pub fn default_instances(raspberry_pi: bool) -> Vec<InstanceConfig> {
     let mut instances = vec![host];
     if raspberry_pi {
         let mut rpi = InstanceConfig::new("rpi", "rpi");
-        rpi.grants.exec = [
-            &["measure_temp"][..],
-            &["get_throttled"],
-            &["measure_clock", "arm"],
-            &["measure_volts", "core"],
-        ]
-        .iter()
-        .map(|args| ExecGrant {
-            program: "/usr/bin/vcgencmd".into(),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-        })
-        .collect();
         // The class entries are symlinks into /sys/devices; reads are checked on both sides.
-        rpi.grants.read_file = vec![
-            "/sys/class/thermal/thermal_zone*/temp".into(),
-            "/sys/class/thermal/thermal_zone*/type".into(),
-            "/sys/devices/virtual/thermal/thermal_zone*/temp".into(),
-            "/sys/devices/virtual/thermal/thermal_zone*/type".into(),
-        ];
+        rpi.grants = rpi_grants(
+            "/usr/bin/vcgencmd",
+            &["/sys/class/thermal", "/sys/devices/virtual/thermal"],
+        );
         instances.push(rpi);
     }
     instances
+}
+
+/// Exactly what the `rpi` plugin uses: its four `vcgencmd` calls, and the thermal zones'
+/// `temp` and `type` files under each of `thermal_dirs`.
+pub fn rpi_grants(vcgencmd: &str, thermal_dirs: &[&str]) -> Grants {
+    let exec = [
+        &["measure_temp"][..],
+        &["get_throttled"],
+        &["measure_clock", "arm"],
+        &["measure_volts", "core"],
+    ]
+    .iter()
+    .map(|args| ExecGrant {
+        program: vcgencmd.to_owned(),
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+    })
+    .collect();
+    let read_file = thermal_dirs
+        .iter()
+        .flat_map(|dir| ["temp", "type"].map(|file| format!("{dir}/thermal_zone*/{file}")))
+        .collect();
+    Grants {
+        exec,
+        read_file,
+        ..Grants::default()
+    }
 }
 
 /// Whether this machine is a Raspberry Pi, from the device tree's model string.

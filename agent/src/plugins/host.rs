@@ -6,6 +6,7 @@
 //! no name lookups. Output a guest writes to stdout/stderr is discarded.
 
 use std::collections::HashSet;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,6 +228,13 @@ impl files::Host for HostState {
                 .await?;
             if !file.metadata().await?.is_file() {
                 return Err(std::io::Error::other("not a regular file"));
+            }
+            // A directory on the resolved path could have been swapped for a symlink between
+            // resolving and opening: check what was actually opened, by its descriptor.
+            let opened =
+                tokio::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).await?;
+            if !opened.to_str().is_some_and(|o| grants.read_allows(o)) {
+                return Ok(Err(format!("{} (the target of {path})", opened.display())));
             }
             let mut buf = Vec::new();
             // One byte past the cap tells "exactly at the cap" from "too large".
