@@ -46,12 +46,9 @@ pub async fn describe(config: &AgentConfig, name: Option<&str>) -> Result<String
         let described = async {
             let code = catalog::load(&name, config.plugins.directory.as_deref())
                 .map_err(|e| e.to_string())?;
-            let rt = runtime.clone();
-            let wasm = code.wasm.clone();
-            let stack = config.plugins.max_stack_bytes;
-            let compiled = tokio::task::spawn_blocking(move || rt.compile(&wasm, stack))
+            let compiled = runtime
+                .compile_async(code.wasm.clone(), config.plugins.max_stack_bytes)
                 .await
-                .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             // Instantiated with nothing granted and no init: describe() needs neither.
             let limits = InstanceConfig::new(&name, &name).limits();

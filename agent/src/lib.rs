@@ -122,11 +122,9 @@ async fn collect_plugins_once(config: &AgentConfig) -> Vec<Family> {
         let result = async {
             let code = plugins::catalog::load(&instance.plugin, plugins.directory.as_deref())
                 .map_err(|e| e.to_string())?;
-            let rt = runtime.clone();
-            let stack = plugins.stack_bytes(&instance);
-            let compiled = tokio::task::spawn_blocking(move || rt.compile(&code.wasm, stack))
+            let compiled = runtime
+                .compile_async(code.wasm, plugins.stack_bytes(&instance))
                 .await
-                .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             let settings = serde_json::Value::Object(instance.settings.clone()).to_string();
             let mut running = plugins::runtime::Instance::start(

@@ -174,8 +174,9 @@ fn private_to_us(meta: &fs::Metadata, mask: u32) -> Result<(), String> {
     }
     if meta.mode() & mask != 0 {
         return Err(format!(
-            "mode {:o} lets others in (chmod go= it)",
-            meta.mode() & 0o777
+            "mode {:o} lets others in (chmod {:o} it)",
+            meta.mode() & 0o777,
+            meta.mode() & 0o777 & !mask
         ));
     }
     Ok(())

@@ -7,7 +7,6 @@
 //! compile cache is keyed by.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 mod embedded {
@@ -41,7 +40,8 @@ impl std::fmt::Display for Origin {
 /// A plugin's code, ready to compile.
 #[derive(Clone)]
 pub struct PluginCode {
-    pub wasm: Arc<[u8]>,
+    /// Shared, not copied: embedded code stays in the binary's static data.
+    pub wasm: bytes::Bytes,
     pub origin: Origin,
     /// SHA-256 of `wasm`.
     pub digest: [u8; 32],
@@ -99,7 +99,7 @@ pub fn file_path(name: &str, directory: Option<&Path>) -> Result<PathBuf, Catalo
 pub fn load(name: &str, directory: Option<&Path>) -> Result<PluginCode, CatalogError> {
     if let Some((_, wasm)) = embedded::FIRST_PARTY.iter().find(|(n, _)| *n == name) {
         return Ok(PluginCode {
-            wasm: Arc::from(*wasm),
+            wasm: bytes::Bytes::from_static(wasm),
             origin: Origin::Embedded,
             digest: sha256(wasm),
             stamp: None,
@@ -117,7 +117,7 @@ pub fn load(name: &str, directory: Option<&Path>) -> Result<PluginCode, CatalogE
     let wasm = std::fs::read(&path).map_err(read_error)?;
     Ok(PluginCode {
         digest: sha256(&wasm),
-        wasm: Arc::from(wasm),
+        wasm: bytes::Bytes::from(wasm),
         origin: Origin::File(path),
         stamp: Some(stamp),
     })

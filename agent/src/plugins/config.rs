@@ -109,11 +109,15 @@ pub fn rpi_grants(vcgencmd: &str, thermal_dirs: &[&str]) -> Grants {
     }
 }
 
-/// Whether this machine is a Raspberry Pi, from the device tree's model string.
+/// Whether this machine is a Raspberry Pi, from the device tree's model string; read once,
+/// since the effective instances are worked out on every reload and file check.
 fn is_raspberry_pi() -> bool {
-    std::fs::read("/proc/device-tree/model")
-        .map(|model| String::from_utf8_lossy(&model).contains("Raspberry Pi"))
-        .unwrap_or(false)
+    static RASPBERRY_PI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RASPBERRY_PI.get_or_init(|| {
+        std::fs::read("/proc/device-tree/model")
+            .map(|model| String::from_utf8_lossy(&model).contains("Raspberry Pi"))
+            .unwrap_or(false)
+    })
 }
 
 /// One `[[plugins.instances]]`: a plugin with its own settings, grants, schedule and limits.

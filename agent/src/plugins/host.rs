@@ -341,28 +341,20 @@ pub fn add_bounded_imports(linker: &mut Linker<HostState>) -> wasmtime::Result<(
 /// Longest program path or URL a plugin may pass.
 const MAX_TARGET_BYTES: usize = 8 * 1024;
 
-fn lift_string(
+/// Copies a guest string out, refusing it before the copy when it is longer than `max`
+/// bytes (the guest's bytes are only borrowed until then).
+fn lift_at_most(
     store: &StoreContextMut<'_, HostState>,
     text: &WasmStr,
+    max: usize,
 ) -> Result<String, HostError> {
-    text.to_str(store)
-        .map(|s| s.into_owned())
-        .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))
-}
-
-/// A program path or URL, refused before the copy when it is longer than any real one.
-fn lift_target(
-    store: &StoreContextMut<'_, HostState>,
-    text: &WasmStr,
-) -> Result<String, HostError> {
-    let len = text
+    let borrowed = text
         .to_str(store)
-        .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))?
-        .len();
-    if len > MAX_TARGET_BYTES {
+        .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))?;
+    if borrowed.len() > max {
         return Err(HostError::TooLarge);
     }
-    lift_string(store, text)
+    Ok(borrowed.into_owned())
 }
 
 fn lift_exec_args(
@@ -374,24 +366,17 @@ fn lift_exec_args(
         return Err(HostError::TooLarge);
     }
     let mut lifted = Vec::with_capacity(args.len());
-    let mut total = 0usize;
+    let mut left = MAX_EXEC_ARG_BYTES;
     for i in 0..args.len() {
         let Some(arg) = args.get(&mut *store, i) else {
             break;
         };
         let arg = arg.map_err(|e| HostError::Failed(format!("bad argument list: {e}")))?;
-        // Measured through the borrowed view before the copy.
-        let len = arg
-            .to_str(&*store)
-            .map_err(|e| HostError::Failed(format!("argument is not valid UTF-8: {e}")))?
-            .len();
-        total = total.saturating_add(len);
-        if total > MAX_EXEC_ARG_BYTES {
-            return Err(HostError::TooLarge);
-        }
-        lifted.push(lift_string(store, &arg)?);
+        let arg = lift_at_most(store, &arg, left)?;
+        left -= arg.len();
+        lifted.push(arg);
     }
-    Ok((lift_target(store, program)?, lifted))
+    Ok((lift_at_most(store, program, MAX_TARGET_BYTES)?, lifted))
 }
 
 fn lift_http_request(
@@ -409,13 +394,11 @@ fn lift_http_request(
         };
         let (name, value) =
             header.map_err(|e| HostError::Failed(format!("bad header list: {e}")))?;
-        let size = |s: &WasmStr| s.to_str(&*store).map(|s| s.len()).unwrap_or(usize::MAX);
-        if size(&name).saturating_add(size(&value)) > MAX_HTTP_HEADER_BYTES {
-            return Err(HostError::TooLarge);
-        }
-        lifted.push((lift_string(store, &name)?, lift_string(store, &value)?));
+        let name = lift_at_most(store, &name, MAX_HTTP_HEADER_BYTES)?;
+        let value = lift_at_most(store, &value, MAX_HTTP_HEADER_BYTES - name.len())?;
+        lifted.push((name, value));
     }
-    Ok((lift_target(store, url)?, lifted))
+    Ok((lift_at_most(store, url, MAX_TARGET_BYTES)?, lifted))
 }
 
 impl HostState {

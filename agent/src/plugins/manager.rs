@@ -250,13 +250,10 @@ impl PluginManager {
         if let Some(compiled) = self.compiled.get(&key) {
             return Ok(compiled.clone());
         }
-        let runtime = self.runtime.clone();
-        let wasm = code.wasm.clone();
-        let compiled = tokio::task::spawn_blocking(move || runtime.compile(&wasm, stack_bytes))
-            .await
-            .map_err(|e| {
-                super::runtime::PluginError::Compile(format!("compiler panicked: {e}"))
-            })??;
+        let compiled = self
+            .runtime
+            .compile_async(code.wasm.clone(), stack_bytes)
+            .await?;
         self.compiled.insert(key, compiled.clone());
         Ok(compiled)
     }
@@ -318,7 +315,11 @@ impl PluginManager {
                 config: instance,
                 interval,
                 stack_bytes,
-                code,
+                // Compiled now: keep what identifies the code, not its bytes.
+                code: PluginCode {
+                    wasm: bytes::Bytes::new(),
+                    ..code
+                },
                 stop: stop_tx,
                 task: handle,
             },

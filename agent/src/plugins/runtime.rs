@@ -123,8 +123,20 @@ impl Runtime {
         Ok(set)
     }
 
+    /// [`Runtime::compile`] on the blocking pool, so the async workers keep running.
+    pub async fn compile_async(
+        self: &Arc<Self>,
+        wasm: bytes::Bytes,
+        max_stack_bytes: usize,
+    ) -> Result<Compiled, PluginError> {
+        let runtime = self.clone();
+        tokio::task::spawn_blocking(move || runtime.compile(&wasm, max_stack_bytes))
+            .await
+            .map_err(|e| PluginError::Compile(format!("the compiler panicked: {e}")))?
+    }
+
     /// Compiles a component for an engine with the given stack cap, or loads it from the
-    /// cache (blocking, CPU-heavy: run it off the async workers).
+    /// cache (blocking, CPU-heavy: see [`Runtime::compile_async`]).
     pub fn compile(&self, wasm: &[u8], max_stack_bytes: usize) -> Result<Compiled, PluginError> {
         let engines = self.engines(max_stack_bytes)?;
         let component = match &self.cache {
