@@ -25,7 +25,23 @@ pub struct AggregatorConfig {
     pub http: HttpConfig,
     pub agents: AgentsConfig,
     pub exposition: ExpositionConfig,
+    pub queues: QueuesConfig,
     pub sinks: Vec<SinkConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueuesConfig {
+    /// Each network sink keeps its disk queue in `<directory>/<sink name>`.
+    pub directory: PathBuf,
+}
+
+impl Default for QueuesConfig {
+    fn default() -> Self {
+        QueuesConfig {
+            directory: PathBuf::from("/var/lib/picket/aggregator/queues"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -159,6 +175,20 @@ pub enum SinkConfig {
         #[serde(default)]
         fsync: bool,
     },
+    /// Prometheus remote write 1.0 (Prometheus, VictoriaMetrics, Mimir, Thanos receive).
+    PrometheusRemoteWrite(crate::sinks::prometheus_remote_write::RemoteWriteConfig),
+    /// InfluxDB line protocol over the v1 or v2 write API.
+    Influxdb(crate::sinks::influxdb::InfluxConfig),
+}
+
+impl SinkConfig {
+    fn network_name(&self) -> Option<&str> {
+        match self {
+            SinkConfig::File { .. } => None,
+            SinkConfig::PrometheusRemoteWrite(c) => Some(&c.name),
+            SinkConfig::Influxdb(c) => Some(&c.name),
+        }
+    }
 }
 
 /// A config with its origin and text, for error messages.
@@ -204,9 +234,60 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
                 .map_err(|e| err(&["tls", "client_ca"], e.to_string()))?;
         }
     }
+    let mut names = std::collections::HashSet::new();
     for (i, sink) in config.sinks.iter().enumerate() {
         let index = i.to_string();
+        if let Some(name) = sink.network_name() {
+            let valid = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                return Err(err(
+                    &["sinks", &index, "name"],
+                    format!(
+                        "sink name {name:?} must be 1-64 letters, digits, '_' or '-' (it names the sink's queue directory)"
+                    ),
+                ));
+            }
+            if !names.insert(name) {
+                return Err(err(
+                    &["sinks", &index, "name"],
+                    format!("two sinks are named {name:?}; each needs its own name"),
+                ));
+            }
+        }
         match sink {
+            SinkConfig::PrometheusRemoteWrite(c) => {
+                check_network_sink(
+                    &err,
+                    &index,
+                    &c.url,
+                    &c.routing,
+                    &c.queue,
+                    &c.batch,
+                    c.concurrency,
+                )?;
+            }
+            SinkConfig::Influxdb(c) => {
+                check_network_sink(
+                    &err,
+                    &index,
+                    &c.url,
+                    &c.routing,
+                    &c.queue,
+                    &c.batch,
+                    c.concurrency,
+                )?;
+                if let Some((key, message)) = c.problem() {
+                    return Err(err(&["sinks", &index, key], message));
+                }
+            }
+            SinkConfig::File { .. } => {}
+        }
+        match sink {
+            SinkConfig::PrometheusRemoteWrite(_) | SinkConfig::Influxdb(_) => {}
             SinkConfig::File { path, .. } => {
                 let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
                 if let Some(parent) = parent
@@ -219,6 +300,59 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn check_network_sink(
+    err: &dyn Fn(&[&str], String) -> ConfigError,
+    index: &str,
+    url: &str,
+    routing: &crate::sinks::routing::RoutingConfig,
+    queue: &crate::sinks::queue::QueueConfig,
+    batch: &crate::sinks::driver::BatchConfig,
+    concurrency: usize,
+) -> Result<(), ConfigError> {
+    let parsed = url.parse::<axum::http::Uri>();
+    let scheme_ok = parsed
+        .as_ref()
+        .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+    if !scheme_ok {
+        return Err(err(
+            &["sinks", index, "url"],
+            format!(
+                "{url:?} is not an http:// or https:// URL with a host, e.g. \"http://127.0.0.1:9090/api/v1/write\""
+            ),
+        ));
+    }
+    if let Some(label) = routing.invalid_label() {
+        return Err(err(
+            &["sinks", index, "routing"],
+            format!(
+                "{label:?} is not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, not starting with \"__\")"
+            ),
+        ));
+    }
+    if queue.segment_bytes < 64 * 1024 || queue.max_bytes < 4 * queue.segment_bytes {
+        return Err(err(
+            &["sinks", index, "queue", "max_bytes"],
+            format!(
+                "queue.max_bytes ({}) must be at least 4 × queue.segment_bytes ({}), and segments at least 65536 bytes",
+                queue.max_bytes, queue.segment_bytes
+            ),
+        ));
+    }
+    if batch.max_samples == 0 {
+        return Err(err(
+            &["sinks", index, "batch", "max_samples"],
+            "must be at least 1".into(),
+        ));
+    }
+    if !(1..=64).contains(&concurrency) {
+        return Err(err(
+            &["sinks", index, "concurrency"],
+            "must be between 1 and 64".into(),
+        ));
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use picket_core::exposition;
+use picket_core::exposition::{self, Format};
 use picket_core::model::{Family, Labels, MetricType, now_ms};
 
 use crate::agents::Registry;
@@ -30,11 +30,19 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+/// Text 0.0.4 or OpenMetrics, as the scraper's `Accept` header asks. Agents' samples keep
+/// their collection timestamps, so Prometheus stores when a value was measured rather than
+/// when it was scraped.
+async fn metrics(
+    State(state): State<Arc<HttpState>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let format = Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     let mut body = String::with_capacity(64 * 1024);
-    exposition::write_families(&mut body, &state.sinks.latest.snapshot(), true);
-    exposition::write_families(&mut body, &self_metrics(&state), false);
-    ([(header::CONTENT_TYPE, exposition::CONTENT_TYPE)], body)
+    exposition::write_families_as(&mut body, &state.sinks.latest.snapshot(), true, format);
+    exposition::write_families_as(&mut body, &self_metrics(&state), false, format);
+    exposition::finish(&mut body, format);
+    ([(header::CONTENT_TYPE, format.content_type())], body)
 }
 
 fn self_metrics(state: &HttpState) -> Vec<Family> {
@@ -56,6 +64,7 @@ fn self_metrics(state: &HttpState) -> Vec<Family> {
         ts,
         1.0,
     );
+    families.extend(state.sinks.families());
     families.push(series);
     families.push(build);
     families

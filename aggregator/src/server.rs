@@ -37,6 +37,7 @@ pub async fn run(
         Sinks::open(
             &config.sinks,
             LatestStore::new(config.exposition.series_ttl),
+            &config.queues.directory,
         )
         .context("opening sinks")?,
     );

@@ -1,40 +1,144 @@
 //! Where accepted batches go. A batch is acknowledged to its agent only after every sink here
-//! has taken it.
+//! has taken it: the latest-sample store behind `/metrics` (always on), `file` journals, and
+//! the durable queue of every network sink (`prometheus_remote_write`, `influxdb`).
 //!
-//! Today: the latest-sample store behind `/metrics` (always on) and `file` journals. The
-//! Prometheus remote-write and InfluxDB sinks arrive with their own modules here.
+//! A network sink is three parts: its routing rules (applied before queueing), its disk
+//! queue ([`queue`]), and a [`driver`] task that drains the queue into the database. Taking a
+//! batch means appending it to the queue, so a database that is down never delays the
+//! agents' acks, and a restart of the aggregator loses nothing that was acked.
 
+pub mod driver;
 pub mod file;
+pub mod http_client;
+pub mod influxdb;
+pub mod metrics;
+#[cfg(test)]
+mod mock;
+pub mod prometheus_remote_write;
+pub mod queue;
+pub mod routing;
 
-use std::sync::Mutex;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use picket_core::model::Family;
+use picket_core::codec::BatchEncoder;
+use picket_core::model::{Family, Labels, now_ms};
+use prost::Message;
 
 use crate::config::SinkConfig;
 use crate::store::LatestStore;
+use driver::{Destination, Driver};
 use file::{FileSink, FileSinkError};
+use metrics::{SinkMetrics, outcome};
+use queue::{Queue, QueueError};
+use routing::RoutingConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    File(#[from] FileSinkError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("sink {name}: {source}")]
+    Client {
+        name: String,
+        source: http_client::ClientError,
+    },
+}
+
+/// A network sink as the ingest path sees it: routing in front of a queue.
+struct NetworkSink {
+    name: String,
+    routing: RoutingConfig,
+    queue: Arc<Queue>,
+    metrics: Arc<SinkMetrics>,
+}
 
 pub struct Sinks {
     pub latest: LatestStore,
     files: Vec<Mutex<FileSink>>,
+    network: Vec<NetworkSink>,
     /// False while the last delivery failed; `/readyz` reports it.
     healthy: AtomicBool,
 }
 
 impl Sinks {
-    pub fn open(configs: &[SinkConfig], latest: LatestStore) -> Result<Self, FileSinkError> {
+    /// Opens every sink and starts the network sinks' drivers (call inside the runtime).
+    pub fn open(
+        configs: &[SinkConfig],
+        latest: LatestStore,
+        queue_directory: &Path,
+    ) -> Result<Self, SinkError> {
         let mut files = Vec::new();
+        let mut network = Vec::new();
         for config in configs {
             match config {
                 SinkConfig::File { path, fsync } => {
                     files.push(Mutex::new(FileSink::open(path, *fsync)?));
+                }
+                SinkConfig::PrometheusRemoteWrite(c) => {
+                    let metrics = Arc::new(SinkMetrics::new(&c.name, "prometheus_remote_write"));
+                    let destination = prometheus_remote_write::RemoteWrite::new(c, metrics.clone())
+                        .map_err(|source| SinkError::Client {
+                            name: c.name.clone(),
+                            source,
+                        })?;
+                    let queue = Arc::new(Queue::open(
+                        &queue_directory.join(&c.name),
+                        c.queue.clone(),
+                    )?);
+                    start_driver(
+                        &c.name,
+                        &queue,
+                        &metrics,
+                        destination,
+                        c.batch.clone(),
+                        c.retry.clone(),
+                        c.concurrency,
+                    );
+                    network.push(NetworkSink {
+                        name: c.name.clone(),
+                        routing: c.routing.clone(),
+                        queue,
+                        metrics,
+                    });
+                }
+                SinkConfig::Influxdb(c) => {
+                    let metrics = Arc::new(SinkMetrics::new(&c.name, "influxdb"));
+                    let destination =
+                        influxdb::Influx::new(c, metrics.clone()).map_err(|source| {
+                            SinkError::Client {
+                                name: c.name.clone(),
+                                source,
+                            }
+                        })?;
+                    let queue = Arc::new(Queue::open(
+                        &queue_directory.join(&c.name),
+                        c.queue.clone(),
+                    )?);
+                    start_driver(
+                        &c.name,
+                        &queue,
+                        &metrics,
+                        destination,
+                        c.batch.clone(),
+                        c.retry.clone(),
+                        c.concurrency,
+                    );
+                    network.push(NetworkSink {
+                        name: c.name.clone(),
+                        routing: c.routing.clone(),
+                        queue,
+                        metrics,
+                    });
                 }
             }
         }
         Ok(Sinks {
             latest,
             files,
+            network,
             healthy: AtomicBool::new(true),
         })
     }
@@ -42,8 +146,12 @@ impl Sinks {
     /// True when this batch is already in every durable sink (it was written before an
     /// aggregator restart, and the agent resends it because the ack never reached it). Takes
     /// the sinks' locks, which a slow disk can hold: call it from a blocking context.
+    ///
+    /// Network sinks do not remember batches: a resend is queued again and overwrites the
+    /// same points in the database (same timestamps), so only file journals answer here.
     pub fn already_delivered(&self, agent: &str, session: u64, sequence: u64) -> bool {
         !self.files.is_empty()
+            && self.network.is_empty()
             && self
                 .files
                 .iter()
@@ -58,17 +166,110 @@ impl Sinks {
         session: u64,
         sequence: u64,
         families: &[Family],
-    ) -> Result<(), FileSinkError> {
+    ) -> Result<(), SinkError> {
+        // Routing and encoding first, so a full `block` queue refuses the batch before any
+        // other sink took it.
+        let mut encoded = Vec::with_capacity(self.network.len());
+        for sink in &self.network {
+            let (routed, filtered) = sink.routing.apply(families);
+            sink.metrics.samples(outcome::FILTERED, filtered as u64);
+            let mut encoder = BatchEncoder::new(&Labels::new());
+            for family in routed.iter() {
+                encoder.push(family);
+            }
+            let samples = encoder.sample_count();
+            let payload = if encoder.is_empty() {
+                None
+            } else {
+                Some(encoder.finish(0).encode_to_vec())
+            };
+            if let Some(p) = &payload
+                && sink.queue.would_block(p.len())
+            {
+                self.healthy.store(false, Ordering::Relaxed);
+                let depth = sink.queue.depth();
+                return Err(SinkError::Queue(QueueError::Full {
+                    dir: sink.queue.dir().to_owned(),
+                    bytes: depth.bytes,
+                    max: 0,
+                }));
+            }
+            encoded.push((payload, samples));
+        }
         for file in &self.files {
             if let Err(e) = lock(file).write_batch(agent, session, sequence, families) {
                 self.healthy.store(false, Ordering::Relaxed);
-                return Err(e);
+                return Err(e.into());
+            }
+        }
+        let shard_key = shard_key(agent);
+        for (sink, (payload, samples)) in self.network.iter().zip(encoded) {
+            let Some(payload) = payload else { continue };
+            let samples = u32::try_from(samples).unwrap_or(u32::MAX);
+            match sink.queue.append(&payload, samples, shard_key) {
+                Ok(appended) => {
+                    sink.metrics.samples(outcome::QUEUED, u64::from(samples));
+                    sink.metrics
+                        .samples(outcome::DROPPED_QUEUE_FULL, appended.dropped_samples);
+                }
+                Err(e) => {
+                    tracing::error!(sink = %sink.name, error = %e, "cannot queue a batch");
+                    self.healthy.store(false, Ordering::Relaxed);
+                    return Err(e.into());
+                }
             }
         }
         self.healthy.store(true, Ordering::Relaxed);
         self.latest.apply(families);
         Ok(())
     }
+
+    /// The network sinks' own metrics.
+    pub fn families(&self) -> Vec<Family> {
+        let ts = now_ms();
+        let mut out: Vec<Family> = Vec::new();
+        for sink in &self.network {
+            for family in sink.metrics.families(sink.queue.depth(), ts) {
+                match out.iter_mut().find(|f| f.name == family.name) {
+                    Some(existing) => existing.points.extend(family.points),
+                    None => out.push(family),
+                }
+            }
+        }
+        out
+    }
+}
+
+fn start_driver<D: Destination>(
+    name: &str,
+    queue: &Arc<Queue>,
+    metrics: &Arc<SinkMetrics>,
+    destination: D,
+    batch: driver::BatchConfig,
+    retry: driver::RetryConfig,
+    concurrency: usize,
+) {
+    let driver = Driver {
+        name: name.to_owned(),
+        queue: queue.clone(),
+        metrics: metrics.clone(),
+        destination: Arc::new(destination),
+        batch,
+        retry,
+        concurrency,
+    };
+    tokio::spawn(driver.run());
+}
+
+/// Spreads agents over a sink's concurrent workers; stable across restarts (FNV-1a), so an
+/// agent's queued batches keep their order after one.
+fn shard_key(agent: &str) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for b in agent.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
 }
 
 impl Sinks {
@@ -96,7 +297,12 @@ mod tests {
             path: path.clone(),
             fsync: false,
         }];
-        let sinks = Sinks::open(&config, LatestStore::new(Duration::from_secs(60))).unwrap();
+        let sinks = Sinks::open(
+            &config,
+            LatestStore::new(Duration::from_secs(60)),
+            dir.path(),
+        )
+        .unwrap();
         let mut family = Family::new("m", MetricType::Gauge, "");
         family.push(Labels::from_pairs([("instance", "pi")]), 1000, 1.0);
         sinks

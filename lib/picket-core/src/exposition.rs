@@ -1,4 +1,4 @@
-//! Prometheus text exposition format 0.0.4.
+//! Prometheus text exposition format 0.0.4 and OpenMetrics 1.0 text.
 //!
 //! Used by `picket-agent once` and by the aggregator's `/metrics`. Lines of one family are
 //! written together under one `# HELP`/`# TYPE` header, as the format requires; summaries and
@@ -7,14 +7,62 @@
 
 use std::fmt::Write;
 
-use crate::model::{Family, Labels, Value};
+use crate::model::{Family, Labels, MetricType, Value};
 
 /// The `Content-Type` of this format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The `Content-Type` of OpenMetrics text.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Appends `families` to `out`. Families sharing a name are merged under one header (the
-/// first one's type and help win), so callers may pass points of one family in pieces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text 0.0.4: millisecond timestamps, `untyped`.
+    Text,
+    /// OpenMetrics 1.0: second timestamps with a fraction, `unknown`, counters declared
+    /// without their `_total` suffix, and a closing `# EOF` (written by [`finish`]).
+    OpenMetrics,
+}
+
+impl Format {
+    /// Picks the format an HTTP `Accept` header asks for (OpenMetrics when it is listed,
+    /// as Prometheus does when it prefers it).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Text,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => CONTENT_TYPE,
+            Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
+        }
+    }
+}
+
+/// Ends an exposition: OpenMetrics requires `# EOF`.
+pub fn finish(out: &mut String, format: Format) {
+    if format == Format::OpenMetrics {
+        out.push_str("# EOF\n");
+    }
+}
+
+/// Appends `families` to `out` in Prometheus text 0.0.4. Families sharing a name are merged
+/// under one header (the first one's type and help win), so callers may pass points of one
+/// family in pieces.
 pub fn write_families(out: &mut String, families: &[Family], with_timestamps: bool) {
+    write_families_as(out, families, with_timestamps, Format::Text);
+}
+
+/// [`write_families`] in either format.
+pub fn write_families_as(
+    out: &mut String,
+    families: &[Family],
+    with_timestamps: bool,
+    format: Format,
+) {
     let mut order: Vec<&str> = Vec::new();
     let mut by_name: std::collections::HashMap<&str, Vec<&Family>> = Default::default();
     for family in families {
@@ -35,20 +83,56 @@ pub fn write_families(out: &mut String, families: &[Family], with_timestamps: bo
         {
             continue;
         }
+        // OpenMetrics names a counter family without `_total` (its samples keep it). A
+        // counter whose name lacks the suffix is declared `unknown` rather than renamed, so a
+        // series is called the same in both formats.
+        let (declared, kind) = match (format, head.kind) {
+            (Format::Text, kind) => (name, kind.as_str()),
+            (Format::OpenMetrics, MetricType::Counter) => match name.strip_suffix("_total") {
+                Some(stem) => (stem, "counter"),
+                None => (name, "unknown"),
+            },
+            (Format::OpenMetrics, MetricType::Untyped) => (name, "unknown"),
+            (Format::OpenMetrics, kind) => (name, kind.as_str()),
+        };
         if !head.help.is_empty() {
-            let _ = writeln!(out, "# HELP {} {}", name, escape_help(&head.help));
+            let help = match format {
+                Format::Text => escape_help(&head.help),
+                Format::OpenMetrics => escape_help(&head.help).replace('"', "\\\""),
+            };
+            let _ = writeln!(out, "# HELP {declared} {help}");
         }
-        let _ = writeln!(out, "# TYPE {} {}", name, head.kind.as_str());
+        let _ = writeln!(out, "# TYPE {declared} {kind}");
         for family in parts {
             for point in &family.points {
-                let ts = with_timestamps.then_some(point.timestamp_ms);
+                let ts = with_timestamps.then_some(Timestamp(point.timestamp_ms, format));
                 write_value(out, name, &point.labels, &point.value, ts);
             }
         }
     }
 }
 
-fn write_value(out: &mut String, name: &str, labels: &Labels, value: &Value, ts: Option<i64>) {
+/// A sample timestamp and the format it is written in.
+#[derive(Clone, Copy)]
+struct Timestamp(i64, Format);
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Format::Text => write!(f, "{}", self.0),
+            // Shortest round-trip form of the seconds: exact to the millisecond.
+            Format::OpenMetrics => write!(f, "{}", self.0 as f64 / 1000.0),
+        }
+    }
+}
+
+fn write_value(
+    out: &mut String,
+    name: &str,
+    labels: &Labels,
+    value: &Value,
+    ts: Option<Timestamp>,
+) {
     match value {
         Value::Stale => {}
         Value::Number(v) => write_line(out, name, "", labels, None, *v, ts),
@@ -90,7 +174,7 @@ fn write_line(
     labels: &Labels,
     extra: Option<(&str, f64)>,
     value: f64,
-    ts: Option<i64>,
+    ts: Option<Timestamp>,
 ) {
     out.push_str(name);
     out.push_str(suffix);
@@ -163,6 +247,38 @@ fn escape_help(help: &str) -> String {
 mod tests {
     use super::*;
     use crate::model::{Histogram, MetricType, Point, Summary};
+
+    #[test]
+    fn openmetrics_declares_counters_without_total_and_ends_with_eof() {
+        let mut counter = Family::new("requests_total", MetricType::Counter, "Say \"hi\".");
+        counter.push(Labels::from_pairs([("a", "x")]), 1_700_000_000_123, 5.0);
+        let mut odd = Family::new("restarts", MetricType::Counter, "");
+        odd.push(Labels::new(), 1_700_000_000_000, 1.0);
+        let mut untyped = Family::new("u", MetricType::Untyped, "");
+        untyped.push(Labels::new(), 1_000, 2.0);
+        let mut out = String::new();
+        write_families_as(
+            &mut out,
+            &[counter, odd, untyped],
+            true,
+            Format::OpenMetrics,
+        );
+        finish(&mut out, Format::OpenMetrics);
+        assert_eq!(
+            out,
+            "# HELP requests Say \\\"hi\\\".\n# TYPE requests counter\nrequests_total{a=\"x\"} 5 1700000000.123\n\
+             # TYPE restarts unknown\nrestarts 1 1700000000\n\
+             # TYPE u unknown\nu 2 1\n# EOF\n"
+        );
+        assert_eq!(
+            Format::negotiate(Some(
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+            )),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Text);
+        assert_eq!(Format::negotiate(None), Format::Text);
+    }
 
     #[test]
     fn formats_numbers_like_prometheus() {

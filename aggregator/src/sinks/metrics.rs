@@ -1,0 +1,164 @@
+//! Each network sink's own metrics, served at `/metrics` as `picket_sink_*{sink="<name>"}`.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use picket_core::model::{Family, Histogram, Labels, MetricType, Point, Value};
+
+use super::queue::Depth;
+
+/// Upper bounds (seconds) of the request latency histogram.
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default)]
+struct Counts {
+    samples: BTreeMap<&'static str, u64>,
+    retries: BTreeMap<String, u64>,
+    requests: BTreeMap<String, u64>,
+    latency_buckets: [u64; LATENCY_BOUNDS.len()],
+    latency_count: u64,
+    latency_sum: f64,
+}
+
+pub struct SinkMetrics {
+    sink: String,
+    kind: &'static str,
+    counts: Mutex<Counts>,
+}
+
+/// Outcomes of `picket_sink_samples_total`.
+pub mod outcome {
+    /// Stored in the sink's queue (the agent was acked).
+    pub const QUEUED: &str = "queued";
+    /// Accepted by the database.
+    pub const SENT: &str = "sent";
+    /// Removed by the sink's routing rules.
+    pub const FILTERED: &str = "filtered";
+    /// Deleted from a full queue (`queue.when_full = "drop_oldest"`).
+    pub const DROPPED_QUEUE_FULL: &str = "dropped_queue_full";
+    /// Refused by the database with a non-retryable status (4xx other than 429).
+    pub const REJECTED: &str = "rejected";
+    /// NaN or ±Inf, which InfluxDB cannot store.
+    pub const DROPPED_NON_FINITE: &str = "dropped_non_finite";
+    /// Stale markers, which InfluxDB has no way to express.
+    pub const SKIPPED_STALE: &str = "skipped_stale";
+    /// A queue record that failed to decode (disk corruption past the checksum).
+    pub const DROPPED_CORRUPT: &str = "dropped_corrupt";
+}
+
+impl SinkMetrics {
+    pub fn new(sink: &str, kind: &'static str) -> SinkMetrics {
+        SinkMetrics {
+            sink: sink.to_owned(),
+            kind,
+            counts: Mutex::new(Counts::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn samples(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            *self.lock().samples.entry(outcome).or_default() += n;
+        }
+    }
+
+    pub fn sample_count(&self, outcome: &str) -> u64 {
+        self.lock().samples.get(outcome).copied().unwrap_or(0)
+    }
+
+    pub fn retry(&self, reason: &str) {
+        *self.lock().retries.entry(reason.to_owned()).or_default() += 1;
+    }
+
+    /// One finished request: its status (`"200"`, `"transport"`, `"timeout"`) and duration.
+    pub fn request(&self, status: &str, took: Duration) {
+        let mut c = self.lock();
+        *c.requests.entry(status.to_owned()).or_default() += 1;
+        let secs = took.as_secs_f64();
+        for (i, bound) in LATENCY_BOUNDS.iter().enumerate() {
+            if secs <= *bound {
+                c.latency_buckets[i] += 1;
+            }
+        }
+        c.latency_count += 1;
+        c.latency_sum += secs;
+    }
+
+    pub fn families(&self, depth: Depth, ts: i64) -> Vec<Family> {
+        let c = self.lock();
+        let base = Labels::from_pairs([("sink", self.sink.as_str()), ("type", self.kind)]);
+        let with = |name: &str, value: &str| {
+            let mut l = base.clone();
+            l.insert(name, value);
+            l
+        };
+        let mut samples = Family::new(
+            "picket_sink_samples_total",
+            MetricType::Counter,
+            "Samples by what became of them in this sink.",
+        );
+        for (outcome, n) in &c.samples {
+            samples.push(with("outcome", outcome), ts, *n as f64);
+        }
+        let mut retries = Family::new(
+            "picket_sink_retries_total",
+            MetricType::Counter,
+            "Requests retried, by reason (HTTP status, transport, timeout).",
+        );
+        for (reason, n) in &c.retries {
+            retries.push(with("reason", reason), ts, *n as f64);
+        }
+        let mut requests = Family::new(
+            "picket_sink_requests_total",
+            MetricType::Counter,
+            "Requests sent, by HTTP status or failure.",
+        );
+        for (status, n) in &c.requests {
+            requests.push(with("status", status), ts, *n as f64);
+        }
+        let mut queue_bytes = Family::new(
+            "picket_sink_queue_bytes",
+            MetricType::Gauge,
+            "Bytes waiting in the sink's disk queue.",
+        );
+        queue_bytes.push(base.clone(), ts, depth.bytes as f64);
+        let mut queue_samples = Family::new(
+            "picket_sink_queue_samples",
+            MetricType::Gauge,
+            "Samples waiting in the sink's disk queue.",
+        );
+        queue_samples.push(base.clone(), ts, depth.samples as f64);
+        let mut latency = Family::new(
+            "picket_sink_request_duration_seconds",
+            MetricType::Histogram,
+            "Time from sending a request to its response.",
+        );
+        latency.points.push(Point {
+            labels: base,
+            timestamp_ms: ts,
+            value: Value::Histogram(Histogram {
+                count: c.latency_count,
+                sum: c.latency_sum,
+                buckets: LATENCY_BOUNDS
+                    .iter()
+                    .zip(c.latency_buckets)
+                    .map(|(b, n)| (*b, n))
+                    .collect(),
+            }),
+        });
+        vec![
+            samples,
+            retries,
+            requests,
+            queue_bytes,
+            queue_samples,
+            latency,
+        ]
+    }
+}

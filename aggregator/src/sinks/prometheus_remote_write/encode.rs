@@ -1,0 +1,778 @@
+//! Prometheus remote-write 1.0 request encoding.
+//!
+//! Turns a batch of Picket families into the body the remote-write sink POSTs: a protobuf
+//! `WriteRequest` compressed with snappy's block format, as the 1.0 spec requires
+//! (<https://prometheus.io/docs/specs/prw/remote_write_spec/>).
+//!
+//! Families expand the way the text exposition format (and so our own `/metrics`) does:
+//! summaries into one series per quantile plus `_sum` and `_count`, histograms into `_bucket`
+//! series (with `le="+Inf"` added when missing), `_sum` and `_count`. `le` and `quantile`
+//! values go through [`format_float`] so a series is named the same here as on `/metrics`.
+//!
+//! The spec wants each series' labels sorted, unique and non-empty, and its samples in
+//! timestamp order; a batch may carry the same series in several families or points, so
+//! samples are grouped per series and sorted before encoding.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+
+use picket_core::exposition::format_float;
+use picket_core::model::{Family, Labels, MetricType, Value};
+use prost::Message;
+
+/// Remote-write body ready to POST: snappy *block* format (not framed) of a protobuf WriteRequest.
+#[derive(Clone, Debug)]
+pub struct EncodedWrite {
+    pub body: Vec<u8>,
+    pub samples: usize,
+    pub series: usize,
+}
+
+/// Prometheus' stale marker NaN bit pattern.
+pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
+/// The label carrying the metric name.
+const NAME_LABEL: &str = "__name__";
+
+/// Snappy block encoding of zero bytes (a varint 0 length), which is also an empty
+/// `WriteRequest`: proto3 encodes a message with no fields set as nothing.
+const EMPTY_BODY: [u8; 1] = [0];
+
+/// `WriteRequest` of the remote-write 1.0 spec. Field 2 is reserved by the spec and field 3
+/// (metadata) is experimental and left out of 1.0, so neither is sent.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WriteRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub timeseries: Vec<TimeSeries>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TimeSeries {
+    #[prost(message, repeated, tag = "1")]
+    pub labels: Vec<Label>,
+    #[prost(message, repeated, tag = "2")]
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Label {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub value: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Sample {
+    #[prost(double, tag = "1")]
+    pub value: f64,
+    /// Milliseconds since the Unix epoch.
+    #[prost(int64, tag = "2")]
+    pub timestamp: i64,
+}
+
+/// Encodes `families` as one remote-write request.
+///
+/// Series appear in the order their first sample appears in the input, each with its samples
+/// in timestamp order (samples with equal timestamps keep their input order). Stale points
+/// become stale-marker samples ([`STALE_NAN_BITS`]).
+///
+/// The whole request is built in memory: expect a few times the encoded size at peak. Callers
+/// must keep batches far below snappy's block limit (about 3.6 GiB of protobuf); a request
+/// over it cannot be encoded, is logged, and comes back as an empty body with `samples` and
+/// `series` 0.
+pub fn encode<'a>(families: impl IntoIterator<Item = &'a Family>) -> EncodedWrite {
+    let families: Vec<&Family> = families.into_iter().collect();
+    // Most batches hold one sample per series, so the sample count is a good first size for
+    // the series table and saves rehashing while it grows.
+    let expected = families.iter().map(|f| f.sample_count()).sum();
+    let mut table = SeriesTable::with_capacity(expected);
+    let mut floats = FloatLabels::default();
+    let mut name = String::new();
+
+    for family in families {
+        let base = family.name.as_str();
+        for point in &family.points {
+            let labels = &point.labels;
+            let ts = point.timestamp_ms;
+            match &point.value {
+                Value::Number(v) => table.push(base, labels, None, ts, data(*v)),
+                Value::Summary(s) => {
+                    for &(q, v) in &s.quantiles {
+                        let extra = Some(("quantile", floats.format(q)));
+                        table.push(base, labels, extra, ts, data(v));
+                    }
+                    let sum = with_suffix(&mut name, base, "_sum");
+                    table.push(sum, labels, None, ts, data(s.sum));
+                    let count = with_suffix(&mut name, base, "_count");
+                    table.push(count, labels, None, ts, s.count as f64);
+                }
+                Value::Histogram(h) => {
+                    let bucket = with_suffix(&mut name, base, "_bucket");
+                    let mut saw_inf = false;
+                    for &(le, count) in &h.buckets {
+                        saw_inf |= le == f64::INFINITY;
+                        let extra = Some(("le", floats.format(le)));
+                        table.push(bucket, labels, extra, ts, count as f64);
+                    }
+                    // Prometheus requires the +Inf bucket; it always equals the total count.
+                    if !saw_inf {
+                        let extra = Some(("le", floats.format(f64::INFINITY)));
+                        table.push(bucket, labels, extra, ts, h.count as f64);
+                    }
+                    let sum = with_suffix(&mut name, base, "_sum");
+                    table.push(sum, labels, None, ts, data(h.sum));
+                    let count = with_suffix(&mut name, base, "_count");
+                    table.push(count, labels, None, ts, h.count as f64);
+                }
+                Value::Stale => {
+                    let stale = f64::from_bits(STALE_NAN_BITS);
+                    match family.kind {
+                        // A stale point does not say which quantiles or buckets the series had,
+                        // so only `_sum` and `_count`, which every summary and histogram has,
+                        // get markers. The quantile and bucket series simply stop and drop out
+                        // of queries after the receiver's lookback window.
+                        MetricType::Summary | MetricType::Histogram => {
+                            let sum = with_suffix(&mut name, base, "_sum");
+                            table.push(sum, labels, None, ts, stale);
+                            let count = with_suffix(&mut name, base, "_count");
+                            table.push(count, labels, None, ts, stale);
+                        }
+                        MetricType::Untyped | MetricType::Gauge | MetricType::Counter => {
+                            table.push(base, labels, None, ts, stale);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    let SeriesTable {
+        mut series,
+        samples,
+        ..
+    } = table;
+    for s in &mut series {
+        // Usually already in order (one sample, or points arriving in time order); the
+        // check is cheaper than sorting. `sort_by_key` is stable, so equal timestamps keep
+        // their input order.
+        if !s.samples.is_sorted_by_key(|sample| sample.timestamp) {
+            s.samples.sort_by_key(|sample| sample.timestamp);
+        }
+    }
+    let series_count = series.len();
+    let proto = WriteRequest { timeseries: series }.encode_to_vec();
+
+    match snap::raw::Encoder::new().compress_vec(&proto) {
+        Ok(body) => EncodedWrite {
+            body,
+            samples,
+            series: series_count,
+        },
+        Err(error) => {
+            tracing::error!(
+                %error, samples, series = series_count, bytes = proto.len(),
+                "remote write request too large to compress; dropping it (send smaller batches)"
+            );
+            EncodedWrite {
+                body: EMPTY_BODY.to_vec(),
+                samples: 0,
+                series: 0,
+            }
+        }
+    }
+}
+
+/// A data value as sent. The spec reserves the stale-marker NaN for stale markers, so a
+/// measured value that happens to carry those bits is sent as an ordinary NaN instead of
+/// ending its series.
+fn data(v: f64) -> f64 {
+    if v.to_bits() == STALE_NAN_BITS {
+        f64::NAN
+    } else {
+        v
+    }
+}
+
+/// `name` followed by `suffix`, built in a reused buffer so per-sample names cost no
+/// allocation.
+fn with_suffix<'b>(buf: &'b mut String, name: &str, suffix: &str) -> &'b str {
+    buf.clear();
+    buf.push_str(name);
+    buf.push_str(suffix);
+    buf
+}
+
+/// `le` and `quantile` label values, formatted once per distinct bound: every point of a
+/// family repeats the same few bounds, and `format_float` allocates.
+#[derive(Default)]
+struct FloatLabels(HashMap<u64, String>);
+
+impl FloatLabels {
+    fn format(&mut self, v: f64) -> &str {
+        self.0.entry(v.to_bits()).or_insert_with(|| format_float(v))
+    }
+}
+
+/// The labels of one series, borrowed from the input: `__name__`, the point's labels and the
+/// optional `le`/`quantile` label. A sample finds its series through this view, so owned
+/// label strings are only built once per new series.
+#[derive(Clone, Copy)]
+struct SeriesLabels<'s> {
+    name: &'s str,
+    labels: &'s Labels,
+    extra: Option<(&'static str, &'s str)>,
+}
+
+impl<'s> SeriesLabels<'s> {
+    /// Calls `f` with each label as sent: sorted by name in byte order, labels with an empty
+    /// name or value left out (an empty value means "no such label" in Prometheus, and the
+    /// spec forbids sending it), and the labels the encoder adds replacing point labels of the
+    /// same name (a point's own `__name__` or `le` must not produce a duplicate).
+    fn for_each(self, mut f: impl FnMut(&'s str, &'s str)) {
+        let mut emit = |name: &'s str, value: &'s str| {
+            if !name.is_empty() && !value.is_empty() {
+                f(name, value);
+            }
+        };
+        // The added labels, sorted among themselves, merged into the (already sorted) point
+        // labels. Merging by comparison rather than putting `__name__` first matters: label
+        // names starting with an uppercase letter sort before it.
+        let named = (NAME_LABEL, self.name);
+        let mut storage = [named, named];
+        let added: &[(&'s str, &'s str)] = match self.extra {
+            None => &storage[..1],
+            Some(extra) => {
+                storage = if extra.0 < NAME_LABEL {
+                    [extra, named]
+                } else {
+                    [named, extra]
+                };
+                &storage
+            }
+        };
+        let mut next = 0;
+        for (name, value) in self.labels.iter() {
+            while let Some(&(n, v)) = added.get(next).filter(|(n, _)| *n < name) {
+                emit(n, v);
+                next += 1;
+            }
+            if added.get(next).is_some_and(|(n, _)| *n == name) {
+                continue;
+            }
+            emit(name, value);
+        }
+        for &(n, v) in &added[next..] {
+            emit(n, v);
+        }
+    }
+
+    fn hash_with(self, keys: &RandomState) -> u64 {
+        let mut hasher = keys.build_hasher();
+        self.for_each(|name, value| {
+            // 0xff never occurs in UTF-8, so it separates the strings unambiguously.
+            hasher.write(name.as_bytes());
+            hasher.write_u8(0xff);
+            hasher.write(value.as_bytes());
+            hasher.write_u8(0xff);
+        });
+        hasher.finish()
+    }
+
+    fn matches(self, stored: &[Label]) -> bool {
+        let mut i = 0;
+        let mut same = true;
+        self.for_each(|name, value| {
+            same = same
+                && stored
+                    .get(i)
+                    .is_some_and(|l| l.name == name && l.value == value);
+            i += 1;
+        });
+        same && i == stored.len()
+    }
+
+    fn to_labels(self) -> Vec<Label> {
+        let mut out = Vec::with_capacity(self.labels.len() + 2);
+        self.for_each(|name, value| {
+            out.push(Label {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            })
+        });
+        out
+    }
+}
+
+/// The series of one request, in order of first appearance, found by a hash of their labels.
+///
+/// Keying a map on owned label sets would cost a `Vec<Label>` per sample just to look it up;
+/// instead the map holds a 64-bit (randomly keyed, so not steerable by label values) hash of
+/// the label set and every hit is verified against the stored labels.
+struct SeriesTable {
+    series: Vec<TimeSeries>,
+    /// Label hash → the newest series with that hash.
+    by_hash: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
+    /// Per series, the previous series with the same hash. Real collisions are rare enough
+    /// for a chain.
+    collisions: Vec<Option<usize>>,
+    keys: RandomState,
+    samples: usize,
+}
+
+impl SeriesTable {
+    fn with_capacity(capacity: usize) -> Self {
+        SeriesTable {
+            series: Vec::with_capacity(capacity),
+            by_hash: HashMap::with_capacity_and_hasher(capacity, Default::default()),
+            collisions: Vec::with_capacity(capacity),
+            keys: RandomState::new(),
+            samples: 0,
+        }
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        labels: &Labels,
+        extra: Option<(&'static str, &str)>,
+        timestamp: i64,
+        value: f64,
+    ) {
+        let key = SeriesLabels {
+            name,
+            labels,
+            extra,
+        };
+        let sample = Sample { value, timestamp };
+        self.samples += 1;
+        let index = self.series.len();
+        let previous = match self.by_hash.entry(key.hash_with(&self.keys)) {
+            Entry::Vacant(slot) => {
+                slot.insert(index);
+                None
+            }
+            Entry::Occupied(mut slot) => {
+                let mut candidate = Some(*slot.get());
+                while let Some(i) = candidate {
+                    if key.matches(&self.series[i].labels) {
+                        self.series[i].samples.push(sample);
+                        return;
+                    }
+                    candidate = self.collisions[i];
+                }
+                Some(slot.insert(index))
+            }
+        };
+        self.collisions.push(previous);
+        self.series.push(TimeSeries {
+            labels: key.to_labels(),
+            samples: vec![sample],
+        });
+    }
+}
+
+/// Hasher for keys that already are uniformly distributed 64-bit hashes: hashing them again
+/// would only cost time.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are used, which go through `write_u64`; fold anything else in so
+        // the hasher stays correct if that ever changes.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use picket_core::model::{Histogram, Point, Summary};
+
+    fn decode(write: &EncodedWrite) -> WriteRequest {
+        let proto = snap::raw::Decoder::new()
+            .decompress_vec(&write.body)
+            .expect("snappy block");
+        let request = WriteRequest::decode(proto.as_slice()).expect("protobuf WriteRequest");
+        assert_eq!(request.timeseries.len(), write.series);
+        let samples: usize = request.timeseries.iter().map(|s| s.samples.len()).sum();
+        assert_eq!(samples, write.samples);
+        request
+    }
+
+    fn labels_of(series: &TimeSeries) -> Vec<(&str, &str)> {
+        series
+            .labels
+            .iter()
+            .map(|l| (l.name.as_str(), l.value.as_str()))
+            .collect()
+    }
+
+    fn samples_of(series: &TimeSeries) -> Vec<(i64, f64)> {
+        series
+            .samples
+            .iter()
+            .map(|s| (s.timestamp, s.value))
+            .collect()
+    }
+
+    /// One decoded series: its labels and its `(timestamp, value)` samples.
+    type Decoded<'r> = (Vec<(&'r str, &'r str)>, Vec<(i64, f64)>);
+
+    fn series_of(request: &WriteRequest) -> Vec<Decoded<'_>> {
+        request
+            .timeseries
+            .iter()
+            .map(|s| (labels_of(s), samples_of(s)))
+            .collect()
+    }
+
+    fn point(labels: Labels, timestamp_ms: i64, value: Value) -> Point {
+        Point {
+            labels,
+            timestamp_ms,
+            value,
+        }
+    }
+
+    fn family(name: &str, kind: MetricType, points: Vec<Point>) -> Family {
+        Family {
+            name: name.to_owned(),
+            kind,
+            help: String::new(),
+            points,
+        }
+    }
+
+    #[test]
+    fn wire_format_uses_the_spec_field_numbers() {
+        // Hand-assembled protobuf, independent of the derive attributes above:
+        // WriteRequest.timeseries = 1, TimeSeries.labels = 1, .samples = 2,
+        // Label.name = 1, .value = 2, Sample.value = 1 (double), .timestamp = 2 (int64).
+        let mut g = Family::new("m", MetricType::Gauge, "");
+        g.push(Labels::from_pairs([("a", "b")]), 2, 1.0);
+        let write = encode([&g]);
+        let proto = snap::raw::Decoder::new()
+            .decompress_vec(&write.body)
+            .unwrap();
+        let mut sample = vec![0x09];
+        sample.extend_from_slice(&1.0f64.to_le_bytes());
+        sample.extend_from_slice(&[0x10, 0x02]);
+        let mut series = vec![0x0a, 13];
+        series.extend_from_slice(&[0x0a, 8, b'_', b'_', b'n', b'a', b'm', b'e', b'_', b'_']);
+        series.extend_from_slice(&[0x12, 1, b'm']);
+        series.extend_from_slice(&[0x0a, 6, 0x0a, 1, b'a', 0x12, 1, b'b']);
+        series.push(0x12);
+        series.push(sample.len() as u8);
+        series.extend_from_slice(&sample);
+        let mut expected = vec![0x0a, series.len() as u8];
+        expected.extend_from_slice(&series);
+        assert_eq!(proto, expected);
+    }
+
+    #[test]
+    fn labels_are_sorted_by_bytes_with_name_among_them() {
+        let labels = Labels::from_pairs([
+            ("zone", "z"),
+            ("alpha", "a"),
+            ("_x", "x"),
+            ("Zeta", "Z"),
+            ("AB", "ab"),
+        ]);
+        let mut g = Family::new("up", MetricType::Gauge, "");
+        g.push(labels, 1, 1.0);
+        let request = decode(&encode([&g]));
+        let got = labels_of(&request.timeseries[0]);
+        assert_eq!(
+            got,
+            vec![
+                ("AB", "ab"),
+                ("Zeta", "Z"),
+                ("__name__", "up"),
+                ("_x", "x"),
+                ("alpha", "a"),
+                ("zone", "z"),
+            ]
+        );
+        let names: Vec<&[u8]> = got.iter().map(|(n, _)| n.as_bytes()).collect();
+        assert!(names.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn empty_label_values_are_dropped_and_name_is_not_duplicated() {
+        let mut g = Family::new("m", MetricType::Counter, "");
+        g.push(Labels::from_pairs([("a", ""), ("b", "x")]), 1, 1.0);
+        // Same series: `a=""` means no `a`, and the family name wins over a point `__name__`.
+        g.push(
+            Labels::from_pairs([("b", "x"), ("__name__", "other")]),
+            2,
+            2.0,
+        );
+        g.push(Labels::from_pairs([("b", "")]), 3, 3.0);
+        let write = encode([&g]);
+        let request = decode(&write);
+        assert_eq!((write.series, write.samples), (2, 3));
+        assert_eq!(
+            labels_of(&request.timeseries[0]),
+            vec![("__name__", "m"), ("b", "x")]
+        );
+        assert_eq!(samples_of(&request.timeseries[0]), vec![(1, 1.0), (2, 2.0)]);
+        assert_eq!(labels_of(&request.timeseries[1]), vec![("__name__", "m")]);
+    }
+
+    #[test]
+    fn summary_expands_to_quantiles_sum_and_count() {
+        let s = Summary {
+            count: 7,
+            sum: 10.5,
+            quantiles: vec![(0.5, 1.5), (0.99, 2.0), (1.0, 3.0)],
+        };
+        let labels = Labels::from_pairs([("job", "j"), ("zone", "z")]);
+        let f = family(
+            "lat",
+            MetricType::Summary,
+            vec![point(labels, 5, Value::Summary(s))],
+        );
+        let write = encode([&f]);
+        let request = decode(&write);
+        assert_eq!((write.series, write.samples), (5, 5));
+        let q = |v: &'static str| {
+            vec![
+                ("__name__", "lat"),
+                ("job", "j"),
+                ("quantile", v),
+                ("zone", "z"),
+            ]
+        };
+        assert_eq!(labels_of(&request.timeseries[0]), q("0.5"));
+        assert_eq!(labels_of(&request.timeseries[1]), q("0.99"));
+        // Formatted like /metrics shows it: `1`, not `1.0`.
+        assert_eq!(format_float(1.0), "1");
+        assert_eq!(labels_of(&request.timeseries[2]), q("1"));
+        let plain = |n: &'static str| vec![("__name__", n), ("job", "j"), ("zone", "z")];
+        assert_eq!(labels_of(&request.timeseries[3]), plain("lat_sum"));
+        assert_eq!(labels_of(&request.timeseries[4]), plain("lat_count"));
+        let values: Vec<f64> = request
+            .timeseries
+            .iter()
+            .map(|s| s.samples[0].value)
+            .collect();
+        assert_eq!(values, vec![1.5, 2.0, 3.0, 10.5, 7.0]);
+        assert!(
+            request
+                .timeseries
+                .iter()
+                .all(|s| s.samples[0].timestamp == 5)
+        );
+    }
+
+    #[test]
+    fn histogram_expands_and_adds_inf_bucket_once() {
+        let without_inf = Histogram {
+            count: 5,
+            sum: 2.5,
+            buckets: vec![(0.1, 1), (1.0, 3)],
+        };
+        let with_inf = Histogram {
+            count: 9,
+            sum: 4.0,
+            buckets: vec![(0.25, 2), (f64::INFINITY, 9)],
+        };
+        // A point label `le` must not duplicate the bucket's own.
+        let labels = Labels::from_pairs([("a", "1"), ("le", "bogus")]);
+        let f = family(
+            "req",
+            MetricType::Histogram,
+            vec![
+                point(labels, 1, Value::Histogram(without_inf)),
+                point(Labels::new(), 2, Value::Histogram(with_inf)),
+            ],
+        );
+        let write = encode([&f]);
+        let request = decode(&write);
+        let got = series_of(&request);
+        let bucket = |le| vec![("__name__", "req_bucket"), ("a", "1"), ("le", le)];
+        let bucket2 = |le| vec![("__name__", "req_bucket"), ("le", le)];
+        // Only the added `le` replaces the point's; `_sum` and `_count` keep it.
+        let plain = |n| vec![("__name__", n), ("a", "1"), ("le", "bogus")];
+        assert_eq!(
+            got,
+            vec![
+                (bucket("0.1"), vec![(1, 1.0)]),
+                (bucket("1"), vec![(1, 3.0)]),
+                (bucket("+Inf"), vec![(1, 5.0)]),
+                (plain("req_sum"), vec![(1, 2.5)]),
+                (plain("req_count"), vec![(1, 5.0)]),
+                (bucket2("0.25"), vec![(2, 2.0)]),
+                (bucket2("+Inf"), vec![(2, 9.0)]),
+                (vec![("__name__", "req_sum")], vec![(2, 4.0)]),
+                (vec![("__name__", "req_count")], vec![(2, 9.0)]),
+            ]
+        );
+        assert_eq!((write.series, write.samples), (9, 9));
+    }
+
+    #[test]
+    fn stale_markers_keep_their_exact_bits() {
+        let l = || Labels::from_pairs([("i", "1")]);
+        let fams = [
+            family("g", MetricType::Gauge, vec![point(l(), 7, Value::Stale)]),
+            family("s", MetricType::Summary, vec![point(l(), 7, Value::Stale)]),
+            family(
+                "h",
+                MetricType::Histogram,
+                vec![point(l(), 7, Value::Stale)],
+            ),
+            // A measured NaN that carries the marker's bits must not end its series.
+            family(
+                "n",
+                MetricType::Gauge,
+                vec![point(l(), 7, Value::Number(f64::from_bits(STALE_NAN_BITS)))],
+            ),
+        ];
+        let write = encode(&fams);
+        let request = decode(&write);
+        let names: Vec<&str> = request
+            .timeseries
+            .iter()
+            .map(|s| s.labels[0].value.as_str())
+            .collect();
+        assert_eq!(names, ["g", "s_sum", "s_count", "h_sum", "h_count", "n"]);
+        for s in &request.timeseries[..5] {
+            assert_eq!(s.samples[0].value.to_bits(), STALE_NAN_BITS);
+            assert_eq!(s.samples[0].timestamp, 7);
+        }
+        let measured = request.timeseries[5].samples[0].value;
+        assert!(measured.is_nan());
+        assert_ne!(measured.to_bits(), STALE_NAN_BITS);
+    }
+
+    #[test]
+    fn samples_of_one_series_merge_in_time_order() {
+        let a1 = || Labels::from_pairs([("a", "1")]);
+        let a2 = Labels::from_pairs([("a", "2")]);
+        let first = family(
+            "x",
+            MetricType::Gauge,
+            vec![
+                point(a1(), 30, Value::Number(1.0)),
+                point(a2, 10, Value::Number(9.0)),
+            ],
+        );
+        let second = family(
+            "x",
+            MetricType::Gauge,
+            vec![
+                point(a1(), 10, Value::Number(2.0)),
+                point(a1(), 30, Value::Number(3.0)),
+            ],
+        );
+        // A summary's `_sum` is the same series as a gauge family named `x_sum`.
+        let summary = family(
+            "x",
+            MetricType::Summary,
+            vec![point(
+                a1(),
+                20,
+                Value::Summary(Summary {
+                    count: 1,
+                    sum: 4.0,
+                    quantiles: vec![],
+                }),
+            )],
+        );
+        let mut sum = Family::new("x_sum", MetricType::Gauge, "");
+        sum.push(a1(), 5, 5.0);
+        let write = encode([&first, &second, &summary, &sum]);
+        let request = decode(&write);
+        assert_eq!((write.series, write.samples), (4, 7));
+        let got = series_of(&request);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    vec![("__name__", "x"), ("a", "1")],
+                    // Equal timestamps keep input order: 1.0 before 3.0.
+                    vec![(10, 2.0), (30, 1.0), (30, 3.0)]
+                ),
+                (vec![("__name__", "x"), ("a", "2")], vec![(10, 9.0)]),
+                (
+                    vec![("__name__", "x_sum"), ("a", "1")],
+                    vec![(5, 5.0), (20, 4.0)]
+                ),
+                (vec![("__name__", "x_count"), ("a", "1")], vec![(20, 1.0)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn label_values_pass_through_unchanged() {
+        let odd = "naïve \"quoted\"\n\\back\tslash, a=b {x} 日本語 🚀 \u{0}";
+        let mut g = Family::new("m", MetricType::Gauge, "");
+        g.push(
+            Labels::from_pairs([("path", odd), ("empty_ok", " ")]),
+            1,
+            1.0,
+        );
+        let request = decode(&encode([&g]));
+        assert_eq!(
+            labels_of(&request.timeseries[0]),
+            vec![("__name__", "m"), ("empty_ok", " "), ("path", odd)]
+        );
+    }
+
+    #[test]
+    fn huge_batch_round_trips() {
+        const SERIES: usize = 50_000;
+        const ROUNDS: i64 = 4;
+        // Newest round first, so every series needs sorting.
+        let fams: Vec<Family> = (0..ROUNDS)
+            .rev()
+            .map(|round| {
+                let mut f = Family::new("cpu_seconds", MetricType::Counter, "");
+                for i in 0..SERIES {
+                    let labels = Labels::from_pairs([
+                        ("cpu", (i % 64).to_string()),
+                        ("instance", format!("host-{i}")),
+                    ]);
+                    f.push(labels, 1_700_000_000_000 + round * 15_000, round as f64);
+                }
+                f
+            })
+            .collect();
+        let write = encode(&fams);
+        assert_eq!(write.samples, SERIES * ROUNDS as usize);
+        assert_eq!(write.series, SERIES);
+        let request = decode(&write);
+        for (i, s) in request.timeseries.iter().enumerate() {
+            assert_eq!(s.labels[2].value, format!("host-{i}"));
+            let values: Vec<f64> = s.samples.iter().map(|s| s.value).collect();
+            assert_eq!(values, [0.0, 1.0, 2.0, 3.0]);
+            assert!(s.samples.is_sorted_by_key(|s| s.timestamp));
+        }
+    }
+
+    #[test]
+    fn empty_input_is_an_empty_request() {
+        for write in [
+            encode(std::iter::empty()),
+            encode([&Family::new("m", MetricType::Gauge, "")]),
+        ] {
+            assert_eq!((write.samples, write.series), (0, 0));
+            assert_eq!(write.body, EMPTY_BODY);
+            assert_eq!(decode(&write), WriteRequest::default());
+        }
+    }
+}
