@@ -608,19 +608,35 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(dir: &Path) -> Prometheus {
+        Self::start_with_config(
+            dir,
+            "global:\n  scrape_interval: 1h\n  evaluation_interval: 1h\nscrape_configs: []\n"
+                .to_owned(),
+        )
+    }
+
+    /// Prometheus that also scrapes `target` (host:port, path `/metrics`) every second,
+    /// keeping the target's own labels and timestamps (`honor_labels`, the default
+    /// `honor_timestamps`), as one scrapes an aggregator.
+    pub fn start_scraping(dir: &Path, target: SocketAddr) -> Prometheus {
+        Self::start_with_config(
+            dir,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1h\nscrape_configs:\n  - job_name: picket\n    honor_labels: true\n    static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+    }
+
+    fn start_with_config(dir: &Path, config_text: String) -> Prometheus {
         let binary = require("prometheus", "prometheus");
         let mut daemon = Daemon::new(
             dir,
             "prometheus",
             binary,
             ("/-/ready", 200),
-            |port, home| {
+            move |port, home| {
                 let config = home.join("prometheus.yml");
-                std::fs::write(
-                &config,
-                "global:\n  scrape_interval: 1h\n  evaluation_interval: 1h\nscrape_configs: []\n",
-            )
-            .expect("write prometheus.yml");
+                std::fs::write(&config, &config_text).expect("write prometheus.yml");
                 vec![
                     path_arg("--config.file=", &config),
                     path_arg("--storage.tsdb.path=", &home.join("data")),

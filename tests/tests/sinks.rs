@@ -556,3 +556,53 @@ fn databases_restarted_and_aggregator_killed_while_agents_stream_lose_nothing() 
     let total: usize = expected.values().map(Vec::len).sum();
     eprintln!("fault test: {total} journaled samples, all present once in Prometheus and InfluxDB");
 }
+
+#[test]
+fn prometheus_scrapes_the_aggregator_as_openmetrics_with_the_agents_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal.jsonl");
+    let agg = start_aggregator(dir.path(), String::new(), &journal);
+    let prom = Prometheus::start_scraping(&dir.path().join("prometheus"), agg.http);
+    let text = agent_config(
+        "pi-scraped",
+        &[http(agg.grpc)],
+        None,
+        None,
+        "[plugins]\ndefaults = false\n",
+    );
+    let (_agent, _) = start_agent(dir.path(), "pi-scraped", &text);
+    let selector = "picket_agent_collections_total{instance=\"pi-scraped\"}";
+    let stored = wait_for("scraped samples", Duration::from_secs(60), || {
+        let series = prom.raw_samples(selector);
+        (series.first().is_some_and(|s| s.1.len() >= 3)).then_some(series)
+    });
+    // Every stored timestamp is one the agent collected at, not a scrape time.
+    let collected: BTreeSet<i64> = journal::read(&journal)
+        .series("picket_agent_collections_total", "pi-scraped")
+        .iter()
+        .map(|p| p.timestamp_ms)
+        .collect();
+    for (ts, _) in &stored[0].1 {
+        assert!(
+            collected.contains(ts),
+            "{ts} is not a collection time: {collected:?}"
+        );
+    }
+    // Prometheus asked for OpenMetrics and got it: the counter's family is declared without
+    // `_total`, which only the OpenMetrics writer does.
+    let metadata = http_get(
+        prom.addr(),
+        "/api/v1/metadata?metric=picket_agent_collections",
+    )
+    .unwrap();
+    assert!(
+        metadata.1.contains("\"type\":\"counter\""),
+        "metadata: {}",
+        metadata.1
+    );
+    let plain = http_get(agg.http, "/metrics").unwrap().1;
+    assert!(
+        plain.contains("# TYPE picket_agent_collections_total counter"),
+        "{plain}"
+    );
+}
