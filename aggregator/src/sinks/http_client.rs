@@ -19,6 +19,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
+use super::driver::Retry;
+use super::metrics::SinkMetrics;
+
 /// Where Debian, Raspberry Pi OS, Alpine (first) and Fedora/RHEL (second) keep their bundles.
 const SYSTEM_CA_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
@@ -165,6 +168,38 @@ impl HttpClient {
         match tokio::time::timeout(self.timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(RequestError::Timeout(self.timeout)),
+        }
+    }
+}
+
+impl HttpClient {
+    /// [`HttpClient::post`], timed and counted in the sink's metrics; a request that got no
+    /// answer becomes a [`Retry`] (`transport` or `timeout`).
+    pub async fn post_counted(
+        &self,
+        metrics: &SinkMetrics,
+        url: &hyper::Uri,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Vec<u8>,
+    ) -> Result<Response, Retry> {
+        let started = std::time::Instant::now();
+        match self.post(url, headers, body).await {
+            Ok(response) => {
+                metrics.request(&response.status.to_string(), started.elapsed());
+                Ok(response)
+            }
+            Err(e) => {
+                let reason = match e {
+                    RequestError::Timeout(_) => "timeout",
+                    RequestError::Transport(_) => "transport",
+                };
+                metrics.request(reason, started.elapsed());
+                Err(Retry {
+                    reason: reason.into(),
+                    detail: e.to_string(),
+                    after: None,
+                })
+            }
         }
     }
 }

@@ -77,62 +77,20 @@ impl Sinks {
                 SinkConfig::File { path, fsync } => {
                     files.push(Mutex::new(FileSink::open(path, *fsync)?));
                 }
-                SinkConfig::PrometheusRemoteWrite(c) => {
-                    let metrics = Arc::new(SinkMetrics::new(&c.name, "prometheus_remote_write"));
-                    let destination = prometheus_remote_write::RemoteWrite::new(c, metrics.clone())
-                        .map_err(|source| SinkError::Client {
-                            name: c.name.clone(),
-                            source,
-                        })?;
-                    let queue = Arc::new(Queue::open(
-                        &queue_directory.join(&c.name),
-                        c.queue.clone(),
-                    )?);
-                    start_driver(
-                        &c.name,
-                        &queue,
-                        &metrics,
-                        destination,
-                        c.batch.clone(),
-                        c.retry.clone(),
-                        c.concurrency,
-                    );
-                    network.push(NetworkSink {
-                        name: c.name.clone(),
-                        routing: c.routing.clone(),
-                        queue,
-                        metrics,
-                    });
-                }
-                SinkConfig::Influxdb(c) => {
-                    let metrics = Arc::new(SinkMetrics::new(&c.name, "influxdb"));
-                    let destination =
-                        influxdb::Influx::new(c, metrics.clone()).map_err(|source| {
-                            SinkError::Client {
-                                name: c.name.clone(),
-                                source,
-                            }
-                        })?;
-                    let queue = Arc::new(Queue::open(
-                        &queue_directory.join(&c.name),
-                        c.queue.clone(),
-                    )?);
-                    start_driver(
-                        &c.name,
-                        &queue,
-                        &metrics,
-                        destination,
-                        c.batch.clone(),
-                        c.retry.clone(),
-                        c.concurrency,
-                    );
-                    network.push(NetworkSink {
-                        name: c.name.clone(),
-                        routing: c.routing.clone(),
-                        queue,
-                        metrics,
-                    });
-                }
+                SinkConfig::PrometheusRemoteWrite(c) => network.push(open_network(
+                    queue_directory,
+                    &c.name,
+                    "prometheus_remote_write",
+                    (&c.queue, &c.routing, &c.batch, &c.retry, c.concurrency),
+                    |metrics| prometheus_remote_write::RemoteWrite::new(c, metrics),
+                )?),
+                SinkConfig::Influxdb(c) => network.push(open_network(
+                    queue_directory,
+                    &c.name,
+                    "influxdb",
+                    (&c.queue, &c.routing, &c.batch, &c.retry, c.concurrency),
+                    |metrics| influxdb::Influx::new(c, metrics),
+                )?),
             }
         }
         Ok(Sinks {
@@ -187,12 +145,7 @@ impl Sinks {
                 && sink.queue.would_block(p.len())
             {
                 self.healthy.store(false, Ordering::Relaxed);
-                let depth = sink.queue.depth();
-                return Err(SinkError::Queue(QueueError::Full {
-                    dir: sink.queue.dir().to_owned(),
-                    bytes: depth.bytes,
-                    max: 0,
-                }));
+                return Err(sink.queue.full_error().into());
             }
             encoded.push((payload, samples));
         }
@@ -238,6 +191,46 @@ impl Sinks {
         }
         out
     }
+}
+
+/// The delivery settings every network sink has.
+type Delivery<'a> = (
+    &'a queue::QueueConfig,
+    &'a RoutingConfig,
+    &'a driver::BatchConfig,
+    &'a driver::RetryConfig,
+    usize,
+);
+
+/// Opens a network sink's queue, builds its destination and starts its driver.
+fn open_network<D: Destination>(
+    queue_directory: &Path,
+    name: &str,
+    kind: &'static str,
+    (queue, routing, batch, retry, concurrency): Delivery<'_>,
+    destination: impl FnOnce(Arc<SinkMetrics>) -> Result<D, http_client::ClientError>,
+) -> Result<NetworkSink, SinkError> {
+    let metrics = Arc::new(SinkMetrics::new(name, kind));
+    let destination = destination(metrics.clone()).map_err(|source| SinkError::Client {
+        name: name.to_owned(),
+        source,
+    })?;
+    let queue = Arc::new(Queue::open(&queue_directory.join(name), queue.clone())?);
+    start_driver(
+        name,
+        &queue,
+        &metrics,
+        destination,
+        batch.clone(),
+        retry.clone(),
+        concurrency,
+    );
+    Ok(NetworkSink {
+        name: name.to_owned(),
+        routing: routing.clone(),
+        queue,
+        metrics,
+    })
 }
 
 fn start_driver<D: Destination>(

@@ -243,6 +243,15 @@ impl Queue {
             && depth_of(&self.lock()).bytes + HEADER_BYTES + bytes as u64 > self.config.max_bytes
     }
 
+    /// The error a `block` queue gives when it has no room.
+    pub fn full_error(&self) -> QueueError {
+        QueueError::Full {
+            dir: self.dir.clone(),
+            bytes: self.depth().bytes,
+            max: self.config.max_bytes,
+        }
+    }
+
     /// Appends one record. Returns once the bytes are in the file (in the page cache: safe
     /// from a process crash; `fsync_interval` bounds what a power cut can take).
     pub fn append(

@@ -13,7 +13,7 @@ pub mod line_protocol;
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::header::{
     AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT,
@@ -22,7 +22,7 @@ use picket_core::model::Family;
 use serde::Deserialize;
 
 use super::driver::{BatchConfig, Delivered, Destination, Retry, RetryConfig};
-use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient, RequestError};
+use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient};
 use super::metrics::{SinkMetrics, outcome};
 use super::queue::QueueConfig;
 use super::routing::RoutingConfig;
@@ -227,29 +227,21 @@ impl Influx {
     async fn post_lines(&self, lines: &[u8], samples: u64) -> Result<Delivered, Retry> {
         let body = if self.gzip {
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            let _ = gz.write_all(lines);
-            gz.finish().unwrap_or_default()
+            // Writing to memory cannot fail, but an empty body would be "written" with 204
+            // and lost, so a failure keeps the data queued instead.
+            let compressed = gz.write_all(lines).and_then(|()| gz.finish());
+            compressed.map_err(|e| Retry {
+                reason: "gzip".into(),
+                detail: e.to_string(),
+                after: None,
+            })?
         } else {
             lines.to_vec()
         };
-        let started = Instant::now();
-        let response = match self.client.post(&self.url, &self.headers, body).await {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = match e {
-                    RequestError::Timeout(_) => "timeout",
-                    RequestError::Transport(_) => "transport",
-                };
-                self.metrics.request(reason, started.elapsed());
-                return Err(Retry {
-                    reason: reason.into(),
-                    detail: e.to_string(),
-                    after: None,
-                });
-            }
-        };
-        self.metrics
-            .request(&response.status.to_string(), started.elapsed());
+        let response = self
+            .client
+            .post_counted(&self.metrics, &self.url, &self.headers, body)
+            .await?;
         match response.status {
             200..=299 => Ok(Delivered {
                 sent: samples,

@@ -10,14 +10,14 @@
 
 pub mod encode;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
 use picket_core::model::Family;
 use serde::Deserialize;
 
 use super::driver::{BatchConfig, Delivered, Destination, Retry, RetryConfig};
-use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient, RequestError};
+use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient};
 use super::metrics::{SinkMetrics, outcome};
 use super::queue::QueueConfig;
 use super::routing::RoutingConfig;
@@ -120,28 +120,10 @@ impl RemoteWrite {
         if encoded.samples == 0 {
             return Ok(Delivered::default());
         }
-        let started = Instant::now();
         let response = self
             .client
-            .post(&self.url, &self.headers, encoded.body)
-            .await;
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = match e {
-                    RequestError::Timeout(_) => "timeout",
-                    RequestError::Transport(_) => "transport",
-                };
-                self.metrics.request(reason, started.elapsed());
-                return Err(Retry {
-                    reason: reason.into(),
-                    detail: e.to_string(),
-                    after: None,
-                });
-            }
-        };
-        self.metrics
-            .request(&response.status.to_string(), started.elapsed());
+            .post_counted(&self.metrics, &self.url, &self.headers, encoded.body)
+            .await?;
         match response.status {
             200..=299 => Ok(Delivered {
                 sent: encoded.samples as u64,
