@@ -606,3 +606,48 @@ fn prometheus_scrapes_the_aggregator_as_openmetrics_with_the_agents_timestamps()
         "{plain}"
     );
 }
+
+#[test]
+fn influxdb_with_authentication_gets_the_samples_with_basic_auth_from_a_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let influx = InfluxDb::start_with_auth(&dir.path().join("influxdb"), "picket", "s3cret pw");
+    influx.create_database("picket");
+    let password = dir.path().join("influx-password");
+    std::fs::write(&password, "s3cret pw\n").unwrap();
+    let journal = dir.path().join("journal.jsonl");
+    let extra = format!(
+        "[queues]\ndirectory = \"{}\"\n[[sinks]]\ntype = \"influxdb\"\nname = \"influx\"\nurl = \"{}\"\napi = \"v1\"\ndatabase = \"picket\"\n[sinks.auth]\nusername = \"picket\"\npassword_file = \"{}\"\n",
+        dir.path().join("queues").display(),
+        influx.url(),
+        password.display()
+    );
+    let agg = start_aggregator(dir.path(), extra, &journal);
+    let text = agent_config(
+        "pi-auth",
+        &[http(agg.grpc)],
+        None,
+        None,
+        "[plugins]\ndefaults = false\n",
+    );
+    let (mut agent, _) = start_agent(dir.path(), "pi-auth", &text);
+    wait_for("rounds", Duration::from_secs(30), || {
+        (journal::read(&journal)
+            .series("picket_agent_collections_total", "pi-auth")
+            .len()
+            >= 3)
+            .then_some(())
+    });
+    agent.terminate(Duration::from_secs(15));
+    wait_drained(&agg, &["influx"]);
+    let expected = journaled(&journal);
+    let names = family_names(&expected);
+    assert_same(
+        "influxdb with auth",
+        &expected,
+        &influx_samples(&influx, &names),
+    );
+    assert!(
+        !agg.process.log_text().contains("s3cret"),
+        "the password must never be logged"
+    );
+}
