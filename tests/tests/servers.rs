@@ -238,7 +238,13 @@ fn prometheus_answers_queries_and_keeps_remote_written_samples() {
     let series = vec![
         (
             labels(&[("__name__", "smoke_rw"), ("k", "a")]),
-            vec![(t, 1.5), (t + 1, f64::NAN), (t + 1001, f64::INFINITY)],
+            vec![
+                (t, 1.5),
+                (t + 1, f64::NAN),
+                (t + 1001, f64::INFINITY),
+                // Seventeen significant digits: any rounding on the way shows.
+                (t + 2000, 10_000.0 / 7.0),
+            ],
         ),
         (
             labels(&[("__name__", "smoke_rw"), ("k", "b")]),

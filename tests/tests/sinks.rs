@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Histogram, Labels, MetricType, Point, Summary, Value};
-use picket_tests::servers::{InfluxDb, Prometheus, VictoriaMetrics};
+use picket_tests::servers::{ClientTls, InfluxDb, Prometheus, VictoriaMetrics, WebTls};
 use picket_tests::*;
 
 type SeriesKey = (String, BTreeMap<String, String>);
@@ -107,37 +107,72 @@ fn start_aggregator(dir: &Path, extra: String, journal: &Path) -> Aggregator {
     )
 }
 
+/// The sum of a sink's metric `family` over the series whose labels include every one of
+/// `labels` (written `name="value"`), from the aggregator's `/metrics`.
+fn sink_metric(agg: &Aggregator, family: &str, sink: &str, labels: &[&str]) -> f64 {
+    let sink_label = format!("sink=\"{sink}\"");
+    agg.metrics()
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && l.contains(&sink_label)
+                && labels.iter().all(|label| l.contains(label))
+        })
+        .filter_map(|l| {
+            l.rsplit_once('}')?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
+}
+
+fn sink_samples(agg: &Aggregator, sink: &str, outcome: &str) -> f64 {
+    let outcome = format!("outcome=\"{outcome}\"");
+    sink_metric(agg, "picket_sink_samples_total", sink, &[&outcome])
+}
+
+fn queue_samples(agg: &Aggregator, sink: &str) -> f64 {
+    sink_metric(agg, "picket_sink_queue_samples", sink, &[])
+}
+
 /// Waits until every listed sink has sent all it queued.
 fn wait_drained(agg: &Aggregator, sinks: &[&str]) {
     wait_for("sink queues drained", Duration::from_secs(60), || {
-        let text = agg.metrics();
         sinks
             .iter()
-            .all(|sink| {
-                let depth = text
-                    .lines()
-                    .find(|l| {
-                        l.starts_with("picket_sink_queue_samples{")
-                            && l.contains(&format!("sink=\"{sink}\""))
-                    })
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse::<f64>().ok());
-                depth == Some(0.0)
-            })
+            .all(|sink| queue_samples(agg, sink) == 0.0 && sink_samples(agg, sink, "queued") > 0.0)
             .then_some(())
     });
 }
 
-fn sink_samples(agg: &Aggregator, sink: &str, outcome: &str) -> f64 {
-    let text = agg.metrics();
-    text.lines()
-        .filter(|l| {
-            l.starts_with("picket_sink_samples_total{")
-                && l.contains(&format!("sink=\"{sink}\""))
-                && l.contains(&format!("outcome=\"{outcome}\""))
-        })
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .sum()
+/// Collection rounds of agent `instance` the aggregator has journaled.
+fn journaled_rounds(journal: &Path, instance: &str) -> usize {
+    journal::read(journal)
+        .series("picket_agent_collections_total", instance)
+        .len()
+}
+
+/// Runs an agent that sends only its own metrics until the aggregator journaled `rounds`
+/// of its collections, then stops it with SIGTERM (it delivers what is pending first).
+fn run_agent(dir: &Path, agg: &Aggregator, journal: &Path, instance: &str, rounds: usize) {
+    let text = agent_config(
+        instance,
+        &[http(agg.grpc)],
+        None,
+        None,
+        "[plugins]\ndefaults = false\n",
+    );
+    let (mut agent, _) = start_agent(dir, instance, &text);
+    wait_for(
+        &format!("{rounds} collection rounds of {instance}"),
+        Duration::from_secs(30),
+        || (journaled_rounds(journal, instance) >= rounds).then_some(()),
+    );
+    agent.terminate(Duration::from_secs(15));
 }
 
 fn prometheus_samples(prom: &Prometheus, names: &BTreeSet<String>) -> Samples {
@@ -256,23 +291,7 @@ fn agent_samples_reach_every_database_with_their_values_and_timestamps() {
     let journal = dir.path().join("journal.jsonl");
     let extra = sink_toml(&prom, &influx, Some(&vm), &dir.path().join("queues"));
     let agg = start_aggregator(dir.path(), extra, &journal);
-
-    let text = agent_config(
-        "pi-sinks",
-        &[http(agg.grpc)],
-        None,
-        None,
-        "[plugins]\ndefaults = false\n",
-    );
-    let (mut agent, _) = start_agent(dir.path(), "pi-sinks", &text);
-    wait_for("six collection rounds", Duration::from_secs(30), || {
-        (journal::read(&journal)
-            .series("picket_agent_collections_total", "pi-sinks")
-            .len()
-            >= 6)
-            .then_some(())
-    });
-    agent.terminate(Duration::from_secs(15));
+    run_agent(dir.path(), &agg, &journal, "pi-sinks", 6);
     let all = ["prometheus", "influx", "vm_remote_write", "vm_influx_v2"];
     wait_drained(&agg, &all);
 
@@ -478,11 +497,7 @@ fn databases_restarted_and_aggregator_killed_while_agents_stream_lose_nothing() 
         );
         agents.push(start_agent(dir.path(), name, &text).0);
     }
-    let rounds = |name: &str| {
-        journal::read(&journal)
-            .series("picket_agent_collections_total", name)
-            .len()
-    };
+    let rounds = |name: &str| journaled_rounds(&journal, name);
     for name in names {
         wait_for("first rounds", Duration::from_secs(30), || {
             (rounds(name) >= 3).then_some(())
@@ -493,17 +508,9 @@ fn databases_restarted_and_aggregator_killed_while_agents_stream_lose_nothing() 
     prom.stop();
     influx.stop();
     let queued_during_outage = |agg: &Aggregator| {
-        let text = agg.metrics();
-        ["prometheus", "influx"].iter().all(|sink| {
-            text.lines().any(|l| {
-                l.starts_with("picket_sink_queue_samples{")
-                    && l.contains(&format!("sink=\"{sink}\""))
-                    && l.split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .is_some_and(|v| v > 50.0)
-            })
-        })
+        ["prometheus", "influx"]
+            .iter()
+            .all(|sink| queue_samples(agg, sink) > 50.0)
     };
     wait_for(
         "data queued during the outage",
@@ -622,22 +629,7 @@ fn influxdb_with_authentication_gets_the_samples_with_basic_auth_from_a_password
         password.display()
     );
     let agg = start_aggregator(dir.path(), extra, &journal);
-    let text = agent_config(
-        "pi-auth",
-        &[http(agg.grpc)],
-        None,
-        None,
-        "[plugins]\ndefaults = false\n",
-    );
-    let (mut agent, _) = start_agent(dir.path(), "pi-auth", &text);
-    wait_for("rounds", Duration::from_secs(30), || {
-        (journal::read(&journal)
-            .series("picket_agent_collections_total", "pi-auth")
-            .len()
-            >= 3)
-            .then_some(())
-    });
-    agent.terminate(Duration::from_secs(15));
+    run_agent(dir.path(), &agg, &journal, "pi-auth", 3);
     wait_drained(&agg, &["influx"]);
     let expected = journaled(&journal);
     let names = family_names(&expected);
@@ -649,5 +641,226 @@ fn influxdb_with_authentication_gets_the_samples_with_basic_auth_from_a_password
     assert!(
         !agg.process.log_text().contains("s3cret"),
         "the password must never be logged"
+    );
+}
+
+/// What the routing of the mutual-TLS test below does to a journaled series: `None` when
+/// the series is filtered out, else its labels after `drop_labels` and `external_labels`.
+fn routed(name: &str, labels: &BTreeMap<String, String>) -> Option<BTreeMap<String, String>> {
+    let kept = (name.starts_with("picket_agent_") && name.ends_with("_total"))
+        || name == "picket_agent_build_info";
+    let dropped = name == "picket_agent_connects_total"
+        || labels.get("reason").map(String::as_str) == Some("shutdown");
+    if !kept || dropped {
+        return None;
+    }
+    let mut labels = labels.clone();
+    labels.remove("version");
+    labels.insert("datacenter".into(), "dc1".into());
+    // `instance` is in `external_labels` too, but the series' own value wins.
+    Some(labels)
+}
+
+#[test]
+fn prometheus_over_mutual_tls_gets_routed_series_and_a_sink_without_a_client_certificate_keeps_its_data()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(dir.path());
+    let harness = pki.issue_agent("harness");
+    let sink_client = pki.issue_agent("aggregator-sink");
+    let prom = Prometheus::start_tls(
+        &dir.path().join("prometheus"),
+        &WebTls {
+            cert: pki.dir.join("aggregator.pem"),
+            key: pki.dir.join("aggregator-key.pem"),
+            client_ca: Some(pki.ca()),
+        },
+        ClientTls::new(&pki.ca(), Some((&harness.0, &harness.1))),
+    );
+    assert!(prom.write_url().starts_with("https://"));
+    let journal = dir.path().join("journal.jsonl");
+    let extra = format!(
+        r#"
+[queues]
+directory = "{queues}"
+
+[[sinks]]
+type = "prometheus_remote_write"
+name = "mtls"
+url = "{url}"
+[sinks.tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[sinks.routing]
+keep_metrics = ["picket_agent_.*_total", "picket_agent_build_info"]
+drop_metrics = ["picket_agent_connects_total"]
+drop_labels = ["version"]
+[sinks.routing.drop_if]
+reason = "shutdown"
+[sinks.routing.external_labels]
+datacenter = "dc1"
+instance = "never-used"
+
+[[sinks]]
+type = "prometheus_remote_write"
+name = "no_client_cert"
+url = "{url}"
+[sinks.tls]
+ca = "{ca}"
+[sinks.retry]
+initial_backoff = "50ms"
+max_backoff = "200ms"
+"#,
+        queues = dir.path().join("queues").display(),
+        url = prom.write_url(),
+        ca = pki.ca().display(),
+        cert = sink_client.0.display(),
+        key = sink_client.1.display(),
+    );
+    let agg = start_aggregator(dir.path(), extra, &journal);
+    run_agent(dir.path(), &agg, &journal, "pi-tls", 4);
+    wait_drained(&agg, &["mtls"]);
+
+    let all = journaled(&journal);
+    let expected: Samples = all
+        .iter()
+        .filter_map(|((name, labels), samples)| {
+            Some(((name.clone(), routed(name, labels)?), samples.clone()))
+        })
+        .collect();
+    assert!(
+        expected.len() >= 5 && expected.len() + 3 <= all.len(),
+        "routing must keep some series and drop some: {} of {}",
+        expected.len(),
+        all.len()
+    );
+    // Queried by every journaled name, so a series routing should have dropped shows up as
+    // one nobody sent.
+    assert_same(
+        "prometheus over mutual TLS, routed",
+        &expected,
+        &prometheus_samples(&prom, &family_names(&all)),
+    );
+    assert!(sink_samples(&agg, "mtls", "filtered") > 0.0);
+
+    // The sink without a client certificate cannot get through the handshake: its data
+    // waits in its queue and the failures are retried, never dropped.
+    let queued = sink_samples(&agg, "no_client_cert", "queued");
+    assert_eq!(queued, all.values().map(Vec::len).sum::<usize>() as f64);
+    wait_for(
+        "handshake failures retried",
+        Duration::from_secs(30),
+        || {
+            (sink_metric(&agg, "picket_sink_retries_total", "no_client_cert", &[]) >= 3.0)
+                .then_some(())
+        },
+    );
+    assert_eq!(sink_samples(&agg, "no_client_cert", "sent"), 0.0);
+    assert_eq!(sink_samples(&agg, "no_client_cert", "rejected"), 0.0);
+    assert_eq!(queue_samples(&agg, "no_client_cert"), queued);
+}
+
+#[test]
+fn a_full_blocking_queue_stops_acks_and_the_agent_keeps_its_data_until_the_database_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut prom = Prometheus::start(&dir.path().join("prometheus"));
+    prom.stop();
+    let journal = dir.path().join("journal.jsonl");
+    // The smallest queue allowed (4 segments of 64 KiB): a few rounds of 2,000 series fill
+    // it while Prometheus is down.
+    let extra = format!(
+        r#"
+[queues]
+directory = "{queues}"
+
+[[sinks]]
+type = "prometheus_remote_write"
+name = "prometheus"
+url = "{url}"
+[sinks.retry]
+initial_backoff = "50ms"
+max_backoff = "300ms"
+[sinks.queue]
+max_bytes = 262144
+segment_bytes = 65536
+when_full = "block"
+"#,
+        queues = dir.path().join("queues").display(),
+        url = prom.write_url(),
+    );
+    let agg = start_aggregator(dir.path(), extra, &journal);
+    let plugins = format!(
+        "[plugins]\ndefaults = false\ndirectory = \"{}\"\n\n[[plugins.instances]]\nname = \"wide\"\nplugin = \"picket_plugin_probe\"\nsettings = {{ mode = \"wide\", count = \"2000\" }}\n",
+        plugin_dir().display()
+    );
+    let text = agent_config("pi-block", &[http(agg.grpc)], None, None, &plugins);
+    let (mut agent, _) = start_agent(dir.path(), "pi-block", &text);
+
+    // The queue fills and the aggregator refuses batches, again and again as the agent
+    // retries.
+    let refusals = || {
+        agg.process
+            .log_text()
+            .matches("a sink refused a batch")
+            .count()
+    };
+    wait_for(
+        "the full queue refusing batches",
+        Duration::from_secs(60),
+        || (refusals() >= 5).then_some(()),
+    );
+    let rounds_while_blocked = journaled_rounds(&journal, "pi-block");
+    assert!(queue_samples(&agg, "prometheus") > 0.0);
+
+    // Prometheus returns: the queue drains, acks resume, and the agent sends what it kept.
+    prom.start_again();
+    wait_for(
+        "rounds collected after the outage",
+        Duration::from_secs(90),
+        || (journaled_rounds(&journal, "pi-block") >= rounds_while_blocked + 10).then_some(()),
+    );
+    agent.terminate(Duration::from_secs(30));
+    wait_drained(&agg, &["prometheus"]);
+
+    let read = journal::read(&journal);
+    // The agent lost nothing: its batches were accepted 1, 2, 3, ... without a gap, its
+    // probe's round counter has no gap, and it counted no drops.
+    let sequences: Vec<u64> = read
+        .commits
+        .iter()
+        .filter(|c| c.0 == "pi-block")
+        .map(|c| c.2)
+        .collect();
+    assert_eq!(sequences, (1..=sequences.len() as u64).collect::<Vec<_>>());
+    let rounds: Vec<f64> = read
+        .series("probe_collections_total", "pi-block")
+        .iter()
+        .filter_map(|p| p.value)
+        .collect();
+    assert_eq!(
+        rounds,
+        (1..=rounds.len()).map(|n| n as f64).collect::<Vec<_>>(),
+        "a collection round is missing"
+    );
+    let dropped: f64 = read
+        .series("picket_agent_dropped_samples_total", "pi-block")
+        .iter()
+        .filter_map(|p| p.value)
+        .sum();
+    assert_eq!(dropped, 0.0, "the agent dropped samples");
+    assert_eq!(sink_samples(&agg, "prometheus", "dropped_queue_full"), 0.0);
+
+    let expected = journaled(&journal);
+    assert_same(
+        "prometheus after a blocking queue",
+        &expected,
+        &prometheus_samples(&prom, &family_names(&expected)),
+    );
+    eprintln!(
+        "blocking queue: {} refusals, {} rounds, {} samples all in Prometheus",
+        refusals(),
+        rounds.len(),
+        expected.values().map(Vec::len).sum::<usize>()
     );
 }

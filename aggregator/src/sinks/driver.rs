@@ -150,6 +150,9 @@ impl<D: Destination> Driver<D> {
         let mut reader = queue.reader();
         loop {
             tokio::select! {
+                // The read itself is synchronous file I/O. Records are read moments after
+                // they were appended, so they come from the page cache; a read that does
+                // reach a slow disk holds up this sink's dispatcher alone.
                 record = reader.next(), if in_flight_bytes < read_ahead => {
                     let record = match record {
                         Ok(r) => r,

@@ -240,7 +240,11 @@ impl Queue {
     /// Whether `bytes` more would exceed `max_bytes` under the `block` policy.
     pub fn would_block(&self, bytes: usize) -> bool {
         self.config.when_full == WhenFull::Block
-            && depth_of(&self.lock()).bytes + HEADER_BYTES + bytes as u64 > self.config.max_bytes
+            && refuses(
+                depth_of(&self.lock()).bytes,
+                HEADER_BYTES + bytes as u64,
+                self.config.max_bytes,
+            )
     }
 
     /// The error a `block` queue gives when it has no room.
@@ -270,13 +274,15 @@ impl Queue {
         let depth = depth_of(&state).bytes;
         if depth + record_bytes > self.config.max_bytes {
             match self.config.when_full {
-                WhenFull::Block => {
+                WhenFull::Block if refuses(depth, record_bytes, self.config.max_bytes) => {
                     return Err(QueueError::Full {
                         dir: self.dir.clone(),
                         bytes: depth,
                         max: self.config.max_bytes,
                     });
                 }
+                // An empty queue takes a record larger than the limit.
+                WhenFull::Block => {}
                 WhenFull::DropOldest => {
                     appended.dropped_samples = self.make_room(&mut state, record_bytes);
                     if depth_of(&state).bytes + record_bytes > self.config.max_bytes {
@@ -446,6 +452,13 @@ impl Queue {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether a `block` queue holding `depth` bytes refuses a record of `record_bytes`. An
+/// empty queue takes any record, even one larger than `max_bytes`: refusing it would stop
+/// its agent for good, since the agent resends the same batch until it is accepted.
+fn refuses(depth: u64, record_bytes: u64, max_bytes: u64) -> bool {
+    depth > 0 && depth + record_bytes > max_bytes
 }
 
 fn depth_of(state: &State) -> Depth {
@@ -765,6 +778,22 @@ mod tests {
         q.commit(&[(records[0].end, 1)]).unwrap();
         assert!(!q.would_block(40));
         q.append(&payload, 1, 0).unwrap();
+    }
+
+    #[test]
+    fn block_policy_takes_an_oversized_record_into_an_empty_queue_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), config(200, 100, WhenFull::Block)).unwrap();
+        let huge = [9u8; 500];
+        assert!(!q.would_block(huge.len()));
+        q.append(&huge, 3, 0).unwrap();
+        assert!(q.would_block(1));
+        assert!(q.append(&[1], 1, 0).is_err());
+        let records = drain(&q);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].payload, huge.to_vec());
+        q.commit(&[(records[0].end, 3)]).unwrap();
+        assert!(!q.would_block(40));
     }
 
     #[test]

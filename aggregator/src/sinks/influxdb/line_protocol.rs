@@ -89,22 +89,15 @@ use picket_core::exposition::format_float;
 use picket_core::model::{Family, Labels, Value};
 
 /// How Picket's families map onto InfluxDB measurements and fields (see the module doc).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(tag = "mapping", rename_all = "snake_case", deny_unknown_fields)]
+/// The sink's config (`mapping`, `measurement`) chooses one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Mapping {
     /// One measurement per metric family, field `value`.
     #[default]
     Family,
-    /// Telegraf `metric_version = 2` style: one measurement (default "prometheus"), each
-    /// metric a field, points with the same tags and timestamp merged into one line.
-    Grouped {
-        #[serde(default = "default_measurement")]
-        measurement: String,
-    },
-}
-
-fn default_measurement() -> String {
-    "prometheus".to_owned()
+    /// Telegraf `metric_version = 2` style: one measurement, each metric a field, points
+    /// with the same tags and timestamp merged into one line.
+    Grouped { measurement: String },
 }
 
 /// Why `measurement` is a poor `grouped` measurement name, for config validation. The encoder
@@ -1223,25 +1216,7 @@ mod tests {
     }
 
     #[test]
-    fn mapping_config() {
-        let parse = |json: &str| serde_json::from_str::<Mapping>(json);
-        assert_eq!(parse(r#"{"mapping":"family"}"#).unwrap(), Mapping::Family);
-        assert_eq!(
-            parse(r#"{"mapping":"grouped"}"#).unwrap(),
-            Mapping::Grouped {
-                measurement: "prometheus".into()
-            }
-        );
-        assert_eq!(
-            parse(r#"{"mapping":"grouped","measurement":"flink"}"#).unwrap(),
-            Mapping::Grouped {
-                measurement: "flink".into()
-            }
-        );
-        assert!(parse(r#"{"mapping":"other"}"#).is_err());
-        assert!(parse(r#"{"mapping":"grouped","measurment":"x"}"#).is_err());
-        assert_eq!(Mapping::default(), Mapping::Family);
-
+    fn measurement_names_that_would_not_read_back() {
         assert_eq!(measurement_problem("prometheus"), None);
         assert_eq!(measurement_problem("flink metrics, prod"), None);
         assert!(measurement_problem("").is_some());

@@ -105,6 +105,16 @@ fn default_true() -> bool {
 }
 
 impl InfluxConfig {
+    /// The encoder's mapping from the flat `mapping` and `measurement` keys.
+    fn line_mapping(&self) -> Mapping {
+        match self.mapping {
+            MappingKind::Family => Mapping::Family,
+            MappingKind::Grouped => Mapping::Grouped {
+                measurement: self.measurement.clone(),
+            },
+        }
+    }
+
     /// What is missing for the chosen API, as (key, message).
     pub fn problem(&self) -> Option<(&'static str, String)> {
         match self.api {
@@ -206,16 +216,10 @@ impl Influx {
             value.set_sensitive(true);
             headers.push((AUTHORIZATION, value));
         }
-        let mapping = match config.mapping {
-            MappingKind::Family => Mapping::Family,
-            MappingKind::Grouped => Mapping::Grouped {
-                measurement: config.measurement.clone(),
-            },
-        };
         Ok(Influx {
             url,
             headers,
-            mapping,
+            mapping: config.line_mapping(),
             gzip: config.gzip,
             client: HttpClient::new(&config.tls, &config.auth, config.timeout)?,
             metrics,
@@ -355,6 +359,32 @@ fn percent_encode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapping_keys() {
+        let parse = |extra: serde_json::Value| {
+            let mut config = serde_json::json!({"name": "i", "url": "http://127.0.0.1:8086", "api": "v1", "database": "d"});
+            if let (Some(config), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+                config.extend(extra.clone());
+            }
+            serde_json::from_value::<InfluxConfig>(config).map(|c| c.line_mapping())
+        };
+        assert_eq!(parse(serde_json::json!({})).unwrap(), Mapping::Family);
+        assert_eq!(
+            parse(serde_json::json!({"mapping": "grouped"})).unwrap(),
+            Mapping::Grouped {
+                measurement: "prometheus".into()
+            }
+        );
+        assert_eq!(
+            parse(serde_json::json!({"mapping": "grouped", "measurement": "flink"})).unwrap(),
+            Mapping::Grouped {
+                measurement: "flink".into()
+            }
+        );
+        assert!(parse(serde_json::json!({"mapping": "other"})).is_err());
+        assert!(parse(serde_json::json!({"measurment": "x"})).is_err());
+    }
 
     #[test]
     fn splitting_keeps_whole_lines() {

@@ -8,6 +8,7 @@
 //! | `recursion` | recurses without bound |
 //! | `panic` | panics (a trap) |
 //! | `series` | returns ten million series |
+//! | `wide` | returns setting `count` (default 1000) gauges `probe_wide{i}` whose values change each round |
 //! | `long-label` | returns a label value of one megabyte |
 //! | `read` | reads the file in setting `path` and returns its length |
 //! | `exec` | runs setting `program` with `args` and returns its output length |
@@ -124,6 +125,16 @@ impl Guest for Probe {
                     flood.sample(&[("i", &i.to_string())], 1.0);
                 }
                 out.push(flood.build());
+            }
+            "wide" => {
+                let count: u64 = setting(&settings, "count")
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1000);
+                let mut wide = FamilyBuilder::gauge("probe_wide", "");
+                for i in 0..count {
+                    wide.sample(&[("i", &i.to_string())], (n * count + i) as f64 / 7.0);
+                }
+                out.push(wide.build());
             }
             "long-label" => {
                 let mut f = FamilyBuilder::gauge("probe_long", "");
