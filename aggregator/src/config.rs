@@ -27,6 +27,7 @@ pub struct AggregatorConfig {
     pub exposition: ExpositionConfig,
     pub queues: QueuesConfig,
     pub sinks: Vec<SinkConfig>,
+    pub receivers: crate::receivers::ReceiversConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -233,6 +234,26 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
             picket_core::tls::read_certificates(ca)
                 .map_err(|e| err(&["tls", "client_ca"], e.to_string()))?;
         }
+    }
+    let influx = &config.receivers.influxdb;
+    if influx.enabled {
+        if let Err(e) = influx.resolved_password() {
+            return Err(err(&["receivers", "influxdb", "password_file"], e));
+        }
+        if influx.username.is_some()
+            != (influx.password.is_some() || influx.password_file.is_some())
+        {
+            return Err(err(
+                &["receivers", "influxdb", "username"],
+                "set username together with password or password_file".into(),
+            ));
+        }
+    }
+    if config.receivers.pushgateway.group_ttl < Duration::from_secs(1) {
+        return Err(err(
+            &["receivers", "pushgateway", "group_ttl"],
+            "must be at least 1s (a few times the pushers' interval)".into(),
+        ));
     }
     let mut names = std::collections::HashSet::new();
     for (i, sink) in config.sinks.iter().enumerate() {

@@ -14,20 +14,27 @@ use picket_core::exposition::{self, Format};
 use picket_core::model::{Family, Labels, MetricType, now_ms};
 
 use crate::agents::Registry;
+use crate::receivers::Intake;
 use crate::sinks::Sinks;
 
 pub struct HttpState {
     pub registry: Arc<Registry>,
     pub sinks: Arc<Sinks>,
     pub grpc_listening: AtomicBool,
+    pub intake: Arc<Intake>,
 }
 
-pub fn router(state: Arc<HttpState>) -> Router {
-    Router::new()
+/// The routes, plus `receivers`' (the enabled push receivers), which bring their own state.
+pub fn router(state: Arc<HttpState>, receivers: Vec<Router>) -> Router {
+    let mut router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(state)
+        .with_state(state);
+    for receiver in receivers {
+        router = router.merge(receiver);
+    }
+    router
 }
 
 /// Text 0.0.4 or OpenMetrics, as the scraper's `Accept` header asks. Agents' samples keep
@@ -65,6 +72,7 @@ fn self_metrics(state: &HttpState) -> Vec<Family> {
         1.0,
     );
     families.extend(state.sinks.families());
+    families.extend(state.intake.families());
     families.push(series);
     families.push(build);
     families

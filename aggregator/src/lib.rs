@@ -4,7 +4,8 @@
 //! Module map: [`config`] reads `aggregator.toml`; [`server`] wires the listeners, signals and
 //! housekeeping; [`ingest`] is the gRPC stream handler; [`agents`] keeps per-agent state;
 //! [`sinks`] is where accepted batches go ([`store`] backs `/metrics`); [`http`] serves health
-//! and exposition; [`certs`] is the certificate tooling; [`identity`] reads agent names from
+//! and exposition; [`receivers`] take pushes (Pushgateway, InfluxDB `/write`) into the same
+//! sinks; [`certs`] is the certificate tooling; [`identity`] reads agent names from
 //! client certificates.
 
 pub mod agents;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod http;
 pub mod identity;
 pub mod ingest;
+pub mod receivers;
 pub mod server;
 pub mod sinks;
 pub mod store;

@@ -18,6 +18,9 @@ use crate::agents::Registry;
 use crate::config::{AggregatorConfig, TlsConfig};
 use crate::http::{HttpState, router};
 use crate::ingest::IngestService;
+use crate::receivers::Intake;
+use crate::receivers::influx_write::InfluxWrite;
+use crate::receivers::pushgateway::Pushgateway;
 use crate::sinks::Sinks;
 use crate::store::LatestStore;
 
@@ -41,11 +44,28 @@ pub async fn run(
         )
         .context("opening sinks")?,
     );
+    let intake = Arc::new(Intake::new(sinks.clone()));
     let state = Arc::new(HttpState {
         registry: registry.clone(),
         sinks: sinks.clone(),
         grpc_listening: false.into(),
+        intake: intake.clone(),
     });
+    let mut receivers = Vec::new();
+    let pushgateway = config
+        .receivers
+        .pushgateway
+        .enabled
+        .then(|| Pushgateway::new(config.receivers.pushgateway.clone(), intake.clone()));
+    if let Some(gateway) = &pushgateway {
+        receivers.push(gateway.router());
+    }
+    if config.receivers.influxdb.enabled {
+        let influx = InfluxWrite::new(config.receivers.influxdb.clone(), intake.clone())
+            .map_err(anyhow::Error::msg)
+            .context("receivers.influxdb")?;
+        receivers.push(influx.router());
+    }
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc.listen)
         .await
@@ -103,12 +123,14 @@ pub async fn run(
     );
     state.grpc_listening.store(true, Ordering::Relaxed);
     let http = tokio::spawn(
-        axum::serve(http_listener, router(state.clone()))
+        axum::serve(http_listener, router(state.clone(), receivers))
             .with_graceful_shutdown(wait_shutdown(shutdown_rx.clone()))
             .into_future(),
     );
     tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = !config.tls.insecure,
-        mutual_tls = config.tls.client_ca.is_some(), "picket-aggregator listening");
+        mutual_tls = config.tls.client_ca.is_some(),
+        pushgateway = config.receivers.pushgateway.enabled,
+        influxdb_write = config.receivers.influxdb.enabled, "picket-aggregator listening");
 
     let housekeeping = {
         let registry = registry.clone();
@@ -119,6 +141,9 @@ pub async fn run(
                 tick.tick().await;
                 sinks.latest.expire();
                 registry.forget_silent();
+                if let Some(gateway) = &pushgateway {
+                    gateway.expire().await;
+                }
             }
         })
     };
@@ -170,10 +195,11 @@ fn apply_reload(
         || old.http != new.http
         || old.tls != new.tls
         || old.sinks != new.sinks
+        || old.receivers != new.receivers
         || old.log.format != new.log.format;
     if needs_restart {
         tracing::warn!(
-            "SIGHUP: listener, TLS, sink or log-format changes take effect after a restart"
+            "SIGHUP: listener, TLS, sink, receiver or log-format changes take effect after a restart"
         );
     }
     tracing::info!("SIGHUP: configuration reloaded");

@@ -6,6 +6,7 @@
 #   tests/flink/start-cluster.sh cluster   # only JobManager + TaskManager
 #   tests/flink/start-cluster.sh submit    # (re)submit the SQL job to the running cluster
 #   tests/flink/start-cluster.sh wait-checkpoints [N]   # wait until N (default 3) checkpoints completed
+#   tests/flink/start-cluster.sh cancel    # cancel the submitted job and wait until it is CANCELED
 #   tests/flink/start-cluster.sh status    # ports, PIDs, liveness
 #   tests/flink/start-cluster.sh stop      # stop both processes (TERM, then KILL after 20 s)
 #
@@ -15,6 +16,7 @@
 #   PICKET_FLINK_DIR  state directory (config, logs, pids, checkpoints); default /tmp/picket-flink
 #   PICKET_FLINK_ROWS rows per second of the datagen source; default 2000
 #   JAVA              the java binary; default `java` (needs 17 or 21)
+#   PICKET_FLINK_EXTRA_CONFIG  a YAML file appended to config.yaml (more reporters, say)
 #
 # After `start`, $PICKET_FLINK_DIR/cluster.env holds the ports, PIDs and job id as shell
 # assignments, so a harness can `source` it.
@@ -146,6 +148,10 @@ io.tmp.dirs: $STATE/tmp
 metrics.reporter.prom.factory.class: org.apache.flink.metrics.prometheus.PrometheusReporterFactory
 metrics.reporter.prom.port: $FLINK_JM_PROM_PORT-$FLINK_TM_PROM_PORT
 EOF
+  if [[ -n "${PICKET_FLINK_EXTRA_CONFIG:-}" ]]; then
+    [[ -f "$PICKET_FLINK_EXTRA_CONFIG" ]] || die "PICKET_FLINK_EXTRA_CONFIG=$PICKET_FLINK_EXTRA_CONFIG does not exist"
+    { echo "# From $PICKET_FLINK_EXTRA_CONFIG"; cat "$PICKET_FLINK_EXTRA_CONFIG"; } >>"$CONF/config.yaml"
+  fi
   # Log files per process; the file name comes from -Dlog.file like bin/flink-daemon.sh does.
   cat >"$CONF/log4j.properties" <<'EOF'
 monitorInterval = 0
@@ -311,6 +317,20 @@ wait_checkpoints() {
   wait_for "$want checkpoints completed" 120 enough
 }
 
+job_canceled() {
+  local j
+  j=$(rest "/jobs/$FLINK_JOB_ID") || return 1
+  grep -q '"state":"CANCELED"' <<<"$j"
+}
+
+cancel_job() {
+  load_env
+  [[ -n "${FLINK_JOB_ID:-}" ]] || die "no job submitted"
+  curl -fsS --max-time 5 -X PATCH "http://$HOST:$FLINK_REST_PORT/jobs/$FLINK_JOB_ID?mode=cancel" >/dev/null ||
+    die "cancelling $FLINK_JOB_ID failed"
+  wait_for "job $FLINK_JOB_ID CANCELED" 60 job_canceled
+}
+
 status() {
   load_env
   cat "$ENV_FILE"
@@ -357,6 +377,7 @@ case "${1:-start}" in
     ;;
   submit) submit_job ;;
   wait-checkpoints) wait_checkpoints "${2:-3}" ;;
+  cancel) cancel_job ;;
   status) status ;;
   stop) stop_cluster ;;
   *)

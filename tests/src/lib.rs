@@ -9,6 +9,7 @@ pub mod journal;
 pub mod raw;
 
 pub mod fixture_http;
+pub mod flink;
 pub mod servers;
 
 use std::io::{Read, Write};

@@ -45,6 +45,8 @@ pub enum SinkError {
         name: String,
         source: http_client::ClientError,
     },
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// A network sink as the ingest path sees it: routing in front of a queue.
