@@ -16,9 +16,25 @@ pub struct PluginStats {
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
 
+/// Every `kind` an error is counted under. All are reported from zero, so that
+/// `increase()` and `rate()` see the first error of a kind instead of a series that starts
+/// at 1.
+pub const ERROR_KINDS: [&str; 11] = [
+    "collect",
+    "compile",
+    "denied",
+    "host_timeout",
+    "init",
+    "instantiate",
+    "limit",
+    "log_dropped",
+    "memory",
+    "timeout",
+    "trap",
+];
+
 impl PluginStats {
-    /// Counts an error of `kind`: trap, timeout, memory, limit, denied, host_timeout,
-    /// collect, init, instantiate.
+    /// Counts an error of `kind`, one of [`ERROR_KINDS`].
     pub fn count_error(&self, kind: &'static str) {
         *self
             .errors
@@ -28,11 +44,14 @@ impl PluginStats {
             .or_insert(0) += 1;
     }
 
+    /// The count of every kind in [`ERROR_KINDS`] (zero when none happened), plus any other
+    /// kind counted.
     pub fn errors(&self) -> BTreeMap<&'static str, u64> {
-        self.errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let mut all: BTreeMap<&'static str, u64> = ERROR_KINDS.iter().map(|k| (*k, 0)).collect();
+        for (kind, n) in self.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            all.insert(kind, *n);
+        }
+        all
     }
 
     pub fn add_restart(stats: &PluginStats) {
@@ -45,5 +64,26 @@ impl PluginStats {
 
     pub fn get(value: &AtomicU64) -> u64 {
         value.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_kind_is_reported_from_zero() {
+        let stats = PluginStats::default();
+        stats.count_error("trap");
+        stats.count_error("trap");
+        let errors = stats.errors();
+        assert_eq!(errors.len(), ERROR_KINDS.len());
+        assert_eq!(errors["trap"], 2);
+        assert!(
+            errors
+                .iter()
+                .filter(|(k, _)| **k != "trap")
+                .all(|(_, n)| *n == 0)
+        );
     }
 }

@@ -8,6 +8,7 @@
 pub mod journal;
 pub mod raw;
 
+pub mod dashboard;
 pub mod fixture_http;
 pub mod flink;
 pub mod servers;

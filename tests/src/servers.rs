@@ -795,7 +795,9 @@ impl Prometheus {
         )
     }
 
-    fn start_with_config(dir: &Path, config_text: String) -> Prometheus {
+    /// Prometheus with `config_text` as its `prometheus.yml` (remote-write receiver on), for
+    /// scrape jobs, rule files and the like.
+    pub fn start_with_config(dir: &Path, config_text: String) -> Prometheus {
         Self::build(dir, config_text, None)
     }
 

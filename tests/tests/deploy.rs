@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use picket_tests::dashboard;
 use picket_tests::servers::require;
 use serde_json::Value;
 
@@ -161,33 +162,10 @@ fn dashboard() -> Value {
     serde_json::from_str(&read(DASHBOARD)).expect("the dashboard is JSON")
 }
 
-/// Every panel, rows and the panels nested in (collapsed) rows included.
-fn all_panels(dashboard: &Value) -> Vec<&Value> {
-    fn walk<'a>(panels: &'a Value, out: &mut Vec<&'a Value>) {
-        for panel in panels.as_array().into_iter().flatten() {
-            out.push(panel);
-            if let Some(nested) = panel.get("panels") {
-                walk(nested, out);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&dashboard["panels"], &mut out);
-    out
-}
-
-fn panel_name(panel: &Value) -> String {
-    format!(
-        "panel {} {:?}",
-        panel["id"],
-        panel["title"].as_str().unwrap_or("")
-    )
-}
-
 /// (record name, expression) of every target of every panel.
 fn panel_exprs(dashboard: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for panel in all_panels(dashboard) {
+    for panel in dashboard::all_panels(dashboard) {
         for target in panel["targets"].as_array().into_iter().flatten() {
             if let Some(expr) = target["expr"].as_str() {
                 let record = format!(
@@ -234,11 +212,11 @@ fn dashboard_is_importable_with_its_variables() {
 #[test]
 fn every_panel_has_a_query_on_the_datasource_variable_and_a_unique_id() {
     let d = dashboard();
-    let panels = all_panels(&d);
+    let panels = dashboard::all_panels(&d);
     let mut ids: BTreeMap<u64, String> = BTreeMap::new();
     let mut queried = 0;
     for panel in &panels {
-        let name = panel_name(panel);
+        let name = dashboard::panel_name(panel);
         let id = panel["id"]
             .as_u64()
             .unwrap_or_else(|| panic!("{name}: no numeric id"));
@@ -276,49 +254,6 @@ fn every_panel_has_a_query_on_the_datasource_variable_and_a_unique_id() {
     assert!(queried >= 30, "only {queried} panels with queries");
 }
 
-/// The expression with the template variables Grafana would fill in replaced by concrete
-/// values. `$name`, `${name}`, `${name:format}` and `[[name]]` are recognised; an unknown
-/// variable fails the test.
-fn substitute(expr: &str, values: &BTreeMap<&str, &str>) -> String {
-    let lookup = |name: &str| -> &str {
-        values
-            .get(name)
-            .copied()
-            .unwrap_or_else(|| panic!("unknown template variable {name:?} in {expr}"))
-    };
-    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    let mut out = String::with_capacity(expr.len());
-    let mut rest = expr;
-    while let Some(pos) = rest.find(['$', '[']) {
-        out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        if let Some(inner) = tail.strip_prefix("${") {
-            let end = inner
-                .find('}')
-                .unwrap_or_else(|| panic!("unclosed ${{ in {expr}"));
-            let name = inner[..end].split(':').next().unwrap_or("");
-            out.push_str(lookup(name));
-            rest = &inner[end + 1..];
-        } else if let Some(inner) = tail.strip_prefix("[[") {
-            let end = inner
-                .find("]]")
-                .unwrap_or_else(|| panic!("unclosed [[ in {expr}"));
-            out.push_str(lookup(inner[..end].split(':').next().unwrap_or("")));
-            rest = &inner[end + 2..];
-        } else if let Some(inner) = tail.strip_prefix('$') {
-            let end = inner.find(|c: char| !is_name(c)).unwrap_or(inner.len());
-            assert!(end > 0, "a lone $ in {expr}");
-            out.push_str(lookup(&inner[..end]));
-            rest = &inner[end..];
-        } else {
-            out.push('[');
-            rest = &tail[1..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 fn template_values(dashboard: &Value) -> BTreeMap<&'static str, &'static str> {
     let mut values = BTreeMap::from([
         ("__rate_interval", "5m"),
@@ -352,13 +287,13 @@ fn template_values(dashboard: &Value) -> BTreeMap<&'static str, &'static str> {
 fn substitution_fills_every_variable_form() {
     let values = BTreeMap::from([("a", "x"), ("__rate_interval", "5m")]);
     assert_eq!(
-        substitute(
+        dashboard::substitute(
             r#"rate(m{l=~"$a", k="${a}", j="${a:regex}", i="[[a]]"}[$__rate_interval])"#,
             &values
         ),
         r#"rate(m{l=~"x", k="x", j="x", i="x"}[5m])"#
     );
-    assert_eq!(substitute("m[5m:1m]", &values), "m[5m:1m]");
+    assert_eq!(dashboard::substitute("m[5m:1m]", &values), "m[5m:1m]");
 }
 
 #[test]
@@ -369,7 +304,7 @@ fn every_dashboard_query_parses() {
     assert!(!exprs.is_empty());
     let mut rules = String::from("groups:\n  - name: dashboard-queries\n    rules:\n");
     for (record, expr) in &exprs {
-        let concrete = substitute(expr, &values);
+        let concrete = dashboard::substitute(expr, &values);
         assert!(!concrete.contains('$'), "{record}: {concrete}");
         // A JSON string is a YAML double-quoted scalar.
         let quoted = serde_json::to_string(&concrete).unwrap();
@@ -635,7 +570,7 @@ fn rules_and_dashboard_query_only_metrics_that_exist() {
     let values = template_values(&d);
     let mut queries: Vec<(String, String)> = panel_exprs(&d)
         .into_iter()
-        .map(|(record, expr)| (record, substitute(&expr, &values)))
+        .map(|(record, expr)| (record, dashboard::substitute(&expr, &values)))
         .collect();
     for (n, expr) in rule_exprs(&read(RULES)).into_iter().enumerate() {
         queries.push((format!("{RULES} expr #{}", n + 1), expr));

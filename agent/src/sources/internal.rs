@@ -154,7 +154,7 @@ fn plugin_families(stats: &AgentStats, ts: i64) -> Vec<Family> {
     let mut errors = Family::new(
         "picket_plugin_errors_total",
         MetricType::Counter,
-        "Plugin failures by kind: timeout, memory, trap, limit, denied, host_timeout, collect, init, instantiate, compile.",
+        "Plugin failures by kind: timeout, memory, trap, limit, denied, host_timeout, collect, init, instantiate, compile, log_dropped (each reported from 0).",
     );
     for (plugin, instance, s) in plugins.iter() {
         let labels = Labels::from_pairs([
