@@ -182,12 +182,37 @@ pub enum SinkConfig {
     Influxdb(crate::sinks::influxdb::InfluxConfig),
 }
 
+/// The settings every network sink has, whatever its kind.
+pub struct NetworkSettings<'a> {
+    pub name: &'a str,
+    pub url: &'a str,
+    pub queue: &'a crate::sinks::queue::QueueConfig,
+    pub routing: &'a crate::sinks::routing::RoutingConfig,
+    pub batch: &'a crate::sinks::driver::BatchConfig,
+    pub retry: &'a crate::sinks::driver::RetryConfig,
+    pub concurrency: usize,
+}
+
 impl SinkConfig {
-    fn network_name(&self) -> Option<&str> {
+    /// The shared settings of a network sink; `None` for the file journal.
+    pub fn network(&self) -> Option<NetworkSettings<'_>> {
+        macro_rules! settings {
+            ($c:expr) => {
+                Some(NetworkSettings {
+                    name: &$c.name,
+                    url: &$c.url,
+                    queue: &$c.queue,
+                    routing: &$c.routing,
+                    batch: &$c.batch,
+                    retry: &$c.retry,
+                    concurrency: $c.concurrency,
+                })
+            };
+        }
         match self {
             SinkConfig::File { .. } => None,
-            SinkConfig::PrometheusRemoteWrite(c) => Some(&c.name),
-            SinkConfig::Influxdb(c) => Some(&c.name),
+            SinkConfig::PrometheusRemoteWrite(c) => settings!(c),
+            SinkConfig::Influxdb(c) => settings!(c),
         }
     }
 }
@@ -258,7 +283,8 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
     let mut names = std::collections::HashSet::new();
     for (i, sink) in config.sinks.iter().enumerate() {
         let index = i.to_string();
-        if let Some(name) = sink.network_name() {
+        if let Some(network) = sink.network() {
+            let name = network.name;
             let valid = !name.is_empty()
                 && name.len() <= 64
                 && name
@@ -279,33 +305,13 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
                 ));
             }
         }
-        match sink {
-            SinkConfig::PrometheusRemoteWrite(c) => {
-                check_network_sink(
-                    &err,
-                    &index,
-                    &c.url,
-                    &c.routing,
-                    &c.queue,
-                    &c.batch,
-                    c.concurrency,
-                )?;
-            }
-            SinkConfig::Influxdb(c) => {
-                check_network_sink(
-                    &err,
-                    &index,
-                    &c.url,
-                    &c.routing,
-                    &c.queue,
-                    &c.batch,
-                    c.concurrency,
-                )?;
-                if let Some((key, message)) = c.problem() {
-                    return Err(err(&["sinks", &index, key], message));
-                }
-            }
-            SinkConfig::File { .. } => {}
+        if let Some(network) = sink.network() {
+            check_network_sink(&err, &index, &network)?;
+        }
+        if let SinkConfig::Influxdb(c) = sink
+            && let Some((key, message)) = c.problem()
+        {
+            return Err(err(&["sinks", &index, key], message));
         }
         match sink {
             SinkConfig::PrometheusRemoteWrite(_) | SinkConfig::Influxdb(_) => {}
@@ -328,12 +334,16 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
 fn check_network_sink(
     err: &dyn Fn(&[&str], String) -> ConfigError,
     index: &str,
-    url: &str,
-    routing: &crate::sinks::routing::RoutingConfig,
-    queue: &crate::sinks::queue::QueueConfig,
-    batch: &crate::sinks::driver::BatchConfig,
-    concurrency: usize,
+    settings: &NetworkSettings<'_>,
 ) -> Result<(), ConfigError> {
+    let NetworkSettings {
+        url,
+        routing,
+        queue,
+        batch,
+        concurrency,
+        ..
+    } = *settings;
     let parsed = url.parse::<axum::http::Uri>();
     let scheme_ok = parsed
         .as_ref()

@@ -437,3 +437,43 @@ pub fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Copies the rpi plugin's fixtures (a fake `vcgencmd` and a sysfs tree) to `<dir>/rpi` and
+/// returns the canonical path: grants are checked on resolved paths.
+pub fn copy_rpi_fixtures(dir: &Path) -> PathBuf {
+    let rpi_dir = dir.join("rpi");
+    copy_tree(&plugin_fixtures("rpi"), &rpi_dir);
+    rpi_dir
+        .canonicalize()
+        .expect("canonical rpi fixture directory")
+}
+
+/// An `rpi` plugin instance (agent TOML) running the fake `vcgencmd` in `rpi_dir` (from
+/// [`copy_rpi_fixtures`]), granted exactly the four queries the plugin makes.
+pub fn fake_rpi_instance(rpi_dir: &Path) -> String {
+    let vcgencmd = rpi_dir.join("vcgencmd").display().to_string();
+    let exec: Vec<String> = [
+        "[\"measure_temp\"]",
+        "[\"get_throttled\"]",
+        "[\"measure_clock\", \"arm\"]",
+        "[\"measure_volts\", \"core\"]",
+    ]
+    .iter()
+    .map(|args| format!("{{ program = \"{vcgencmd}\", args = {args} }}"))
+    .collect();
+    format!(
+        "[[plugins.instances]]\nname = \"rpi\"\nplugin = \"rpi\"\ntimeout = \"20s\"\n\
+         settings = {{ vcgencmd = \"{vcgencmd}\", fallback = false }}\n\
+         grants = {{ exec = [{}] }}\n",
+        exec.join(", ")
+    )
+}
+
+/// Aggregator TOML for a `prometheus_remote_write` sink called `name`, retrying quickly
+/// (50 ms to 500 ms) so tests recover from a database restart in well under a second.
+pub fn remote_write_sink_toml(name: &str, url: &str) -> String {
+    format!(
+        "\n[[sinks]]\ntype = \"prometheus_remote_write\"\nname = \"{name}\"\nurl = \"{url}\"\n\
+         [sinks.retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n"
+    )
+}

@@ -76,9 +76,7 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
     let flink = flink_overview_server();
     // The rpi plugin's fake vcgencmd and sysfs tree; canonical, since grants are checked on
     // resolved paths.
-    let rpi_dir = dir.path().join("rpi");
-    copy_tree(&plugin_fixtures("rpi"), &rpi_dir);
-    let rpi_dir = rpi_dir.canonicalize().unwrap();
+    let rpi_dir = copy_rpi_fixtures(dir.path());
     let mut agents = Vec::new();
     for arch in &ARCHES {
         let name = format!("pi-{}", arch.rust_arch);
@@ -179,27 +177,14 @@ fn first_party_instances(
     scrape: std::net::SocketAddr,
     flink: std::net::SocketAddr,
 ) -> String {
-    let vcgencmd = rpi_dir.join("vcgencmd").display().to_string();
-    let exec: Vec<String> = [
-        "[\"measure_temp\"]",
-        "[\"get_throttled\"]",
-        "[\"measure_clock\", \"arm\"]",
-        "[\"measure_volts\", \"core\"]",
-    ]
-    .iter()
-    .map(|args| format!("{{ program = \"{vcgencmd}\", args = {args} }}"))
-    .collect();
+    let rpi = fake_rpi_instance(rpi_dir);
     format!(
-        "[[plugins.instances]]\nname = \"rpi\"\nplugin = \"rpi\"\ntimeout = \"20s\"\n\
-         settings = {{ vcgencmd = \"{vcgencmd}\", fallback = false }}\n\
-         grants = {{ exec = [{}] }}\n\
-         [[plugins.instances]]\nname = \"scrape\"\nplugin = \"prometheus\"\ntimeout = \"20s\"\n\
+        "{rpi}[[plugins.instances]]\nname = \"scrape\"\nplugin = \"prometheus\"\ntimeout = \"20s\"\n\
          settings = {{ targets = [\"http://{scrape}/metrics\"] }}\n\
          grants = {{ http = {{ allow = [\"http://{scrape}/metrics\"] }} }}\n\
          [[plugins.instances]]\nname = \"flink\"\nplugin = \"flink\"\ntimeout = \"20s\"\n\
          settings = {{ url = \"http://{flink}\" }}\n\
-         grants = {{ http = {{ allow = [\"http://{flink}/\"] }} }}\n",
-        exec.join(", ")
+         grants = {{ http = {{ allow = [\"http://{flink}/\"] }} }}\n"
     )
 }
 

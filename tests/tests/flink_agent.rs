@@ -74,15 +74,7 @@ fn an_agent_watching_a_real_flink_cluster_feeds_prometheus_influxdb_alerts_and_t
         r#"
 [queues]
 directory = "{queues}"
-
-[[sinks]]
-type = "prometheus_remote_write"
-name = "prometheus"
-url = "{prom}"
-[sinks.retry]
-initial_backoff = "50ms"
-max_backoff = "500ms"
-
+{sink}
 [[sinks]]
 type = "influxdb"
 name = "influx"
@@ -91,7 +83,7 @@ api = "v1"
 database = "picket"
 "#,
         queues = dir.path().join("queues").display(),
-        prom = prom.write_url(),
+        sink = remote_write_sink_toml("prometheus", &prom.write_url()),
         influx = influx.url(),
     );
     let agg = Aggregator::start(
@@ -113,19 +105,7 @@ database = "picket"
     let (jm, tm) = flink.reporter_ports();
 
     // The agent: flink (REST), prometheus (both reporters), rpi (fake vcgencmd), host (default).
-    let rpi_dir = dir.path().join("rpi");
-    copy_tree(&plugin_fixtures("rpi"), &rpi_dir);
-    let rpi_dir = rpi_dir.canonicalize().unwrap();
-    let vcgencmd = rpi_dir.join("vcgencmd").display().to_string();
-    let exec: Vec<String> = [
-        "[\"measure_temp\"]",
-        "[\"get_throttled\"]",
-        "[\"measure_clock\", \"arm\"]",
-        "[\"measure_volts\", \"core\"]",
-    ]
-    .iter()
-    .map(|args| format!("{{ program = \"{vcgencmd}\", args = {args} }}"))
-    .collect();
+    let rpi = fake_rpi_instance(&copy_rpi_fixtures(dir.path()));
     let plugins = format!(
         "[[plugins.instances]]\nname = \"flink\"\nplugin = \"flink\"\ntimeout = \"20s\"\n\
          settings = {{ url = \"{rest}\", cluster = \"e2e\" }}\n\
@@ -133,10 +113,7 @@ database = "picket"
          [[plugins.instances]]\nname = \"flink-reporters\"\nplugin = \"prometheus\"\ntimeout = \"20s\"\n\
          settings = {{ targets = [\"http://127.0.0.1:{jm}/metrics\", \"http://127.0.0.1:{tm}/metrics\"] }}\n\
          grants = {{ http = {{ allow = [\"http://127.0.0.1:{jm}/\", \"http://127.0.0.1:{tm}/\"] }} }}\n\
-         [[plugins.instances]]\nname = \"rpi\"\nplugin = \"rpi\"\ntimeout = \"20s\"\n\
-         settings = {{ vcgencmd = \"{vcgencmd}\", fallback = false }}\n\
-         grants = {{ exec = [{}] }}\n",
-        exec.join(", ")
+         {rpi}"
     );
     let text = agent_config("pi-flink", &[http(agg.grpc)], None, None, "")
         .replace("interval = \"300ms\"", "interval = \"1s\"")

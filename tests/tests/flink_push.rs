@@ -60,17 +60,9 @@ group_ttl = "1m"
 [receivers.influxdb]
 enabled = true
 databases = ["flink"]
-
-[[sinks]]
-type = "prometheus_remote_write"
-name = "prometheus"
-url = "{url}"
-[sinks.retry]
-initial_backoff = "50ms"
-max_backoff = "500ms"
-"#,
+{sink}"#,
         queues = dir.path().join("queues").display(),
-        url = prom.write_url(),
+        sink = remote_write_sink_toml("prometheus", &prom.write_url()),
     );
     let agg = Aggregator::start(
         dir.path(),

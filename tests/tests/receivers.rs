@@ -17,17 +17,9 @@ fn start(dir: &Path, prom: &Prometheus, receivers: &str) -> Aggregator {
 directory = "{queues}"
 
 {receivers}
-
-[[sinks]]
-type = "prometheus_remote_write"
-name = "prometheus"
-url = "{url}"
-[sinks.retry]
-initial_backoff = "50ms"
-max_backoff = "500ms"
-"#,
+{sink}"#,
         queues = dir.join("queues").display(),
-        url = prom.write_url(),
+        sink = remote_write_sink_toml("prometheus", &prom.write_url()),
     );
     Aggregator::start(
         dir,

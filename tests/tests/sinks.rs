@@ -46,15 +46,7 @@ fn sink_toml(
         r#"
 [queues]
 directory = "{queues}"
-
-[[sinks]]
-type = "prometheus_remote_write"
-name = "prometheus"
-url = "{prom_url}"
-[sinks.retry]
-initial_backoff = "50ms"
-max_backoff = "500ms"
-
+{prometheus}
 [[sinks]]
 type = "influxdb"
 name = "influx"
@@ -66,7 +58,7 @@ initial_backoff = "50ms"
 max_backoff = "500ms"
 "#,
         queues = queues.display(),
-        prom_url = prom.write_url(),
+        prometheus = remote_write_sink_toml("prometheus", &prom.write_url()),
         influx_url = influx.url(),
     );
     if let Some(vm) = vm {

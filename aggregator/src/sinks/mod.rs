@@ -26,7 +26,7 @@ use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Labels, now_ms};
 use prost::Message;
 
-use crate::config::SinkConfig;
+use crate::config::{NetworkSettings, SinkConfig};
 use crate::store::LatestStore;
 use driver::{Destination, Driver};
 use file::{FileSink, FileSinkError};
@@ -81,16 +81,14 @@ impl Sinks {
                 }
                 SinkConfig::PrometheusRemoteWrite(c) => network.push(open_network(
                     queue_directory,
-                    &c.name,
                     "prometheus_remote_write",
-                    (&c.queue, &c.routing, &c.batch, &c.retry, c.concurrency),
+                    config,
                     |metrics| prometheus_remote_write::RemoteWrite::new(c, metrics),
                 )?),
                 SinkConfig::Influxdb(c) => network.push(open_network(
                     queue_directory,
-                    &c.name,
                     "influxdb",
-                    (&c.queue, &c.routing, &c.batch, &c.retry, c.concurrency),
+                    config,
                     |metrics| influxdb::Influx::new(c, metrics),
                 )?),
             }
@@ -195,23 +193,25 @@ impl Sinks {
     }
 }
 
-/// The delivery settings every network sink has.
-type Delivery<'a> = (
-    &'a queue::QueueConfig,
-    &'a RoutingConfig,
-    &'a driver::BatchConfig,
-    &'a driver::RetryConfig,
-    usize,
-);
-
 /// Opens a network sink's queue, builds its destination and starts its driver.
 fn open_network<D: Destination>(
     queue_directory: &Path,
-    name: &str,
     kind: &'static str,
-    (queue, routing, batch, retry, concurrency): Delivery<'_>,
+    config: &SinkConfig,
     destination: impl FnOnce(Arc<SinkMetrics>) -> Result<D, http_client::ClientError>,
 ) -> Result<NetworkSink, SinkError> {
+    let Some(NetworkSettings {
+        name,
+        queue,
+        routing,
+        batch,
+        retry,
+        concurrency,
+        ..
+    }) = config.network()
+    else {
+        return Err(SinkError::Internal(format!("{kind}: not a network sink")));
+    };
     let metrics = Arc::new(SinkMetrics::new(name, kind));
     let destination = destination(metrics.clone()).map_err(|source| SinkError::Client {
         name: name.to_owned(),
