@@ -12,7 +12,7 @@
 #
 # Environment:
 #   FLINK_HOME        the unpacked `pyflink` directory of the apache-flink-libraries wheel
-#                     (has lib/, plugins/, bin/bash-java-utils.jar); default /work/flink-wheel/pyflink
+#                     (has lib/, plugins/, bin/bash-java-utils.jar); default /opt/picket-tests/flink/pyflink
 #   PICKET_FLINK_DIR  state directory (config, logs, pids, checkpoints); default /tmp/picket-flink
 #   PICKET_FLINK_ROWS rows per second of the datagen source; default 2000
 #   JAVA              the java binary; default `java` (needs 17 or 21)
@@ -24,7 +24,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-FLINK_HOME=${FLINK_HOME:-/work/flink-wheel/pyflink}
+FLINK_HOME=${FLINK_HOME:-/opt/picket-tests/flink/pyflink}
 STATE=${PICKET_FLINK_DIR:-/tmp/picket-flink}
 ROWS=${PICKET_FLINK_ROWS:-2000}
 JAVA=${JAVA:-java}
@@ -64,8 +64,7 @@ die() { log "error: $*"; exit 1; }
 check_flink_home() {
   [[ -f "$FLINK_HOME/bin/bash-java-utils.jar" && -d "$FLINK_HOME/lib" ]] || die \
     "no Flink at FLINK_HOME=$FLINK_HOME; install it with:
-  pip3 download --no-deps -d /tmp/flink-dl 'apache-flink-libraries==2.3.*'
-  pip3 install --no-deps --target /work/flink-wheel /tmp/flink-dl/apache_flink_libraries-2.3.*.whl"
+  pip3 install --no-deps --target /opt/picket-tests/flink 'apache-flink-libraries==2.3.0'"
 }
 
 # N distinct free TCP ports on 127.0.0.1. All sockets stay bound until every port is chosen,
