@@ -274,6 +274,17 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
             ));
         }
     }
+    for (receiver, bytes) in [
+        ("pushgateway", config.receivers.pushgateway.max_body_bytes),
+        ("influxdb", config.receivers.influxdb.max_body_bytes),
+    ] {
+        if bytes < 1024 {
+            return Err(err(
+                &["receivers", receiver, "max_body_bytes"],
+                format!("{bytes} is too small for any real push; use at least 1024"),
+            ));
+        }
+    }
     if config.receivers.pushgateway.group_ttl < Duration::from_secs(1) {
         return Err(err(
             &["receivers", "pushgateway", "group_ttl"],
@@ -458,5 +469,39 @@ fsync = true
         let e = validate(&c, "a.toml", text).unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(2));
         assert!(e.message.contains("certs init"), "{e}");
+    }
+
+    #[test]
+    fn receiver_settings_are_checked_where_they_are_written() {
+        let check = |text: &str| {
+            let text = format!("[tls]\ninsecure = true\n{text}");
+            let c: AggregatorConfig = picket_core::config::parse("a.toml", &text).unwrap();
+            validate(&c, "a.toml", &text)
+        };
+        check("[receivers.pushgateway]\nenabled = true\n[receivers.influxdb]\nenabled = true\n")
+            .unwrap();
+        let e =
+            check("[receivers.pushgateway]\nenabled = true\nmax_body_bytes = 10\n").unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(5));
+        assert!(e.message.contains("at least 1024"), "{e}");
+        let e = check("[receivers.pushgateway]\ngroup_ttl = \"0s\"\n").unwrap_err();
+        assert!(e.message.contains("at least 1s"), "{e}");
+        let e = check("[receivers.influxdb]\nenabled = true\nusername = \"flink\"\n").unwrap_err();
+        assert!(e.message.contains("password"), "{e}");
+        let e = check(
+            "[receivers.influxdb]\nenabled = true\nusername = \"u\"\npassword_file = \"/nonexistent/p\"\n",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("/nonexistent/p"), "{e}");
+        let e = picket_core::config::parse::<AggregatorConfig>(
+            "a.toml",
+            "[receivers.pushgateway]\nenable = true\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.key.as_deref(),
+            Some("receivers.pushgateway.enable"),
+            "{e}"
+        );
     }
 }

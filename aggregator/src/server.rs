@@ -141,12 +141,21 @@ pub async fn run(
                 tick.tick().await;
                 sinks.latest.expire();
                 registry.forget_silent();
-                if let Some(gateway) = &pushgateway {
-                    gateway.expire().await;
-                }
             }
         })
     };
+
+    // Push groups expire in a task of their own: expiry waits for the groups' lock and for
+    // delivery, which must not hold up the housekeeping above.
+    let push_expiry = pushgateway.map(|gateway| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+            loop {
+                tick.tick().await;
+                gateway.expire().await;
+            }
+        })
+    });
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -171,6 +180,9 @@ pub async fn run(
     state.grpc_listening.store(false, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
     housekeeping.abort();
+    if let Some(task) = push_expiry {
+        task.abort();
+    }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         let _ = grpc.await;
         let _ = http.await;

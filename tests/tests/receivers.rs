@@ -181,6 +181,21 @@ fn pushgateway_pushes_reach_prometheus_and_removed_or_silent_series_end() {
         "a refused push changed the group"
     );
 
+    // A pusher that stalls half way through its body holds up nobody else: another group's
+    // push and a DELETE go through while it hangs (they would wait forever behind it if the
+    // body were read under the groups' lock).
+    let mut stalled = std::net::TcpStream::connect(agg.http).unwrap();
+    stalled
+        .write_all(
+            b"PUT /metrics/job/flink/host/stalled HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nflink_up 1\n",
+        )
+        .unwrap();
+    let r = push("PUT", "/metrics/job/flink/host/tm-3", "flink_up 1\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(&agg, "DELETE", "/metrics/job/flink/host/tm-3", &[], b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    drop(stalled);
+
     // The group stops pushing: after group_ttl its series end.
     wait_instant(&prom, "flink_records_total", "host", &[]);
     wait_instant(&prom, "flink_other", "host", &[]);
@@ -188,8 +203,9 @@ fn pushgateway_pushes_reach_prometheus_and_removed_or_silent_series_end() {
         !agg.metrics().contains("flink_records_total{"),
         "an expired group's series must leave /metrics"
     );
-    assert_eq!(receiver_requests(&agg, "pushgateway", "accepted"), 5.0);
-    assert_eq!(receiver_requests(&agg, "pushgateway", "bad_request"), 3.0);
+    assert_eq!(receiver_requests(&agg, "pushgateway", "accepted"), 7.0);
+    // Three refused pushes, and the stalled one whose client went away.
+    assert_eq!(receiver_requests(&agg, "pushgateway", "bad_request"), 4.0);
     assert_eq!(receiver_requests(&agg, "pushgateway", "too_large"), 1.0);
 }
 

@@ -76,12 +76,19 @@
 //!   and the next lines are parsed.
 //! * A line that is not UTF-8 is an error.
 //!
+//! * A line whose tags, copied into each of its numeric fields, would make more than 16 times
+//!   the line's length in label bytes (a few tags with a few fields never do) is an error, so
+//!   a body cannot expand without bound in memory.
+//!
 //! Not checked: InfluxDB's 64 KiB series key limit, and its reserved `time` tag and field keys
 //! (InfluxDB drops such points; the names mean nothing to Picket, so they are kept).
 
 use std::collections::HashMap;
 
 use picket_core::model::{Family, Labels, MetricType};
+
+/// How many times its own length in label bytes one line may make (tags × numeric fields).
+const EXPANSION_FACTOR: usize = 16;
 
 /// The unit of timestamps in a request, from `/write`'s `precision` parameter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -495,6 +502,19 @@ impl Builder {
         };
 
         self.mark_replaced_fields();
+        // Every numeric field gets its own copy of the tags: bound what one line can make.
+        let tag_bytes: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let numeric = self
+            .fields
+            .iter()
+            .filter(|f| !f.replaced && f.value.is_some())
+            .count();
+        let budget = EXPANSION_FACTOR * line.len().max(1024);
+        if tag_bytes.saturating_mul(numeric) > budget {
+            return Err(format!(
+                "{numeric} fields × {tag_bytes} bytes of tags is more than {budget} bytes of labels; split the line"
+            ));
+        }
         self.emit(labels, timestamp_ms);
         Ok(())
     }
@@ -1244,6 +1264,24 @@ mod tests {
         // Nor is a space allowed between fields.
         assert!(error_of("m a=1, b=2").contains("missing field key"));
         assert!(error_of("m a=1 b=2").contains("invalid timestamp"));
+    }
+
+    #[test]
+    fn a_line_that_would_expand_without_bound_is_an_error() {
+        let tags: String = (0..100)
+            .map(|i| format!(",tag{i}={}", "v".repeat(40)))
+            .collect();
+        let fields: Vec<String> = (0..1000).map(|i| format!("f{i}=1")).collect();
+        let body = format!("bomb{tags} {}\nok,host=a value=1\n", fields.join(","));
+        let parsed = parse(body.as_bytes(), Precision::Milliseconds, 5);
+        assert_eq!(parsed.errors.len(), 1);
+        assert_eq!(parsed.errors[0].line, 1);
+        assert!(
+            parsed.errors[0].reason.contains("split the line"),
+            "{:?}",
+            parsed.errors
+        );
+        assert_eq!(parsed.points, 1);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use picket_core::model::now_ms;
 use serde::Deserialize;
 
 use super::influx_line::{self, Precision};
-use super::{Intake, query_param};
+use super::{BodyError, Intake, query_param, read_body};
 
 const RECEIVER: &str = "influxdb";
 /// The version `/ping` reports: the 1.x API this receiver implements.
@@ -143,31 +143,45 @@ impl InfluxWrite {
         }
         let precision = Precision::from_param(query_param(query, "precision").as_deref())
             .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
-        let too_large = || {
+        let limit = self.config.max_body_bytes;
+        let too_large = move || {
             error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body larger than receivers.influxdb.max_body_bytes ({})",
-                    self.config.max_body_bytes
-                ),
+                format!("request body larger than receivers.influxdb.max_body_bytes ({limit})"),
             )
         };
-        let raw = axum::body::to_bytes(body, self.config.max_body_bytes)
-            .await
-            .map_err(|_| too_large())?;
+        let raw = read_body(body, limit).await.map_err(|e| match e {
+            BodyError::TooLarge => too_large(),
+            BodyError::Broken(why) => error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {why}"),
+            ),
+        })?;
         let gzip = headers
             .get(header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
-        let text = if gzip {
-            gunzip(&raw, self.config.max_body_bytes).map_err(|e| match e {
-                Gunzip::TooLarge => too_large(),
-                Gunzip::Invalid(e) => error(StatusCode::BAD_REQUEST, format!("bad gzip body: {e}")),
-            })?
-        } else {
-            raw
-        };
-        let parsed = influx_line::parse(&text, precision, now_ms());
+        // Decompressing and parsing are CPU work: off the async workers.
+        let parsed = tokio::task::spawn_blocking(move || {
+            let text = if gzip {
+                gunzip(&raw, limit).map_err(|e| match e {
+                    Gunzip::TooLarge => too_large(),
+                    Gunzip::Invalid(e) => {
+                        error(StatusCode::BAD_REQUEST, format!("bad gzip body: {e}"))
+                    }
+                })?
+            } else {
+                raw
+            };
+            Ok(influx_line::parse(&text, precision, now_ms()))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("parsing failed: {e}"),
+            ))
+        })?;
         if parsed.families.is_empty() {
             return match parsed.errors.first() {
                 Some(first) => Err(error(
@@ -246,10 +260,11 @@ enum Gunzip {
     Invalid(std::io::Error),
 }
 
-/// Decompresses at most `limit` bytes, so a small bomb cannot take the memory.
+/// Decompresses at most `limit` bytes, so a small bomb cannot take the memory. Every member
+/// of a multi-member body is read, as gzip tools and InfluxDB do.
 fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, Gunzip> {
     let mut out = Vec::new();
-    let mut decoder = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    let mut decoder = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
     decoder.read_to_end(&mut out).map_err(Gunzip::Invalid)?;
     if out.len() > limit {
         return Err(Gunzip::TooLarge);
@@ -302,5 +317,8 @@ mod tests {
         );
         assert!(matches!(gunzip(&compressed, 9_999), Err(Gunzip::TooLarge)));
         assert!(matches!(gunzip(b"not gzip", 100), Err(Gunzip::Invalid(_))));
+        // Two members, as `cat a.gz b.gz` makes: both are read.
+        let twice = [compressed.clone(), compressed].concat();
+        assert_eq!(gunzip(&twice, 20_000).ok().map(|b| b.len()), Some(20_000));
     }
 }

@@ -13,7 +13,6 @@ pub mod influx_write;
 pub mod pushgateway;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use picket_core::model::{Family, Labels, MetricType, now_ms};
@@ -34,7 +33,9 @@ pub struct ReceiversConfig {
 pub struct Intake {
     sinks: Arc<Sinks>,
     session: u64,
-    sequence: AtomicU64,
+    /// The last sequence handed out. Held while a push is delivered, so sequences reach the
+    /// sinks in order: the file journal skips a batch numbered at or below one it has.
+    sequence: Arc<Mutex<u64>>,
     metrics: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
@@ -43,7 +44,7 @@ impl Intake {
         Intake {
             sinks,
             session: u64::try_from(now_ms()).unwrap_or_default(),
-            sequence: AtomicU64::new(0),
+            sequence: Arc::new(Mutex::new(0)),
             metrics: Mutex::new(BTreeMap::new()),
         }
     }
@@ -53,12 +54,16 @@ impl Intake {
         if families.is_empty() {
             return Ok(());
         }
-        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
         let sinks = self.sinks.clone();
         let session = self.session;
-        tokio::task::spawn_blocking(move || sinks.deliver(&source, session, sequence, &families))
-            .await
-            .unwrap_or_else(|e| Err(SinkError::Internal(e.to_string())))
+        let sequence = self.sequence.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut sequence = sequence.lock().unwrap_or_else(|e| e.into_inner());
+            *sequence += 1;
+            sinks.deliver(&source, session, *sequence, &families)
+        })
+        .await
+        .unwrap_or_else(|e| Err(SinkError::Internal(e.to_string())))
     }
 
     /// Counts one request of `receiver` by outcome (`accepted`, `bad_request`,
@@ -89,6 +94,29 @@ impl Intake {
         }
         vec![requests]
     }
+}
+
+/// Why a request body could not be read.
+pub enum BodyError {
+    /// Longer than the receiver's `max_body_bytes`.
+    TooLarge,
+    /// The client went away or broke the framing mid-body.
+    Broken(String),
+}
+
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<bytes::Bytes, BodyError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            BodyError::TooLarge
+        } else {
+            BodyError::Broken(inner.to_string())
+        }
+    })
 }
 
 /// Decodes `%XX` escapes (and leaves everything else, `+` included, as it is). `None` when

@@ -32,9 +32,14 @@ use picket_plugin_sdk::types as sdk;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use super::{Intake, decode_base64, percent_decode};
+use super::{BodyError, Intake, decode_base64, percent_decode, read_body};
 
 const RECEIVER: &str = "pushgateway";
+/// Most `<label>/<value>` pairs a push path may carry, the job included.
+const MAX_GROUPING_LABELS: usize = 32;
+/// Grouping labels copied into every series may make at most this many times the body's
+/// size (or of 64 KiB, for small bodies) in label bytes.
+const EXPANSION_FACTOR: usize = 16;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -133,34 +138,26 @@ impl Pushgateway {
         self.groups.lock().await.len()
     }
 
-    async fn push(
+    /// Reads, parses and converts a push body, before any lock is taken: a slow or stalled
+    /// client holds up nobody else.
+    async fn read_push(
         &self,
-        method: &Method,
-        key: GroupKey,
+        key: &GroupKey,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<StatusCode, Refusal> {
-        let mut groups = self.groups.lock().await;
+    ) -> Result<Vec<Family>, Refusal> {
         let now = now_ms();
-        if *method == Method::DELETE {
-            let Some(group) = groups.get(&key) else {
-                return Ok(StatusCode::ACCEPTED);
-            };
-            let stale = stale_markers(group.families.iter().map(|(n, (k, s))| (n, *k, s)));
-            self.deliver(&key, stale).await?;
-            groups.remove(&key);
-            return Ok(StatusCode::ACCEPTED);
-        }
-        let body = axum::body::to_bytes(body, self.config.max_body_bytes)
+        let body = read_body(body, self.config.max_body_bytes)
             .await
-            .map_err(|_| {
-                Refusal(
+            .map_err(|e| match e {
+                BodyError::TooLarge => Refusal(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
                         "push body larger than receivers.pushgateway.max_body_bytes ({})",
                         self.config.max_body_bytes
                     ),
-                )
+                ),
+                BodyError::Broken(why) => Refusal::bad(format!("cannot read the push: {why}")),
             })?;
         let content_type = headers
             .get(header::CONTENT_TYPE)
@@ -171,16 +168,59 @@ impl Pushgateway {
                 "the protobuf format is not accepted; push the text format (text/plain; version=0.0.4)".into(),
             ));
         }
-        let parsed = exposition::parse(&body, Format::from_content_type(content_type))
-            .map_err(|e| Refusal::bad(format!("cannot parse the push: {e}")))?;
-        let pushed = convert(parsed.families, &key, now)?;
+        let format = Format::from_content_type(content_type);
+        let key = key.clone();
+        tokio::task::spawn_blocking(move || {
+            let parsed = exposition::parse(&body, format)
+                .map_err(|e| Refusal::bad(format!("cannot parse the push: {e}")))?;
+            // Grouping labels are copied into every series: bound what a long path times a
+            // long body can make.
+            let series: usize = parsed.families.iter().map(|f| f.samples.len()).sum();
+            let group_bytes: usize = key.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let budget = EXPANSION_FACTOR * body.len().max(64 * 1024);
+            if series.saturating_mul(group_bytes) > budget {
+                return Err(Refusal(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "{series} series × {group_bytes} bytes of grouping labels is more than {budget} bytes; use fewer or shorter grouping labels"
+                    ),
+                ));
+            }
+            convert(parsed.families, &key, now)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("parsing the push failed: {e}"),
+            ))
+        })
+    }
 
+    /// Applies a read push (`None`: a DELETE) to its group and the sinks. Pushes and expiry
+    /// take turns on the groups: each one's stale markers follow from the state before it.
+    async fn apply(
+        &self,
+        method: Method,
+        key: GroupKey,
+        pushed: Option<Vec<Family>>,
+    ) -> Result<StatusCode, Refusal> {
+        let mut groups = self.groups.lock().await;
+        let Some(pushed) = pushed else {
+            let Some(group) = groups.get(&key) else {
+                return Ok(StatusCode::ACCEPTED);
+            };
+            let stale = stale_markers(group.families.iter().map(|(n, (k, s))| (n, *k, s)));
+            self.deliver(&key, stale).await?;
+            groups.remove(&key);
+            return Ok(StatusCode::ACCEPTED);
+        };
         let no_families = HashMap::new();
         let current = groups.get(&key).map_or(&no_families, |g| &g.families);
         // Series the push removes: all of the group's for PUT, those of the pushed families
         // for POST.
         let replaced =
-            |name: &String| *method == Method::PUT || pushed.iter().any(|f| &f.name == name);
+            |name: &String| method == Method::PUT || pushed.iter().any(|f| &f.name == name);
         let mut removed: Vec<(&String, MetricType, HashSet<Labels>)> = Vec::new();
         for (name, (kind, series)) in current {
             if !replaced(name) {
@@ -245,7 +285,7 @@ async fn handle(
             .into_response();
     }
     let result = match parse_group(uri.path()) {
-        Ok(key) => gateway.push(&method, key, &headers, body).await,
+        Ok(key) => push(gateway.clone(), method, key, headers, body).await,
         Err(message) => Err(Refusal::bad(message)),
     };
     match result {
@@ -259,6 +299,30 @@ async fn handle(
             (status, format!("{message}\n")).into_response()
         }
     }
+}
+
+async fn push(
+    gateway: Arc<Pushgateway>,
+    method: Method,
+    key: GroupKey,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, Refusal> {
+    let pushed = if method == Method::DELETE {
+        None
+    } else {
+        Some(gateway.read_push(&key, &headers, body).await?)
+    };
+    // In a task of its own: a client that hangs up mid-delivery must not cancel the update
+    // half way, leaving the group state and the sinks disagreeing.
+    tokio::spawn(async move { gateway.apply(method, key, pushed).await })
+        .await
+        .unwrap_or_else(|e| {
+            Err(Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("applying the push failed: {e}"),
+            ))
+        })
 }
 
 fn outcome(status: StatusCode) -> &'static str {
@@ -280,6 +344,12 @@ fn parse_group(path: &str) -> Result<GroupKey, String> {
     if !segments.len().is_multiple_of(2) || segments.len() < 2 {
         return Err(format!(
             "{path}: expected /metrics/job/<job> followed by <label>/<value> pairs"
+        ));
+    }
+    if segments.len() / 2 > MAX_GROUPING_LABELS {
+        return Err(format!(
+            "{} grouping labels; at most {MAX_GROUPING_LABELS} are accepted",
+            segments.len() / 2
         ));
     }
     let mut key = GroupKey::new();
@@ -444,6 +514,7 @@ mod tests {
             "/metrics/job/x/1bad/y",
             "/metrics/job/x%zz",
             "/metrics/job@base64/***",
+            &format!("/metrics/job/x{}", "/l/v".repeat(MAX_GROUPING_LABELS)),
         ] {
             assert!(parse_group(bad).is_err(), "{bad}");
         }
