@@ -74,6 +74,13 @@ struct Group {
     last_push: Option<Instant>,
 }
 
+impl Group {
+    /// Stale markers for every series the group has (it is being deleted or expired).
+    fn all_stale(&self) -> Vec<Family> {
+        stale_markers(self.families.iter().map(|(n, (k, s))| (n, *k, s)))
+    }
+}
+
 pub struct Pushgateway {
     config: PushgatewayConfig,
     intake: Arc<Intake>,
@@ -105,8 +112,8 @@ impl Pushgateway {
             .with_state(self.clone())
     }
 
-    /// Ends the series of groups that stopped pushing. Called by the aggregator's
-    /// housekeeping; a group whose stale markers cannot be delivered now is tried again.
+    /// Ends the series of groups that stopped pushing. Called every few seconds by a task of
+    /// its own; a group whose stale markers cannot be delivered now is tried again.
     pub async fn expire(&self) {
         let mut groups = self.groups.lock().await;
         let expired: Vec<GroupKey> = groups
@@ -121,8 +128,11 @@ impl Pushgateway {
             let Some(group) = groups.get(&key) else {
                 continue;
             };
-            let stale = stale_markers(group.families.iter().map(|(n, (k, s))| (n, *k, s)));
-            match self.intake.deliver(source_name(&key), stale).await {
+            match self
+                .intake
+                .deliver(source_name(&key), group.all_stale())
+                .await
+            {
                 Ok(()) => {
                     tracing::info!(group = %render_group(&key), "push group expired: no push for group_ttl");
                     groups.remove(&key);
@@ -132,10 +142,6 @@ impl Pushgateway {
                 }
             }
         }
-    }
-
-    pub async fn group_count(&self) -> usize {
-        self.groups.lock().await.len()
     }
 
     /// Reads, parses and converts a push body, before any lock is taken: a slow or stalled
@@ -210,8 +216,7 @@ impl Pushgateway {
             let Some(group) = groups.get(&key) else {
                 return Ok(StatusCode::ACCEPTED);
             };
-            let stale = stale_markers(group.families.iter().map(|(n, (k, s))| (n, *k, s)));
-            self.deliver(&key, stale).await?;
+            self.deliver(&key, group.all_stale()).await?;
             groups.remove(&key);
             return Ok(StatusCode::ACCEPTED);
         };
@@ -221,24 +226,7 @@ impl Pushgateway {
         // for POST.
         let replaced =
             |name: &String| method == Method::PUT || pushed.iter().any(|f| &f.name == name);
-        let mut removed: Vec<(&String, MetricType, HashSet<Labels>)> = Vec::new();
-        for (name, (kind, series)) in current {
-            if !replaced(name) {
-                continue;
-            }
-            let still = pushed.iter().find(|f| &f.name == name && f.kind == *kind);
-            let gone: HashSet<Labels> = series
-                .iter()
-                .filter(|labels| {
-                    still.is_none_or(|f| !f.points.iter().any(|p| &p.labels == *labels))
-                })
-                .cloned()
-                .collect();
-            if !gone.is_empty() {
-                removed.push((name, *kind, gone));
-            }
-        }
-        let mut families = stale_markers(removed.iter().map(|(n, k, s)| (*n, *k, s)));
+        // The group after the push: what it keeps, plus what was pushed.
         let mut next: HashMap<String, (MetricType, HashSet<Labels>)> = current
             .iter()
             .filter(|(name, _)| !replaced(name))
@@ -248,6 +236,21 @@ impl Pushgateway {
             let series = family.points.iter().map(|p| p.labels.clone()).collect();
             next.insert(family.name.clone(), (family.kind, series));
         }
+        // Series it had and no longer has (a family whose type changed loses all of its old
+        // ones) get stale markers.
+        let removed: Vec<(&String, MetricType, HashSet<Labels>)> = current
+            .iter()
+            .map(|(name, (kind, series))| {
+                let kept = next.get(name).filter(|(k, _)| k == kind).map(|(_, s)| s);
+                let gone = series
+                    .iter()
+                    .filter(|labels| kept.is_none_or(|s| !s.contains(*labels)))
+                    .cloned()
+                    .collect();
+                (name, *kind, gone)
+            })
+            .collect();
+        let mut families = stale_markers(removed.iter().map(|(n, k, s)| (*n, *k, s)));
         families.extend(pushed);
         self.deliver(&key, families).await?;
         let group = groups.entry(key).or_default();
