@@ -27,6 +27,8 @@ TOML
 cat >"$state/agent.toml" <<TOML
 instance = "demo-agent"
 interval = "5s"
+[spool]
+directory = "$state/spool"
 [aggregator.tls]
 ca = "$state/tls/ca.pem"
 cert = "$state/tls/agents/demo-agent.pem"

@@ -32,6 +32,7 @@ pub struct AgentConfig {
     pub log: LogConfig,
     pub batch: BatchConfig,
     pub buffer: BufferConfig,
+    pub spool: crate::shipper::spool::SpoolConfig,
     pub aggregator: AggregatorLink,
     pub sources: SourcesConfig,
     pub plugins: crate::plugins::PluginsConfig,
@@ -47,6 +48,7 @@ impl Default for AgentConfig {
             log: LogConfig::default(),
             batch: BatchConfig::default(),
             buffer: BufferConfig::default(),
+            spool: crate::shipper::spool::SpoolConfig::default(),
             aggregator: AggregatorLink::default(),
             sources: SourcesConfig::default(),
             plugins: crate::plugins::PluginsConfig::default(),
@@ -321,6 +323,24 @@ pub fn validate(config: &AgentConfig, origin: &str, text: &str) -> Result<(), Co
         return Err(err(
             &["aggregator", "tls"],
             format!("mutual TLS needs both cert and key; add aggregator.tls.{missing}"),
+        ));
+    }
+    if config.spool.max_bytes.get() < 1024 * 1024 {
+        return Err(err(
+            &["spool", "max_bytes"],
+            "must be at least 1048576 (1 MiB); the default is 67108864 (64 MiB)".into(),
+        ));
+    }
+    if config.spool.flush_interval < Duration::from_millis(100) {
+        return Err(err(
+            &["spool", "flush_interval"],
+            "must be at least 100ms (e.g. \"10s\")".into(),
+        ));
+    }
+    if config.spool.directory.as_deref() == Some(Path::new("")) {
+        return Err(err(
+            &["spool", "directory"],
+            "must not be empty (leave it out for /var/lib/picket/spool)".into(),
         ));
     }
     if config.sources.retired_host.is_some() {

@@ -45,6 +45,8 @@ pub async fn run(
     }
     let stats = Arc::new(AgentStats::default());
     let config = Arc::new(config);
+    // Before any task starts: a spool directory that cannot be used may stop the agent.
+    let shipper = Shipper::open(config.clone(), stats.clone())?;
     let (config_tx, config_rx) = watch::channel(config.clone());
     let (rounds_tx, rounds_rx) = mpsc::channel(ROUND_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -56,7 +58,7 @@ pub async fn run(
     let plugin_manager = tokio::spawn(manager.run(config_rx.clone(), stop_rx.clone()));
     let collector =
         tokio::spawn(Collector::new(stats.clone()).run(config_rx.clone(), rounds_tx, stop_rx));
-    let shipper = tokio::spawn(Shipper::new(config.clone(), stats).run(rounds_rx, config_rx));
+    let shipper = tokio::spawn(shipper.run(rounds_rx, config_rx));
     tracing::info!(instance = %config.instance(), endpoints = ?config.aggregator.endpoints,
         interval = ?config.interval, "picket-agent running");
 
@@ -86,6 +88,16 @@ pub async fn run(
     let _ = collector.await;
     let _ = plugin_manager.await;
     let _ = shipper.await;
+    let get = AgentStats::get;
+    tracing::info!(
+        rounds = get(&stats.collections),
+        collected_samples = get(&stats.collected_samples),
+        acked_samples = get(&stats.samples_acked),
+        dropped_buffer_full = get(&stats.dropped_samples_buffer_full),
+        dropped_shutdown = get(&stats.dropped_samples_shutdown),
+        spool_dropped = get(&stats.spool_dropped_samples_full),
+        "picket-agent stopped"
+    );
     Ok(())
 }
 

@@ -22,6 +22,16 @@ pub struct AgentStats {
     pub pending_batches: AtomicU64,
     pub pending_bytes: AtomicU64,
     pub pending_samples: AtomicU64,
+    /// Bytes in the disk spool's segment files.
+    pub spool_bytes: AtomicU64,
+    pub spool_writes: AtomicU64,
+    pub spool_write_errors: AtomicU64,
+    /// Dropped from the spool to stay within `spool.max_bytes`.
+    pub spool_dropped_samples_full: AtomicU64,
+    /// Spooled batches that could not be read back.
+    pub spool_dropped_samples_unreadable: AtomicU64,
+    /// Bytes of spool records skipped at start-up (torn writes, damage).
+    pub spool_damaged_bytes: AtomicU64,
     pub connected: AtomicU64,
     pub connects: AtomicU64,
     pub connection_failures: AtomicU64,

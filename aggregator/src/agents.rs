@@ -13,7 +13,8 @@ use picket_core::model::{Family, Labels, MetricType};
 use crate::config::AgentsConfig;
 
 /// Most sessions remembered per agent for de-duplication. An agent has one session per
-/// process start; older ones can only matter for batches still in flight from before a restart.
+/// process start (with a disk spool, one per spool, kept across restarts); older ones can only
+/// matter for batches still in flight from before a restart.
 const MAX_SESSIONS_PER_AGENT: usize = 4;
 
 #[derive(Debug)]

@@ -263,14 +263,19 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
     let influx = &config.receivers.influxdb;
     if influx.enabled {
         if let Err(e) = influx.resolved_password() {
-            return Err(err(&["receivers", "influxdb", "password_file"], e));
+            let key = if influx.password_file.is_some() {
+                "password_file"
+            } else if influx.password_env.is_some() {
+                "password_env"
+            } else {
+                "password"
+            };
+            return Err(err(&["receivers", "influxdb", key], e));
         }
-        if influx.username.is_some()
-            != (influx.password.is_some() || influx.password_file.is_some())
-        {
+        if influx.username.is_some() != influx.password_source().is_set() {
             return Err(err(
                 &["receivers", "influxdb", "username"],
-                "set username together with password or password_file".into(),
+                "set username together with password, password_file or password_env".into(),
             ));
         }
     }

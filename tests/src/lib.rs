@@ -5,6 +5,7 @@
 //! The binaries must be built first (`cargo build --workspace --bins`; `scripts/test` does
 //! it). A missing binary fails the test with that instruction.
 
+pub mod faults;
 pub mod journal;
 pub mod raw;
 
@@ -259,6 +260,12 @@ pub struct Aggregator {
 impl Aggregator {
     pub fn start(dir: &Path, spec: &AggregatorSpec) -> Aggregator {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Aggregator::start_on(dir, spec, grpc)
+    }
+
+    /// Like [`Aggregator::start`], with gRPC on `grpc` (an address in a test's own network
+    /// namespace set-up, say).
+    pub fn start_on(dir: &Path, spec: &AggregatorSpec, grpc: SocketAddr) -> Aggregator {
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut text = format!("[grpc]\nlisten = \"{grpc}\"\n[http]\nlisten = \"{http}\"\n[tls]\n");
         match spec.pki {
@@ -338,8 +345,49 @@ impl Aggregator {
     /// SIGKILL and start again on the same ports and config.
     pub fn kill9_and_restart(&mut self, dir: &Path) {
         self.process.kill9();
+        self.start_again(dir);
+    }
+
+    /// Starts the (stopped or killed) aggregator again on the same ports and config.
+    pub fn start_again(&mut self, dir: &Path) {
         self.process = Self::spawn(&self.config, dir, self.grpc.port());
         self.wait_ready();
+    }
+
+    /// The sum of `family` over the series whose labels include every one of `labels`
+    /// (written `name="value"`), from the aggregator's `/metrics`.
+    pub fn metric_sum(&self, family: &str, labels: &[&str]) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with('{'))
+                    && labels.iter().all(|label| l.contains(label))
+            })
+            .filter_map(|l| {
+                l.rsplit_once('}')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    /// The newest value of agent `instance`'s `name` series that the aggregator received with
+    /// a sample timestamp after `after_ms` (from its `/metrics`, which carries timestamps).
+    pub fn agent_value_after(&self, name: &str, instance: &str, after_ms: i64) -> Option<f64> {
+        let text = self.metrics();
+        let label = format!("instance=\"{instance}\"");
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+            .find_map(|l| {
+                let mut parts = l.rsplitn(3, ' ');
+                let ts: i64 = parts.next()?.parse().ok()?;
+                let value: f64 = parts.next()?.parse().ok()?;
+                (ts > after_ms).then_some(value)
+            })
     }
 
     pub fn metrics(&self) -> String {
@@ -397,6 +445,14 @@ pub fn agent_config(
     text
 }
 
+/// An agent `[spool]` section in `directory`, plus `extra` keys.
+pub fn spool_toml(directory: &Path, extra: &str) -> String {
+    format!(
+        "\n[spool]\ndirectory = \"{}\"\n{extra}\n",
+        directory.display()
+    )
+}
+
 pub fn https(addr: SocketAddr) -> String {
     format!("https://{addr}")
 }
@@ -405,9 +461,15 @@ pub fn http(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
 
-/// Starts an agent with `config_text` written to `dir`.
+/// Starts an agent with `config_text` written to `dir`. Unless the text has a `[spool]`
+/// section, the agent's spool goes to `<dir>/spool-<name>` (never the machine's default, which
+/// test agents would otherwise share).
 pub fn start_agent(dir: &Path, name: &str, config_text: &str) -> (Process, PathBuf) {
     let config = dir.join(format!("agent-{name}.toml"));
+    let mut config_text = config_text.to_owned();
+    if !config_text.contains("[spool]") {
+        config_text += &spool_toml(&dir.join(format!("spool-{name}")), "");
+    }
     std::fs::write(&config, config_text).expect("write agent config");
     let mut cmd = Command::new(bin("picket-agent"));
     cmd.arg("--config").arg(&config);

@@ -240,9 +240,13 @@ fn bounded_buffer_drops_oldest_during_an_outage_and_counts_them() {
     let journal = dir.path().join("journal.jsonl");
     let port = free_port();
     let endpoint = format!("http://127.0.0.1:{port}");
-    // A buffer of ~24 KiB holds only a few rounds of host metrics.
-    let text = agent_config("pi-buffer", &[endpoint], None, None, "")
-        .replace("[batch]", "[buffer]\nmax_bytes = 24000\n[batch]");
+    // A buffer of ~24 KiB holds only a few rounds of host metrics. Without a spool (memory
+    // only, as `spool.enabled = false` runs) the overflow is dropped; tests/tests/faults.rs
+    // covers the spool.
+    let text = agent_config("pi-buffer", &[endpoint], None, None, "").replace(
+        "[batch]",
+        "[buffer]\nmax_bytes = 24000\n[spool]\nenabled = false\n[batch]",
+    );
     let (agent, _) = start_agent(dir.path(), "buffer", &text);
     wait_for("buffer overflow", Duration::from_secs(30), || {
         agent

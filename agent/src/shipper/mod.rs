@@ -11,12 +11,18 @@
 //!   `ack_timeout`) is dropped, and every unacked batch is sent again on the next one;
 //! - connection attempts rotate through the endpoint list with exponential backoff.
 //!
-//! On shutdown the open batch is sealed and the shipper keeps going until the queue is empty
-//! or `shutdown_timeout` has passed.
+//! - with a disk spool (`spool.rs`), batches left unacknowledged for `spool.flush_interval`
+//!   are written to disk on a timer, batches pushed out of memory by `buffer.max_bytes` go to
+//!   disk instead of being dropped, and a restart resends what the spool holds first.
+//!
+//! On shutdown the open batch is sealed and written to the spool, and the shipper keeps going
+//! until the queue is empty or `shutdown_timeout` has passed; what is still unacknowledged
+//! then stays in the spool for the next start.
 
 mod backoff;
 mod connection;
 pub mod pending;
+pub mod spool;
 
 use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Labels};
@@ -30,6 +36,7 @@ use crate::stats::AgentStats;
 use backoff::Backoff;
 use connection::{Connection, ConnectionError};
 use pending::{Dropped, PendingQueue};
+use spool::Spool;
 
 struct OpenBatch {
     encoder: BatchEncoder,
@@ -46,9 +53,53 @@ pub struct Shipper {
     session_id: u64,
     endpoint_index: usize,
     backoff: Backoff,
+    spool: Option<Spool>,
+    /// When the spool timer next writes due batches and checkpoints acknowledgements.
+    spool_tick: Option<Instant>,
 }
 
 impl Shipper {
+    /// A shipper with the disk spool `config.spool` asks for. A spool directory the operator
+    /// set that cannot be used is an error; the default one only earns a warning, so an agent
+    /// started by hand without privileges still runs (memory only).
+    pub fn open(config: Arc<AgentConfig>, stats: Arc<AgentStats>) -> anyhow::Result<Self> {
+        let mut shipper = Shipper::new(config.clone(), stats);
+        if !config.spool.enabled {
+            return Ok(shipper);
+        }
+        let (spool, next_sequence, recovery) = match Spool::open(&config.spool) {
+            Ok(opened) => opened,
+            Err(e) if config.spool.directory.is_none() => {
+                tracing::warn!(error = %e,
+                    "running without a disk spool: unacknowledged batches live in memory only and are lost if the agent stops (set spool.directory to a writable directory, or spool.enabled = false)");
+                return Ok(shipper);
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(
+                    "cannot use spool.directory (make it writable by the agent, or set spool.enabled = false)",
+                ));
+            }
+        };
+        let samples: usize = recovery.batches.iter().map(|b| b.samples).sum();
+        if !recovery.batches.is_empty() || recovery.skipped_bytes > 0 {
+            tracing::info!(directory = %spool.directory().display(), batches = recovery.batches.len(),
+                samples, renumbered = recovery.renumbered, skipped_bytes = recovery.skipped_bytes,
+                "spooled batches from a previous run will be sent first");
+        }
+        AgentStats::add(&shipper.stats.spool_damaged_bytes, recovery.skipped_bytes);
+        for b in recovery.batches {
+            shipper
+                .pending
+                .push_spooled(b.sequence, b.samples, b.bytes, b.location);
+        }
+        shipper.session_id = spool.session();
+        shipper.next_sequence = next_sequence;
+        shipper.spool_tick = Some(Instant::now() + config.spool.flush_interval);
+        shipper.spool = Some(spool);
+        Ok(shipper)
+    }
+
+    /// A shipper that keeps unacknowledged batches in memory only.
     pub fn new(config: Arc<AgentConfig>, stats: Arc<AgentStats>) -> Self {
         let link = &config.aggregator;
         Shipper {
@@ -60,6 +111,8 @@ impl Shipper {
             // Never 0, so an aggregator can tell "no session" apart.
             session_id: fastrand::u64(1..),
             endpoint_index: 0,
+            spool: None,
+            spool_tick: None,
             config,
             stats,
         }
@@ -87,17 +140,28 @@ impl Shipper {
             }
             if let Some(deadline) = drain_deadline {
                 if self.pending.is_empty() && self.open.is_none() {
+                    self.checkpoint_spool();
                     tracing::info!("all pending batches delivered; exiting");
                     return;
                 }
                 if Instant::now() >= deadline {
-                    let lost = self.pending.samples();
+                    self.spill_all();
+                    self.checkpoint_spool();
+                    let lost = self.pending.unspooled_samples();
                     AgentStats::add(&self.stats.dropped_samples_shutdown, lost as u64);
-                    tracing::warn!(
-                        batches = self.pending.len(),
-                        samples = lost,
-                        "shutdown timeout reached with batches still unacknowledged; they are lost"
-                    );
+                    if lost > 0 {
+                        tracing::warn!(
+                            batches = self.pending.len(),
+                            samples = lost,
+                            "shutdown timeout reached with batches still unacknowledged and no spool to keep them; they are lost"
+                        );
+                    } else {
+                        tracing::info!(
+                            batches = self.pending.len(),
+                            samples = self.pending.samples(),
+                            "shutdown timeout reached; unacknowledged batches stay in the spool for the next start"
+                        );
+                    }
                     return;
                 }
             }
@@ -110,6 +174,8 @@ impl Shipper {
                     Some(families) => self.add_round(&families),
                     None => {
                         self.seal();
+                        // Safe on disk before the drain, in case the drain is cut short.
+                        self.spill_all();
                         drain_deadline = Some(Instant::now() + self.config.aggregator.shutdown_timeout);
                         if connection.is_none() && connecting.is_none() {
                             reconnect_at = Some(Instant::now());
@@ -117,6 +183,7 @@ impl Shipper {
                     }
                 },
                 _ = sleep_until_opt(flush_at) => self.seal(),
+                _ = sleep_until_opt(self.spool_tick) => self.on_spool_tick(),
                 // Wakes the loop so the drain deadline is honoured even while waiting for a
                 // reconnect or an ack.
                 _ = sleep_until_opt(drain_deadline) => {}
@@ -204,9 +271,116 @@ impl Shipper {
         }
         let samples = open.encoder.sample_count();
         let batch = open.encoder.finish(self.next_sequence);
+        tracing::debug!(sequence = self.next_sequence, samples, "batch sealed");
         self.next_sequence += 1;
-        let dropped = self.pending.push(batch, samples);
+        self.pending.push(batch, samples);
+        if let Some(spool) = self.spool.as_mut()
+            && let Err(e) = spool.reserve(self.next_sequence)
+        {
+            // Retried at the next seal: the reservation is still short.
+            AgentStats::add(&self.stats.spool_write_errors, 1);
+            tracing::error!(error = %e, "cannot reserve sequence numbers in the spool state");
+        }
+        self.enforce_memory_bound();
+    }
+
+    /// Gets the in-memory queue back under `buffer.max_bytes`: batches that must leave
+    /// memory go to the spool when there is one, and are dropped (counted) otherwise.
+    fn enforce_memory_bound(&mut self) {
+        if self.spool.is_some() {
+            let over = self.pending.over_bound();
+            if !over.is_empty() {
+                self.spill(&over);
+            }
+        }
+        let dropped = self.pending.enforce_bound();
         self.count_buffer_drops(dropped);
+    }
+
+    /// The spool timer: writes batches unacknowledged for `flush_interval`, deletes
+    /// acknowledged segments and records the acknowledged sequence.
+    fn on_spool_tick(&mut self) {
+        let interval = self.config.spool.flush_interval;
+        let now = Instant::now();
+        self.spool_tick = self.spool.as_ref().map(|_| now + interval);
+        if let Some(due) = now.checked_sub(interval) {
+            let sequences: Vec<u64> = self.pending.unspooled(due).map(|b| b.sequence).collect();
+            if !sequences.is_empty() {
+                self.spill(&sequences);
+            }
+        }
+        self.checkpoint_spool();
+    }
+
+    /// Writes every batch that is only in memory to the spool (at shutdown).
+    fn spill_all(&mut self) {
+        if self.spool.is_none() {
+            return;
+        }
+        let sequences: Vec<u64> = self
+            .pending
+            .unspooled(Instant::now())
+            .map(|b| b.sequence)
+            .collect();
+        if !sequences.is_empty() {
+            self.spill(&sequences);
+        }
+    }
+
+    fn checkpoint_spool(&mut self) {
+        if let Some(spool) = self.spool.as_mut()
+            && let Err(e) = spool.checkpoint()
+        {
+            AgentStats::add(&self.stats.spool_write_errors, 1);
+            tracing::warn!(error = %e, "cannot checkpoint the spool; acknowledged batches may be resent after a restart (the aggregator recognises them)");
+        }
+    }
+
+    /// Writes the given in-memory batches (sorted sequences) to the spool in one append, then
+    /// applies the spool's size cap, dropping (and counting) the oldest batches.
+    fn spill(&mut self, sequences: &[u64]) {
+        let Some(disk) = self.spool.as_mut() else {
+            return;
+        };
+        let items: Vec<(u64, usize, &v1::Batch)> = self
+            .pending
+            .after(0)
+            .filter(|b| sequences.binary_search(&b.sequence).is_ok())
+            .filter_map(|b| b.batch.as_ref().map(|batch| (b.sequence, b.samples, batch)))
+            .collect();
+        let (locations, error) = disk.append(&items);
+        let written: Vec<(u64, spool::Location)> = items
+            .iter()
+            .map(|(sequence, _, _)| *sequence)
+            .zip(locations)
+            .collect();
+        AgentStats::add(&self.stats.spool_writes, 1);
+        if let Some((last, _)) = written.last() {
+            tracing::debug!(batches = written.len(), through = *last, "batches spooled");
+        }
+        if let Some(e) = error {
+            AgentStats::add(&self.stats.spool_write_errors, 1);
+            tracing::error!(error = %e, not_written = items.len() - written.len(),
+                "cannot write to the spool; those batches stay in memory only");
+        }
+        let mut dropped: Vec<u64> = disk.enforce_cap().into_iter().map(|(s, _)| s).collect();
+        for (sequence, location) in written {
+            self.pending.mark_spooled(sequence, location);
+        }
+        if !dropped.is_empty() {
+            dropped.sort_unstable();
+            let removed = self.pending.remove(&dropped);
+            AgentStats::add(
+                &self.stats.spool_dropped_samples_full,
+                removed.samples as u64,
+            );
+            tracing::warn!(
+                batches = removed.batches,
+                samples = removed.samples,
+                max_bytes = self.config.spool.max_bytes.get(),
+                "spool full: dropped the oldest batches (raise spool.max_bytes to keep more during outages)"
+            );
+        }
     }
 
     fn count_buffer_drops(&self, dropped: Dropped) {
@@ -229,11 +403,31 @@ impl Shipper {
         let max_in_flight = self.config.aggregator.max_in_flight.get();
         let in_flight = self.pending.count_through(conn.sent_through);
         let mut to_send = Vec::new();
+        let mut unreadable = Vec::new();
         for pending in self.pending.after(conn.sent_through) {
             if in_flight + to_send.len() >= max_in_flight {
                 break;
             }
-            to_send.push(pending.batch.clone());
+            match (&pending.batch, pending.spooled, &self.spool) {
+                (Some(batch), _, _) => to_send.push(batch.clone()),
+                // A few records read back per ack round trip: small synchronous reads.
+                (None, Some(at), Some(spool)) => match spool.read(at, pending.sequence) {
+                    Ok(batch) => to_send.push(batch),
+                    Err(e) => {
+                        tracing::error!(error = %e, sequence = pending.sequence,
+                            "cannot read a spooled batch back; dropping it");
+                        unreadable.push(pending.sequence);
+                    }
+                },
+                _ => unreadable.push(pending.sequence),
+            }
+        }
+        if !unreadable.is_empty() {
+            let removed = self.pending.remove(&unreadable);
+            AgentStats::add(
+                &self.stats.spool_dropped_samples_unreadable,
+                removed.samples as u64,
+            );
         }
         for batch in to_send {
             let sequence = batch.sequence;
@@ -260,16 +454,25 @@ impl Shipper {
         self.backoff.reset();
         match ack.outcome {
             Some(v1::ack::Outcome::Rejected(rejected)) => {
+                self.spool_acked(ack.sequence);
                 let removed = self.pending.remove_through(ack.sequence);
                 AgentStats::add(&self.stats.dropped_samples_rejected, removed.samples as u64);
                 tracing::error!(sequence = ack.sequence, reason = %rejected.reason,
                     "aggregator rejected a batch as malformed; it was dropped (this is a bug worth reporting)");
             }
             _ => {
+                self.spool_acked(ack.sequence);
                 let removed = self.pending.remove_through(ack.sequence);
+                tracing::debug!(through = ack.sequence, "batches acknowledged");
                 AgentStats::add(&self.stats.batches_acked, removed.batches as u64);
                 AgentStats::add(&self.stats.samples_acked, removed.samples as u64);
             }
+        }
+    }
+
+    fn spool_acked(&mut self, sequence: u64) {
+        if let Some(spool) = self.spool.as_mut() {
+            spool.acked(sequence);
         }
     }
 
@@ -291,6 +494,7 @@ impl Shipper {
             // earlier batch was acknowledged. Resending it would fail the same way.
             if let Some(front) = self.pending.front() {
                 let sequence = front.sequence();
+                self.spool_acked(sequence);
                 let removed = self.pending.remove_through(sequence);
                 AgentStats::add(&self.stats.dropped_samples_rejected, removed.samples as u64);
                 tracing::error!(
@@ -333,9 +537,12 @@ impl Shipper {
             self.seal();
             self.common_labels = labels;
         }
-        let dropped = self.pending.set_max_bytes(new.buffer.max_bytes.get());
+        if new.spool != self.config.spool {
+            tracing::warn!("spool settings changed; they take effect when the agent restarts");
+        }
+        self.pending.set_max_bytes(new.buffer.max_bytes.get());
         self.config = new;
-        self.count_buffer_drops(dropped);
+        self.enforce_memory_bound();
         if reconnect {
             let link = &self.config.aggregator;
             self.backoff = Backoff::new(link.backoff_initial, link.backoff_max);
@@ -349,6 +556,8 @@ impl Shipper {
         AgentStats::set(&self.stats.pending_batches, self.pending.len() as u64);
         AgentStats::set(&self.stats.pending_bytes, self.pending.bytes() as u64);
         AgentStats::set(&self.stats.pending_samples, self.pending.samples() as u64);
+        let spool_bytes = self.spool.as_ref().map_or(0, |s| s.bytes());
+        AgentStats::set(&self.stats.spool_bytes, spool_bytes);
     }
 }
 

@@ -30,6 +30,21 @@ pub fn collect(stats: &AgentStats, ts: i64) -> Vec<Family> {
             get(counter) as f64,
         );
     }
+    let mut spool_dropped = Family::new(
+        "picket_agent_spool_dropped_samples_total",
+        MetricType::Counter,
+        "Samples dropped from the disk spool: the oldest when it was full, or records that could not be read back.",
+    );
+    for (reason, counter) in [
+        ("full", &stats.spool_dropped_samples_full),
+        ("unreadable", &stats.spool_dropped_samples_unreadable),
+    ] {
+        spool_dropped.push(
+            Labels::from_pairs([("reason", reason)]),
+            ts,
+            get(counter) as f64,
+        );
+    }
     let mut build = Family::new(
         "picket_agent_build_info",
         MetricType::Gauge,
@@ -75,6 +90,31 @@ pub fn collect(stats: &AgentStats, ts: i64) -> Vec<Family> {
             get(&stats.samples_acked),
         ),
         dropped,
+        spool_dropped,
+        one(
+            "picket_agent_spool_bytes",
+            MetricType::Gauge,
+            "Bytes of unacknowledged batches in the disk spool.",
+            get(&stats.spool_bytes),
+        ),
+        one(
+            "picket_agent_spool_writes_total",
+            MetricType::Counter,
+            "Writes to the disk spool (each one write and one sync, for all due batches).",
+            get(&stats.spool_writes),
+        ),
+        one(
+            "picket_agent_spool_write_errors_total",
+            MetricType::Counter,
+            "Failed writes to the disk spool; the batches stayed in memory.",
+            get(&stats.spool_write_errors),
+        ),
+        one(
+            "picket_agent_spool_damaged_bytes_total",
+            MetricType::Counter,
+            "Bytes of spool records skipped at start-up because their checksum failed (torn writes after a power cut, damage).",
+            get(&stats.spool_damaged_bytes),
+        ),
         one(
             "picket_agent_pending_batches",
             MetricType::Gauge,

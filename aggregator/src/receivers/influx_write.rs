@@ -38,6 +38,8 @@ pub struct InfluxWriteConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
     /// The largest body accepted, after gzip decompression (413 above).
     pub max_body_bytes: usize,
 }
@@ -50,22 +52,26 @@ impl Default for InfluxWriteConfig {
             username: None,
             password: None,
             password_file: None,
+            password_env: None,
             max_body_bytes: 32 * 1024 * 1024,
         }
     }
 }
 
 impl InfluxWriteConfig {
-    /// The password from `password` or `password_file` (its first line).
-    pub fn resolved_password(&self) -> Result<Option<String>, String> {
-        match (&self.password, &self.password_file) {
-            (Some(_), Some(_)) => Err("set password or password_file, not both".into()),
-            (Some(p), None) => Ok(Some(p.clone())),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map(|text| Some(text.lines().next().unwrap_or_default().to_owned()))
-                .map_err(|e| format!("cannot read password_file {}: {e}", path.display())),
-            (None, None) => Ok(None),
+    pub fn password_source(&self) -> picket_core::secret::SecretSource<'_> {
+        picket_core::secret::SecretSource {
+            inline: self.password.as_deref(),
+            file: self.password_file.as_deref(),
+            env: self.password_env.as_deref(),
         }
+    }
+
+    /// The password from `password`, `password_file` (its first line) or `password_env`.
+    pub fn resolved_password(&self) -> Result<Option<String>, String> {
+        self.password_source()
+            .resolve("password")
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -5,6 +5,7 @@
 //! Secrets can live in files (`password_file`, `bearer_token_file`) so the config itself can
 //! be world-readable; they are read when the sink starts and never logged.
 
+use picket_core::secret::{SecretError, SecretSource};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,19 +48,37 @@ pub struct AuthConfig {
     pub username: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
     pub bearer_token: Option<String>,
     pub bearer_token_file: Option<PathBuf>,
+    pub bearer_token_env: Option<String>,
+}
+
+impl AuthConfig {
+    pub fn password_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            inline: self.password.as_deref(),
+            file: self.password_file.as_deref(),
+            env: self.password_env.as_deref(),
+        }
+    }
+
+    pub fn bearer_token_source(&self) -> SecretSource<'_> {
+        SecretSource {
+            inline: self.bearer_token.as_deref(),
+            file: self.bearer_token_file.as_deref(),
+            env: self.bearer_token_env.as_deref(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{0}")]
     Tls(#[from] picket_core::tls::TlsFileError),
-    #[error("cannot read {path}: {source}")]
-    Secret {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Secret(#[from] SecretError),
     #[error("{0}")]
     Config(String),
 }
@@ -217,24 +236,8 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 fn authorization(auth: &AuthConfig) -> Result<Option<HeaderValue>, ClientError> {
-    let secret =
-        |inline: &Option<String>, file: &Option<PathBuf>| -> Result<Option<String>, ClientError> {
-            match (inline, file) {
-                (Some(v), None) => Ok(Some(v.clone())),
-                (None, Some(path)) => std::fs::read_to_string(path)
-                    .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_owned()))
-                    .map_err(|source| ClientError::Secret {
-                        path: path.clone(),
-                        source,
-                    }),
-                (None, None) => Ok(None),
-                (Some(_), Some(_)) => Err(ClientError::Config(
-                    "set the secret inline or in a file, not both".into(),
-                )),
-            }
-        };
-    let password = secret(&auth.password, &auth.password_file)?;
-    let token = secret(&auth.bearer_token, &auth.bearer_token_file)?;
+    let password = auth.password_source().resolve("auth.password")?;
+    let token = auth.bearer_token_source().resolve("auth.bearer_token")?;
     let value = match (&auth.username, password, token) {
         (Some(user), password, None) => {
             let credentials = format!("{user}:{}", password.unwrap_or_default());
@@ -353,6 +356,24 @@ mod tests {
         let header = authorization(&auth).unwrap().unwrap();
         assert_eq!(header.to_str().unwrap(), "Bearer s3cret");
         assert!(header.is_sensitive(), "never shown in debug output");
+        // From the environment: PATH is set wherever tests run and stands in for a token.
+        let from_env = AuthConfig {
+            bearer_token_env: Some("PATH".into()),
+            ..Default::default()
+        };
+        let header = authorization(&from_env).unwrap().unwrap();
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(header.to_str().unwrap(), format!("Bearer {path}"));
+        let ambiguous = AuthConfig {
+            bearer_token: Some("t".into()),
+            bearer_token_file: Some(file.clone()),
+            ..Default::default()
+        };
+        let e = authorization(&ambiguous).unwrap_err().to_string();
+        assert!(
+            e.contains("bearer_token_file") && !e.contains("s3cret"),
+            "{e}"
+        );
 
         let both = AuthConfig {
             username: Some("u".into()),

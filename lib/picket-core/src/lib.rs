@@ -13,4 +13,5 @@ pub mod config;
 pub mod exposition;
 pub mod logging;
 pub mod model;
+pub mod secret;
 pub mod tls;

@@ -67,6 +67,9 @@ pub struct InfluxConfig {
     pub token: Option<String>,
     #[serde(default)]
     pub token_file: Option<std::path::PathBuf>,
+    /// Name of an environment variable holding the v2 token.
+    #[serde(default)]
+    pub token_env: Option<String>,
     /// v1 user and password (`auth.username`, `auth.password` or `auth.password_file`).
     #[serde(default)]
     pub auth: AuthConfig,
@@ -94,6 +97,16 @@ pub struct InfluxConfig {
     pub queue: QueueConfig,
     #[serde(default)]
     pub routing: RoutingConfig,
+}
+
+impl InfluxConfig {
+    fn token_source(&self) -> picket_core::secret::SecretSource<'_> {
+        picket_core::secret::SecretSource {
+            inline: self.token.as_deref(),
+            file: self.token_file.as_deref(),
+            env: self.token_env.as_deref(),
+        }
+    }
 }
 
 fn default_measurement() -> String {
@@ -138,8 +151,20 @@ impl InfluxConfig {
                     format!("measurement {:?}: {why}", self.measurement),
                 ))
             }
-            _ if self.token.is_some() && self.token_file.is_some() => {
-                Some(("token_file", "set token or token_file, not both".into()))
+            _ if [
+                self.token.is_some(),
+                self.token_file.is_some(),
+                self.token_env.is_some(),
+            ]
+            .iter()
+            .filter(|set| **set)
+            .count()
+                > 1 =>
+            {
+                Some((
+                    "token",
+                    "set only one of token, token_file and token_env".into(),
+                ))
             }
             _ => None,
         }
@@ -196,19 +221,7 @@ impl Influx {
         if config.gzip {
             headers.push((CONTENT_ENCODING, HeaderValue::from_static("gzip")));
         }
-        let token = match (&config.token, &config.token_file) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|source| ClientError::Secret {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-            ),
-            (None, None) => None,
-        };
+        let token = config.token_source().resolve("token")?;
         if let Some(token) = token {
             let mut value = HeaderValue::from_str(&format!("Token {token}")).map_err(|_| {
                 ClientError::Config("token contains characters not allowed in a header".into())
