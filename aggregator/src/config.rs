@@ -11,6 +11,7 @@ use std::time::Duration;
 use picket_core::config::ConfigError;
 use serde::Deserialize;
 
+pub use crate::http::HttpConfig;
 pub use picket_core::logging::{LogConfig, LogFormat};
 
 /// Where `certs init` writes and the default config reads TLS material.
@@ -65,6 +66,18 @@ pub struct GrpcConfig {
     pub keepalive_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// A TLS handshake not finished within this is abandoned and its connection closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no stream open for this long (since it was accepted, or since its
+    /// last stream ended) is closed: a peer that connects and never streams holds nothing.
+    #[serde(with = "humantime_serde")]
+    pub idle_connection_timeout: Duration,
+    /// Open connections at most. At the cap the oldest connection without a stream is closed
+    /// to make room; when every one streams, new connections are refused.
+    pub max_connections: usize,
+    /// Concurrent streams one connection may open (an agent needs one).
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for GrpcConfig {
@@ -76,6 +89,10 @@ impl Default for GrpcConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            idle_connection_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            max_streams_per_connection: 16,
         }
     }
 }
@@ -105,21 +122,6 @@ impl Default for TlsConfig {
             key: dir.join("aggregator-key.pem"),
             client_ca: None,
             require_client_cert: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Health (`/healthz`, `/readyz`) and Prometheus exposition (`/metrics`).
-    pub listen: SocketAddr,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
         }
     }
 }
@@ -239,6 +241,10 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
             "must be at least 1024 bytes (the default is 4194304)".into(),
         ));
     }
+    check_grpc_limits(&err, &config.grpc)?;
+    if let Some((key, message)) = config.http.problem() {
+        return Err(err(&["http", key], message));
+    }
     if config.grpc.listen == config.http.listen {
         return Err(err(
             &["http", "listen"],
@@ -338,6 +344,39 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn check_grpc_limits(
+    err: &dyn Fn(&[&str], String) -> ConfigError,
+    grpc: &GrpcConfig,
+) -> Result<(), ConfigError> {
+    for (key, value) in [
+        ("handshake_timeout", grpc.handshake_timeout),
+        ("idle_connection_timeout", grpc.idle_connection_timeout),
+    ] {
+        if value < Duration::from_secs(1) {
+            return Err(err(
+                &["grpc", key],
+                format!("{value:?} is too short for a real agent on a slow link; use at least 1s"),
+            ));
+        }
+    }
+    if !(1..=crate::http::MAX_CONNECTIONS_LIMIT).contains(&grpc.max_connections) {
+        return Err(err(
+            &["grpc", "max_connections"],
+            format!(
+                "must be between 1 and {} (one per agent, plus room for reconnects)",
+                crate::http::MAX_CONNECTIONS_LIMIT
+            ),
+        ));
+    }
+    if grpc.max_streams_per_connection == 0 {
+        return Err(err(
+            &["grpc", "max_streams_per_connection"],
+            "must be at least 1 (an agent opens one stream)".into(),
+        ));
     }
     Ok(())
 }
