@@ -5,6 +5,7 @@
 //! The binaries must be built first (`cargo build --workspace --bins`; `scripts/test` does
 //! it). A missing binary fails the test with that instruction.
 
+pub mod hostile;
 pub mod journal;
 pub mod raw;
 
