@@ -511,6 +511,73 @@ fsync = true
     }
 
     #[test]
+    fn connection_limits_have_defaults_and_are_checked() {
+        let c = AggregatorConfig::default();
+        assert_eq!(c.grpc.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.grpc.idle_connection_timeout, Duration::from_secs(30));
+        assert_eq!(c.grpc.max_connections, 4096);
+        assert_eq!(c.grpc.max_streams_per_connection, 16);
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_connections, 1024);
+
+        let check = |text: &str| {
+            let text = format!("[tls]\ninsecure = true\n{text}");
+            let c: AggregatorConfig = picket_core::config::parse("a.toml", &text)?;
+            validate(&c, "a.toml", &text)
+        };
+        check(
+            "[grpc]\nhandshake_timeout = \"2s\"\nidle_connection_timeout = \"5s\"\nmax_connections = 10\n\
+             max_streams_per_connection = 1\n[http]\nheader_read_timeout = \"1s\"\n\
+             body_read_timeout = \"5m\"\nmax_connections = 5\n",
+        )
+        .unwrap();
+        for (text, key, line) in [
+            (
+                "[grpc]\nhandshake_timeout = \"0s\"\n",
+                "grpc.handshake_timeout",
+                4,
+            ),
+            (
+                "[grpc]\nidle_connection_timeout = \"10ms\"\n",
+                "grpc.idle_connection_timeout",
+                4,
+            ),
+            ("[grpc]\nmax_connections = 0\n", "grpc.max_connections", 4),
+            (
+                "[grpc]\nmax_streams_per_connection = 0\n",
+                "grpc.max_streams_per_connection",
+                4,
+            ),
+            (
+                "[http]\nheader_read_timeout = \"0s\"\n",
+                "http.header_read_timeout",
+                4,
+            ),
+            (
+                "[http]\nbody_read_timeout = \"500ms\"\n",
+                "http.body_read_timeout",
+                4,
+            ),
+            ("[http]\nmax_connections = 0\n", "http.max_connections", 4),
+            (
+                "[http]\nmax_connections = 2000000\n",
+                "http.max_connections",
+                4,
+            ),
+        ] {
+            let e = check(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.position.map(|p| p.0), Some(line), "{e}");
+        }
+        // Unknown keys are errors here as everywhere.
+        let e = check("[http]\nheader_timeout = \"5s\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("http.header_timeout"), "{e}");
+        let e = check("[grpc]\nmax_conections = 5\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("grpc.max_conections"), "{e}");
+    }
+
+    #[test]
     fn receiver_settings_are_checked_where_they_are_written() {
         let check = |text: &str| {
             let text = format!("[tls]\ninsecure = true\n{text}");

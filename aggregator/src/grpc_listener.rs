@@ -25,7 +25,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -120,6 +120,9 @@ pub struct GrpcConnections {
     refused: AtomicU64,
     accept_errors: AtomicU64,
     closed: Mutex<BTreeMap<Closed, u64>>,
+    /// Set at shutdown: connections without a stream close at once rather than hold up the
+    /// server's graceful shutdown (tonic waits for every connection to end).
+    shutting_down: AtomicBool,
 }
 
 impl GrpcConnections {
@@ -131,6 +134,7 @@ impl GrpcConnections {
             refused: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             closed: Mutex::new(BTreeMap::new()),
+            shutting_down: AtomicBool::new(false),
         })
     }
 
@@ -283,6 +287,18 @@ impl GrpcConnections {
         *closed.entry(reason).or_default() += 1;
     }
 
+    /// Closes every connection that carries no stream, now and as their streams end: the
+    /// server is shutting down.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        let conns: Vec<Arc<Conn>> = self.table().by_id.values().cloned().collect();
+        for conn in conns {
+            if let Some(waker) = conn.state().waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
     /// Marks a stream open on the connection from `peer` until the guard is dropped; while
     /// a connection has a stream it is neither evicted nor timed out. `None` when the
     /// connection is unknown (already closed).
@@ -418,6 +434,12 @@ impl GuardedStream {
         }
         if s.timed_out {
             return Err(idle_error());
+        }
+        if s.streams == 0 && self.owner.shutting_down.load(Ordering::Relaxed) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the aggregator is shutting down",
+            ));
         }
         if s.streams == 0 {
             let deadline = s.idle_since + self.owner.limits.idle_connection_timeout;

@@ -196,6 +196,7 @@ pub async fn run(
     tracing::info!("shutting down");
     state.grpc_listening.store(false, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
+    grpc_connections.shut_down();
     housekeeping.abort();
     if let Some(task) = push_expiry {
         task.abort();
