@@ -26,6 +26,8 @@ struct Row {
     p50: Duration,
     p99: Duration,
     max: Duration,
+    /// Batches the real `picket-agent` had acked in the window.
+    real_batches: f64,
 }
 
 /// Each attack's measuring window lasts at least this long (the attack, then its aftermath),
@@ -33,17 +35,70 @@ struct Row {
 const MIN_WINDOW: Duration = Duration::from_secs(2);
 /// Acks the good agents must have had in a window: a third of what they normally get.
 const MIN_ACKS: usize = 20;
+/// The real agent's name (and certificate).
+const REAL_AGENT: &str = "real-agent";
 
-/// Waits out the rest of the window that began at `since`, then checks what the good agents
-/// saw in it and adds the row for `attack`.
-async fn measure(rows: &mut Vec<Row>, attack: &'static str, good: &GoodAgents, since: Instant) {
-    // A measuring window, not a wait for readiness.
-    tokio::time::sleep_until((since + MIN_WINDOW).into()).await;
-    check_window(rows, attack, good.take(), MIN_ACKS);
+/// Watches the good agents (and the real agent's accepted batches) one attack at a time.
+struct Observer<'a> {
+    agg: &'a Aggregator,
+    good: GoodAgents,
+    rows: Vec<Row>,
+    since: Instant,
+    real_batches: f64,
+}
+
+impl<'a> Observer<'a> {
+    fn new(agg: &'a Aggregator, good: GoodAgents) -> Observer<'a> {
+        let mut observer = Observer {
+            agg,
+            good,
+            rows: Vec::new(),
+            since: Instant::now(),
+            real_batches: 0.0,
+        };
+        observer.begin();
+        observer
+    }
+
+    fn real_batches(&self) -> f64 {
+        self.agg
+            .metric_value(&format!(
+                "picket_aggregator_agent_batches_total{{agent=\"{REAL_AGENT}\"}}"
+            ))
+            .unwrap_or(0.0)
+    }
+
+    /// Starts the window of the next attack.
+    fn begin(&mut self) {
+        self.good.take();
+        self.since = Instant::now();
+        self.real_batches = self.real_batches();
+    }
+
+    /// Waits out the rest of the window, then checks what the good agents saw in it: no
+    /// failed stream, enough acks, p99 under the bound, and the real agent's batches still
+    /// accepted. Adds the row for `attack`.
+    async fn end(&mut self, attack: &'static str) {
+        // A measuring window, not a wait for readiness.
+        tokio::time::sleep_until((self.since + MIN_WINDOW).into()).await;
+        let window = self.good.take();
+        let real_batches = self.real_batches() - self.real_batches;
+        assert!(
+            real_batches >= 1.0,
+            "{attack}: the real agent's batches stopped being accepted"
+        );
+        check_window(&mut self.rows, attack, window, MIN_ACKS, real_batches);
+    }
 }
 
 /// Checks the good agents' window for `attack` and adds its row.
-fn check_window(rows: &mut Vec<Row>, attack: &'static str, window: Window, min_acks: usize) {
+fn check_window(
+    rows: &mut Vec<Row>,
+    attack: &'static str,
+    window: Window,
+    min_acks: usize,
+    real_batches: f64,
+) {
     assert!(
         window.errors.is_empty(),
         "{attack}: good agents' streams failed: {:?}",
@@ -60,6 +115,7 @@ fn check_window(rows: &mut Vec<Row>, attack: &'static str, window: Window, min_a
         p50: window.quantile(0.5),
         p99: window.quantile(0.99),
         max: window.quantile(1.0),
+        real_batches,
     };
     assert!(
         row.p99 <= ACK_P99_BOUND,
@@ -70,15 +126,15 @@ fn check_window(rows: &mut Vec<Row>, attack: &'static str, window: Window, min_a
 }
 
 fn print_table(rows: &[Row]) {
-    println!("\ngood agents' ack latency per attack");
+    println!("\ngood agents' ack latency per attack (and the real agent's accepted batches)");
     println!(
-        "{:<50} {:>6} {:>10} {:>10} {:>10}",
-        "attack", "acks", "p50", "p99", "max"
+        "{:<50} {:>6} {:>10} {:>10} {:>10} {:>6}",
+        "attack", "acks", "p50", "p99", "max", "real"
     );
     for r in rows {
         println!(
-            "{:<50} {:>6} {:>10.1?} {:>10.1?} {:>10.1?}",
-            r.attack, r.acks, r.p50, r.p99, r.max
+            "{:<50} {:>6} {:>10.1?} {:>10.1?} {:>10.1?} {:>6}",
+            r.attack, r.acks, r.p50, r.p99, r.max, r.real_batches
         );
     }
 }
@@ -125,18 +181,35 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
         })
         .collect();
     let good = GoodAgents::start(agg.grpc, certs).await;
-    let mut rows = Vec::new();
+    // And a real agent, whose batches must keep being accepted too.
+    let real_cert = pki.issue_agent(REAL_AGENT);
+    let text = agent_config(
+        REAL_AGENT,
+        &[https(agg.grpc)],
+        Some(&pki),
+        Some(&real_cert),
+        "",
+    );
+    let (_real_agent, _) = start_agent(dir.path(), "real", &text);
+    let real_batches = format!("picket_aggregator_agent_batches_total{{agent=\"{REAL_AGENT}\"}}");
+    wait_until(
+        "the real agent's first batch",
+        Duration::from_secs(60),
+        || (agg.metric_value(&real_batches).unwrap_or(0.0) > 0.0).then_some(()),
+    )
+    .await;
+    let mut obs = Observer::new(&agg, good);
 
     // Baseline: nothing but the good agents.
-    measure(&mut rows, "none (baseline)", &good, Instant::now()).await;
+    obs.end("none (baseline)").await;
 
     // No client certificate, and a certificate from another CA: refused, every time.
     let other = tempfile::tempdir().unwrap();
     let other_pki = Pki::create(other.path());
     let intruder = AgentCert::issue(&other_pki, "intruder");
     let ca = pki.ca();
+    obs.begin();
     let started = Instant::now();
-    good.take();
     let mut attempts = tokio::task::JoinSet::new();
     for i in 0..100 {
         let (grpc, ca, intruder) = (agg.grpc, ca.clone(), intruder.clone());
@@ -168,17 +241,11 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
     assert!(!metrics.contains("agent=\"intruder\""), "{metrics}");
     let refused_in = started.elapsed();
     assert!(refused_in < Duration::from_secs(30), "{refused_in:?}");
-    measure(
-        &mut rows,
-        "100 clients without or with a foreign certificate",
-        &good,
-        started,
-    )
-    .await;
+    obs.end("100 clients without or with a foreign certificate")
+        .await;
 
     // Garbage on the gRPC port: random bytes, and HTTP/1 text. Each connection is closed.
-    let started = Instant::now();
-    good.take();
+    obs.begin();
     let mut streams = Vec::new();
     for seed in 0..100u64 {
         streams.extend(open_connections(agg.grpc, 1, &garbage(4096, seed)).await);
@@ -195,11 +262,10 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
     let (closed, took) = closed_within(streams, Duration::from_secs(10)).await;
     assert_eq!(closed, n, "garbage connections left open");
     println!("garbage: {n} connections closed by the aggregator within {took:?}");
-    measure(&mut rows, "200 connections sending garbage", &good, started).await;
+    obs.end("200 connections sending garbage").await;
 
     // An oversized message ends only its own stream, with OUT_OF_RANGE.
-    let started = Instant::now();
-    good.take();
+    obs.begin();
     let big = AgentCert::issue(&pki, "big");
     let channel = raw::channel(&https(agg.grpc), Some(big.tls()))
         .await
@@ -217,17 +283,10 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
     .await;
     let status = s.next().await.expect_err("an oversized batch was accepted");
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
-    measure(
-        &mut rows,
-        "an oversized message (over 256 KiB)",
-        &good,
-        started,
-    )
-    .await;
+    obs.end("an oversized message (over 256 KiB)").await;
 
     // Streams that never send a Hello are ended after hello_timeout.
-    let started = Instant::now();
-    good.take();
+    obs.begin();
     let silent = AgentCert::issue(&pki, "silent");
     let mut silent_streams = tokio::task::JoinSet::new();
     for _ in 0..20 {
@@ -245,18 +304,11 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
         assert!(took < Duration::from_secs(10), "{took:?}");
     }
-    measure(
-        &mut rows,
-        "20 streams that never send Hello",
-        &good,
-        started,
-    )
-    .await;
+    obs.end("20 streams that never send Hello").await;
 
     // A client that sends batches and never reads its acks: its unread acks back up until
     // the aggregator stops reading it, then idle_timeout ends its stream.
-    let started = Instant::now();
-    good.take();
+    obs.begin();
     let deaf = AgentCert::issue(&pki, "deaf");
     let mut stuck = deaf_stream(agg.grpc, &deaf, "deaf").await.unwrap();
     let mut sent = 0u64;
@@ -307,13 +359,7 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
         || stuck.connection_closed().then_some(()),
     )
     .await;
-    measure(
-        &mut rows,
-        "a client that never reads its acks",
-        &good,
-        started,
-    )
-    .await;
+    obs.end("a client that never reads its acks").await;
     println!(
         "deaf client: {sent} batches sent before backpressure stopped it; stream closed {closed_after:?} later"
     );
@@ -326,8 +372,8 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
         &agg,
         "picket_aggregator_grpc_connections_closed_total{reason=\"evicted\"}",
     );
+    obs.begin();
     let flood_started = Instant::now();
-    good.take();
     let idle = open_connections(agg.grpc, 2000, &[]).await;
     let stalled = open_connections(agg.grpc, 200, PARTIAL_CLIENT_HELLO).await;
     println!(
@@ -357,13 +403,7 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
         "picket_aggregator_grpc_connections_closed_total{reason=\"evicted\"}",
     ) - evicted_before;
     assert!(evicted > 0.0, "no connection was evicted at the cap");
-    measure(
-        &mut rows,
-        "2,000 idle TCP + 200 stalled TLS handshakes",
-        &good,
-        flood_started,
-    )
-    .await;
+    obs.end("2,000 idle TCP + 200 stalled TLS handshakes").await;
 
     let metrics = agg.metrics();
     for name in [
@@ -376,6 +416,7 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
             println!("{line}");
         }
     }
+    let Observer { good, rows, .. } = obs;
     good.stop().await;
     print_table(&rows);
 }
