@@ -56,8 +56,9 @@ pub struct GrpcConfig {
     /// How long a new stream may take to send its `Hello`.
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
-    /// A stream that sends nothing for this long is closed. Agents send at least one batch
-    /// per collection interval, so only dead or misbehaving peers reach it.
+    /// A stream that sends nothing for this long, or leaves its acks unread for this long,
+    /// is closed. Agents send at least one batch per collection interval and read acks as
+    /// they come, so only dead or misbehaving peers reach it.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// HTTP/2 keepalive pings; a peer that does not answer within the timeout is dropped,

@@ -325,12 +325,12 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
         };
         match stuck.send(&message, Duration::from_secs(2)).await {
             Ok(true) => sent += 1,
-            // The aggregator stopped reading: backpressure reached the client.
-            Ok(false) => {
+            // The aggregator stopped reading (backpressure reached the client), or on a
+            // slow machine has already ended the stream; the log below says which.
+            Ok(false) | Err(_) => {
                 stalled = true;
                 break;
             }
-            Err(e) => panic!("the deaf client's stream failed after {sent} batches: {e}"),
         }
     }
     assert!(
@@ -350,6 +350,7 @@ async fn good_agents_are_served_while_hostile_peers_attack_the_grpc_port() {
     )
     .await;
     let closed_after = stalled_at.elapsed();
+    // Closed for not reading its acks, not for going quiet.
     let log = agg.process.log_text();
     assert!(log.contains("acks not read"), "{log}");
     // With its stream gone the connection carries none, and is closed in its turn.
