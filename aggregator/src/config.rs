@@ -11,6 +11,7 @@ use std::time::Duration;
 use picket_core::config::ConfigError;
 use serde::Deserialize;
 
+pub use crate::http::HttpConfig;
 pub use picket_core::logging::{LogConfig, LogFormat};
 
 /// Where `certs init` writes and the default config reads TLS material.
@@ -55,8 +56,9 @@ pub struct GrpcConfig {
     /// How long a new stream may take to send its `Hello`.
     #[serde(with = "humantime_serde")]
     pub hello_timeout: Duration,
-    /// A stream that sends nothing for this long is closed. Agents send at least one batch
-    /// per collection interval, so only dead or misbehaving peers reach it.
+    /// A stream that sends nothing for this long, or leaves its acks unread for this long,
+    /// is closed. Agents send at least one batch per collection interval and read acks as
+    /// they come, so only dead or misbehaving peers reach it.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// HTTP/2 keepalive pings; a peer that does not answer within the timeout is dropped,
@@ -65,6 +67,18 @@ pub struct GrpcConfig {
     pub keepalive_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// A TLS handshake not finished within this is abandoned and its connection closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no stream open for this long (since it was accepted, or since its
+    /// last stream ended) is closed: a peer that connects and never streams holds nothing.
+    #[serde(with = "humantime_serde")]
+    pub idle_connection_timeout: Duration,
+    /// Open connections at most. At the cap the oldest connection without a stream is closed
+    /// to make room; when every one streams, new connections are refused.
+    pub max_connections: usize,
+    /// Concurrent streams one connection may open (an agent needs one).
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for GrpcConfig {
@@ -76,6 +90,10 @@ impl Default for GrpcConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            idle_connection_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            max_streams_per_connection: 16,
         }
     }
 }
@@ -105,21 +123,6 @@ impl Default for TlsConfig {
             key: dir.join("aggregator-key.pem"),
             client_ca: None,
             require_client_cert: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Health (`/healthz`, `/readyz`) and Prometheus exposition (`/metrics`).
-    pub listen: SocketAddr,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
         }
     }
 }
@@ -239,6 +242,10 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
             "must be at least 1024 bytes (the default is 4194304)".into(),
         ));
     }
+    check_grpc_limits(&err, &config.grpc)?;
+    if let Some((key, message)) = config.http.problem() {
+        return Err(err(&["http", key], message));
+    }
     if config.grpc.listen == config.http.listen {
         return Err(err(
             &["http", "listen"],
@@ -343,6 +350,39 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn check_grpc_limits(
+    err: &dyn Fn(&[&str], String) -> ConfigError,
+    grpc: &GrpcConfig,
+) -> Result<(), ConfigError> {
+    for (key, value) in [
+        ("handshake_timeout", grpc.handshake_timeout),
+        ("idle_connection_timeout", grpc.idle_connection_timeout),
+    ] {
+        if value < Duration::from_secs(1) {
+            return Err(err(
+                &["grpc", key],
+                format!("{value:?} is too short for a real agent on a slow link; use at least 1s"),
+            ));
+        }
+    }
+    if !(1..=crate::http::MAX_CONNECTIONS_LIMIT).contains(&grpc.max_connections) {
+        return Err(err(
+            &["grpc", "max_connections"],
+            format!(
+                "must be between 1 and {} (one per agent, plus room for reconnects)",
+                crate::http::MAX_CONNECTIONS_LIMIT
+            ),
+        ));
+    }
+    if grpc.max_streams_per_connection == 0 {
+        return Err(err(
+            &["grpc", "max_streams_per_connection"],
+            "must be at least 1 (an agent opens one stream)".into(),
+        ));
     }
     Ok(())
 }
@@ -474,6 +514,73 @@ fsync = true
         let e = validate(&c, "a.toml", text).unwrap_err();
         assert_eq!(e.position.map(|p| p.0), Some(2));
         assert!(e.message.contains("certs init"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_checked() {
+        let c = AggregatorConfig::default();
+        assert_eq!(c.grpc.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(c.grpc.idle_connection_timeout, Duration::from_secs(30));
+        assert_eq!(c.grpc.max_connections, 4096);
+        assert_eq!(c.grpc.max_streams_per_connection, 16);
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_connections, 1024);
+
+        let check = |text: &str| {
+            let text = format!("[tls]\ninsecure = true\n{text}");
+            let c: AggregatorConfig = picket_core::config::parse("a.toml", &text)?;
+            validate(&c, "a.toml", &text)
+        };
+        check(
+            "[grpc]\nhandshake_timeout = \"2s\"\nidle_connection_timeout = \"5s\"\nmax_connections = 10\n\
+             max_streams_per_connection = 1\n[http]\nheader_read_timeout = \"1s\"\n\
+             body_read_timeout = \"5m\"\nmax_connections = 5\n",
+        )
+        .unwrap();
+        for (text, key, line) in [
+            (
+                "[grpc]\nhandshake_timeout = \"0s\"\n",
+                "grpc.handshake_timeout",
+                4,
+            ),
+            (
+                "[grpc]\nidle_connection_timeout = \"10ms\"\n",
+                "grpc.idle_connection_timeout",
+                4,
+            ),
+            ("[grpc]\nmax_connections = 0\n", "grpc.max_connections", 4),
+            (
+                "[grpc]\nmax_streams_per_connection = 0\n",
+                "grpc.max_streams_per_connection",
+                4,
+            ),
+            (
+                "[http]\nheader_read_timeout = \"0s\"\n",
+                "http.header_read_timeout",
+                4,
+            ),
+            (
+                "[http]\nbody_read_timeout = \"500ms\"\n",
+                "http.body_read_timeout",
+                4,
+            ),
+            ("[http]\nmax_connections = 0\n", "http.max_connections", 4),
+            (
+                "[http]\nmax_connections = 2000000\n",
+                "http.max_connections",
+                4,
+            ),
+        ] {
+            let e = check(text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{e}");
+            assert_eq!(e.position.map(|p| p.0), Some(line), "{e}");
+        }
+        // Unknown keys are errors here as everywhere.
+        let e = check("[http]\nheader_timeout = \"5s\"\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("http.header_timeout"), "{e}");
+        let e = check("[grpc]\nmax_conections = 5\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("grpc.max_conections"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agents::{Registry, SequenceCheck};
+use crate::grpc_listener::{GrpcConnections, StreamGuard};
 use crate::identity::common_name;
 use crate::sinks::Sinks;
 
@@ -29,8 +30,11 @@ pub struct IngestService {
     pub registry: Arc<Registry>,
     pub sinks: Arc<Sinks>,
     pub hello_timeout: Duration,
-    /// A stream that sends nothing for this long is closed (the agent reconnects if alive).
+    /// A stream that sends nothing for this long, or does not take its acks for this long,
+    /// is closed (the agent reconnects if alive).
     pub idle_timeout: Duration,
+    /// Told about each stream, so a connection with one is not closed as idle.
+    pub connections: Arc<GrpcConnections>,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<v1::Ack, Status>> + Send>>;
@@ -57,9 +61,9 @@ impl Ingest for IngestService {
             },
             None => None,
         };
-        let remote = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let peer = request.remote_addr();
+        let connection = self.connections.stream_opened(peer);
+        let remote = peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(ACK_QUEUE);
         let session = StreamSession {
@@ -69,6 +73,7 @@ impl Ingest for IngestService {
             idle_timeout: self.idle_timeout,
             cert_identity,
             remote,
+            _connection: connection,
         };
         tokio::spawn(session.run(inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -82,6 +87,8 @@ struct StreamSession {
     idle_timeout: Duration,
     cert_identity: Option<String>,
     remote: String,
+    /// Held while the session runs: its connection has a stream.
+    _connection: Option<StreamGuard>,
 }
 
 type AckSender = mpsc::Sender<Result<v1::Ack, Status>>;
@@ -226,8 +233,17 @@ impl StreamSession {
                 sequence,
                 outcome: Some(outcome),
             };
-            if tx.send(Ok(ack)).await.is_err() {
-                return Ok(());
+            // A peer that stops reading acks fills its queue and then waits here; without a
+            // bound it would hold its task and connection for ever.
+            match tokio::time::timeout(self.idle_timeout, tx.send(Ok(ack))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "acks not read for {:?} (grpc.idle_timeout); closing the stream",
+                        self.idle_timeout
+                    )));
+                }
             }
         }
     }

@@ -16,7 +16,8 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::agents::Registry;
 use crate::config::{AggregatorConfig, TlsConfig};
-use crate::http::{HttpState, router};
+use crate::grpc_listener::{GrpcConnections, Limits};
+use crate::http::{HttpState, HttpStats, router};
 use crate::ingest::IngestService;
 use crate::receivers::Intake;
 use crate::receivers::influx_write::InfluxWrite;
@@ -44,12 +45,19 @@ pub async fn run(
         )
         .context("opening sinks")?,
     );
-    let intake = Arc::new(Intake::new(sinks.clone()));
+    let intake = Arc::new(Intake::new(sinks.clone(), config.http.body_read_timeout));
+    let grpc_connections = GrpcConnections::new(Limits {
+        max_connections: config.grpc.max_connections,
+        idle_connection_timeout: config.grpc.idle_connection_timeout,
+    });
+    let http_stats = Arc::new(HttpStats::default());
     let state = Arc::new(HttpState {
         registry: registry.clone(),
         sinks: sinks.clone(),
         grpc_listening: false.into(),
         intake: intake.clone(),
+        grpc_connections: grpc_connections.clone(),
+        http_stats: http_stats.clone(),
     });
     let mut receivers = Vec::new();
     let pushgateway = config
@@ -86,9 +94,13 @@ pub async fn run(
     let grpc_addr = grpc_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
+    // No `Server::timeout`: it bounds whole requests, and an agent's stream lasts for ever.
+    // Streams are bounded by hello_timeout and idle_timeout (ingest.rs), connections by
+    // grpc_listener.rs.
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .max_concurrent_streams(config.grpc.max_streams_per_connection)
         .tcp_keepalive(Some(Duration::from_secs(60)));
     if config.tls.insecure {
         tracing::warn!(
@@ -96,7 +108,7 @@ pub async fn run(
         );
     } else {
         builder = builder
-            .tls_config(server_tls(&config.tls)?)
+            .tls_config(server_tls(&config.tls)?.timeout(config.grpc.handshake_timeout))
             .context("invalid TLS configuration")?;
     }
     let service = IngestServer::new(IngestService {
@@ -104,6 +116,7 @@ pub async fn run(
         sinks: sinks.clone(),
         hello_timeout: config.grpc.hello_timeout,
         idle_timeout: config.grpc.idle_timeout,
+        connections: grpc_connections.clone(),
     })
     .max_decoding_message_size(config.grpc.max_message_bytes)
     .accept_compressed(CompressionEncoding::Gzip)
@@ -113,20 +126,24 @@ pub async fn run(
     let wait_shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let incoming = TcpIncoming::from(grpc_listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    let incoming = grpc_connections.incoming(
+        TcpIncoming::from(grpc_listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60))),
+    );
     let grpc = tokio::spawn(
         builder
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, wait_shutdown(shutdown_rx.clone())),
     );
     state.grpc_listening.store(true, Ordering::Relaxed);
-    let http = tokio::spawn(
-        axum::serve(http_listener, router(state.clone(), receivers))
-            .with_graceful_shutdown(wait_shutdown(shutdown_rx.clone()))
-            .into_future(),
-    );
+    let http = tokio::spawn(crate::http::serve(
+        http_listener,
+        router(state.clone(), receivers),
+        config.http.clone(),
+        http_stats,
+        shutdown_rx.clone(),
+    ));
     tracing::info!(grpc = %grpc_addr, http = %http_addr, tls = !config.tls.insecure,
         mutual_tls = config.tls.client_ca.is_some(),
         pushgateway = config.receivers.pushgateway.enabled,
@@ -179,6 +196,7 @@ pub async fn run(
     tracing::info!("shutting down");
     state.grpc_listening.store(false, Ordering::Relaxed);
     let _ = shutdown_tx.send(true);
+    grpc_connections.shut_down();
     housekeeping.abort();
     if let Some(task) = push_expiry {
         task.abort();

@@ -6,6 +6,7 @@
 //! it). A missing binary fails the test with that instruction.
 
 pub mod faults;
+pub mod hostile;
 pub mod journal;
 pub mod raw;
 

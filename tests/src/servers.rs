@@ -204,6 +204,11 @@ impl ClientTls {
             config: Arc::new(config),
         }
     }
+
+    /// The rustls client configuration, for clients other than [`https_request`].
+    pub fn rustls_config(&self) -> Arc<rustls::ClientConfig> {
+        self.config.clone()
+    }
 }
 
 /// A connection that is either plain TCP or TLS over it.

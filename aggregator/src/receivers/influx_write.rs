@@ -21,7 +21,7 @@ use picket_core::model::now_ms;
 use serde::Deserialize;
 
 use super::influx_line::{self, Precision};
-use super::{BodyError, Intake, query_param, read_body};
+use super::{Intake, query_param};
 
 const RECEIVER: &str = "influxdb";
 /// The version `/ping` reports: the 1.x API this receiver implements.
@@ -156,12 +156,13 @@ impl InfluxWrite {
                 format!("request body larger than receivers.influxdb.max_body_bytes ({limit})"),
             )
         };
-        let raw = read_body(body, limit).await.map_err(|e| match e {
-            BodyError::TooLarge => too_large(),
-            BodyError::Broken(why) => error(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the body: {why}"),
-            ),
+        let raw = self.intake.read_body(body, limit).await.map_err(|e| {
+            let (status, message) = e.answer(
+                "the request body",
+                "receivers.influxdb.max_body_bytes",
+                limit,
+            );
+            error(status, message)
         })?;
         let gzip = headers
             .get(header::CONTENT_ENCODING)
@@ -245,6 +246,7 @@ async fn write(
                 StatusCode::NOT_FOUND => "not_found",
                 StatusCode::PAYLOAD_TOO_LARGE => "too_large",
                 StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+                StatusCode::REQUEST_TIMEOUT => "timeout",
                 _ => "other",
             };
             receiver.intake.count(RECEIVER, outcome);

@@ -13,8 +13,11 @@ pub mod influx_write;
 pub mod pushgateway;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use axum::http::StatusCode;
 use picket_core::model::{Family, Labels, MetricType, now_ms};
 use serde::Deserialize;
 
@@ -37,16 +40,35 @@ pub struct Intake {
     /// sinks in order: the file journal skips a batch numbered at or below one it has.
     sequence: Arc<Mutex<u64>>,
     metrics: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// `http.body_read_timeout`: the longest a request body may take to arrive.
+    body_read_timeout: Duration,
+    body_timeouts: AtomicU64,
 }
 
 impl Intake {
-    pub fn new(sinks: Arc<Sinks>) -> Intake {
+    pub fn new(sinks: Arc<Sinks>, body_read_timeout: Duration) -> Intake {
         Intake {
             sinks,
             session: u64::try_from(now_ms()).unwrap_or_default(),
             sequence: Arc::new(Mutex::new(0)),
             metrics: Mutex::new(BTreeMap::new()),
+            body_read_timeout,
+            body_timeouts: AtomicU64::new(0),
         }
+    }
+
+    /// Reads a request body of at most `limit` bytes within `http.body_read_timeout`,
+    /// counting the bodies that take longer.
+    pub async fn read_body(
+        &self,
+        body: axum::body::Body,
+        limit: usize,
+    ) -> Result<bytes::Bytes, BodyError> {
+        let result = read_body(body, limit, self.body_read_timeout).await;
+        if matches!(result, Err(BodyError::TimedOut(_))) {
+            self.body_timeouts.fetch_add(1, Ordering::Relaxed);
+        }
+        result
     }
 
     /// Delivers `families` to every sink, off the async workers (sinks write files).
@@ -73,9 +95,20 @@ impl Intake {
         *metrics.entry((receiver, outcome)).or_default() += 1;
     }
 
-    /// `picket_receiver_requests_total{receiver,outcome}`.
+    /// `picket_receiver_requests_total{receiver,outcome}` and
+    /// `picket_aggregator_http_body_timeouts_total`.
     pub fn families(&self) -> Vec<Family> {
         let ts = now_ms();
+        let mut timeouts = Family::new(
+            "picket_aggregator_http_body_timeouts_total",
+            MetricType::Counter,
+            "Request bodies not received within http.body_read_timeout (answered 408).",
+        );
+        timeouts.push(
+            Labels::new(),
+            ts,
+            self.body_timeouts.load(Ordering::Relaxed) as f64,
+        );
         let mut requests = Family::new(
             "picket_receiver_requests_total",
             MetricType::Counter,
@@ -90,9 +123,9 @@ impl Intake {
             );
         }
         if requests.points.is_empty() {
-            return Vec::new();
+            return vec![timeouts];
         }
-        vec![requests]
+        vec![requests, timeouts]
     }
 }
 
@@ -102,11 +135,46 @@ pub enum BodyError {
     TooLarge,
     /// The client went away or broke the framing mid-body.
     Broken(String),
+    /// Not all there within this long (`http.body_read_timeout`): a stalled or trickling
+    /// client, which must not hold a connection and a buffer for ever.
+    TimedOut(Duration),
 }
 
-/// Reads a request body of at most `limit` bytes.
-pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<bytes::Bytes, BodyError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+impl BodyError {
+    /// The status and message a receiver answers with; `what` names the body ("the push").
+    pub fn answer(&self, what: &str, limit_key: &str, limit: usize) -> (StatusCode, String) {
+        match self {
+            BodyError::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("{what} is larger than {limit_key} ({limit} bytes)"),
+            ),
+            BodyError::Broken(why) => (
+                StatusCode::BAD_REQUEST,
+                format!("cannot read {what}: {why}"),
+            ),
+            BodyError::TimedOut(after) => (
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "{what} did not arrive within {after:?} (http.body_read_timeout); send it faster or in smaller pieces"
+                ),
+            ),
+        }
+    }
+}
+
+/// Reads a request body of at most `limit` bytes, all of it within `timeout`.
+pub async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<bytes::Bytes, BodyError> {
+    // One deadline for the whole body, not per chunk: a client trickling a byte at a time
+    // would pass any per-chunk timeout.
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
+    let Ok(read) = read else {
+        return Err(BodyError::TimedOut(timeout));
+    };
+    read.map_err(|e| {
         let inner = e.into_inner();
         if inner
             .downcast_ref::<http_body_util::LengthLimitError>()

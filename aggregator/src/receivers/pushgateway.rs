@@ -32,7 +32,7 @@ use picket_plugin_sdk::types as sdk;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use super::{BodyError, Intake, decode_base64, percent_decode, read_body};
+use super::{Intake, decode_base64, percent_decode};
 
 const RECEIVER: &str = "pushgateway";
 /// Most `<label>/<value>` pairs a push path may carry, the job included.
@@ -153,18 +153,15 @@ impl Pushgateway {
         body: Body,
     ) -> Result<Vec<Family>, Refusal> {
         let now = now_ms();
-        let body = read_body(body, self.config.max_body_bytes)
-            .await
-            .map_err(|e| match e {
-                BodyError::TooLarge => Refusal(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "push body larger than receivers.pushgateway.max_body_bytes ({})",
-                        self.config.max_body_bytes
-                    ),
-                ),
-                BodyError::Broken(why) => Refusal::bad(format!("cannot read the push: {why}")),
-            })?;
+        let limit = self.config.max_body_bytes;
+        let body = self.intake.read_body(body, limit).await.map_err(|e| {
+            let (status, message) = e.answer(
+                "the push body",
+                "receivers.pushgateway.max_body_bytes",
+                limit,
+            );
+            Refusal(status, message)
+        })?;
         let content_type = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
@@ -334,6 +331,7 @@ fn outcome(status: StatusCode) -> &'static str {
         StatusCode::PAYLOAD_TOO_LARGE => "too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_format",
         StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
         _ => "other",
     }
 }
