@@ -112,6 +112,10 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
     /// With `client_ca` set: refuse agents that present no certificate.
     pub require_client_cert: bool,
+    /// How often `cert`, `key` and `client_ca` are checked for changes; changed files are used
+    /// for new connections without a restart (certificate rotation).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
 impl Default for TlsConfig {
@@ -123,6 +127,7 @@ impl Default for TlsConfig {
             key: dir.join("aggregator-key.pem"),
             client_ca: None,
             require_client_cert: true,
+            reload_interval: Duration::from_secs(10),
         }
     }
 }
@@ -266,6 +271,12 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
             picket_core::tls::read_certificates(ca)
                 .map_err(|e| err(&["tls", "client_ca"], e.to_string()))?;
         }
+    }
+    if config.tls.reload_interval < Duration::from_millis(100) {
+        return Err(err(
+            &["tls", "reload_interval"],
+            "must be at least 100ms (e.g. \"10s\")".into(),
+        ));
     }
     let influx = &config.receivers.influxdb;
     if influx.enabled {

@@ -1,8 +1,8 @@
 //! The gRPC port's connections: accepted here and handed to tonic, so that their number is
 //! capped and a connection that carries no stream cannot stay open.
 //!
-//! Why tonic's own listener is not enough: it bounds the TLS handshake
-//! (`grpc.handshake_timeout`, set on the TLS config) but nothing after it, so a peer could
+//! Why a bounded TLS handshake (`grpc.handshake_timeout`, in `tls_reload.rs`) is not enough:
+//! nothing bounds what comes after it, so a peer could
 //! finish TCP and TLS (or, with `tls.insecure`, just TCP) and then sit there, answering
 //! HTTP/2 pings, for ever; a few thousand of those would use up the process's file
 //! descriptors and lock agents out. So here:

@@ -153,6 +153,8 @@ pub struct HttpState {
     pub intake: Arc<Intake>,
     pub grpc_connections: Arc<GrpcConnections>,
     pub http_stats: Arc<HttpStats>,
+    /// The gRPC port's reloading TLS (`None` with `tls.insecure`).
+    pub tls: Option<Arc<crate::tls_reload::ReloadingTls>>,
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).
@@ -298,6 +300,9 @@ fn self_metrics(state: &HttpState) -> Vec<Family> {
     families.extend(state.intake.families());
     families.extend(state.grpc_connections.families());
     families.extend(state.http_stats.families());
+    if let Some(tls) = &state.tls {
+        families.extend(tls.families());
+    }
     families.push(series);
     families.push(build);
     families

@@ -20,3 +20,4 @@ pub mod receivers;
 pub mod server;
 pub mod sinks;
 pub mod store;
+pub mod tls_reload;

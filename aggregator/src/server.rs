@@ -11,11 +11,11 @@ use picket_core::logging::LogHandle;
 use picket_proto::v1::ingest_server::IngestServer;
 use tokio::signal::unix::{SignalKind, signal};
 use tonic::codec::CompressionEncoding;
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::agents::Registry;
-use crate::config::{AggregatorConfig, TlsConfig};
+use crate::config::AggregatorConfig;
 use crate::grpc_listener::{GrpcConnections, Limits};
 use crate::http::{HttpState, HttpStats, router};
 use crate::ingest::IngestService;
@@ -24,6 +24,7 @@ use crate::receivers::influx_write::InfluxWrite;
 use crate::receivers::pushgateway::Pushgateway;
 use crate::sinks::Sinks;
 use crate::store::LatestStore;
+use crate::tls_reload::ReloadingTls;
 
 /// How often series TTLs and forgotten agents are swept.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(5);
@@ -51,6 +52,11 @@ pub async fn run(
         idle_connection_timeout: config.grpc.idle_connection_timeout,
     });
     let http_stats = Arc::new(HttpStats::default());
+    let tls = if config.tls.insecure {
+        None
+    } else {
+        Some(ReloadingTls::new(&config.tls).context("invalid TLS configuration")?)
+    };
     let state = Arc::new(HttpState {
         registry: registry.clone(),
         sinks: sinks.clone(),
@@ -58,6 +64,7 @@ pub async fn run(
         intake: intake.clone(),
         grpc_connections: grpc_connections.clone(),
         http_stats: http_stats.clone(),
+        tls: tls.clone(),
     });
     let mut receivers = Vec::new();
     let pushgateway = config
@@ -106,10 +113,6 @@ pub async fn run(
         tracing::warn!(
             "tls.insecure = true: agents connect in plaintext and are not authenticated; use only on a trusted network"
         );
-    } else {
-        builder = builder
-            .tls_config(server_tls(&config.tls)?.timeout(config.grpc.handshake_timeout))
-            .context("invalid TLS configuration")?;
     }
     let service = IngestServer::new(IngestService {
         registry: registry.clone(),
@@ -131,11 +134,18 @@ pub async fn run(
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60))),
     );
-    let grpc = tokio::spawn(
-        builder
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, wait_shutdown(shutdown_rx.clone())),
-    );
+    let grpc_router = builder.add_service(service);
+    let stopped = wait_shutdown(shutdown_rx.clone());
+    let mut tls_watch = None;
+    let grpc = match &tls {
+        // TLS handshakes run in tls_reload.rs with whatever certificate is current.
+        Some(tls) => {
+            tls_watch = Some(tokio::spawn(tls.clone().watch(config.tls.reload_interval)));
+            let incoming = tls.incoming(incoming, config.grpc.handshake_timeout);
+            tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        None => tokio::spawn(grpc_router.serve_with_incoming_shutdown(incoming, stopped)),
+    };
     state.grpc_listening.store(true, Ordering::Relaxed);
     let http = tokio::spawn(crate::http::serve(
         http_listener,
@@ -198,6 +208,9 @@ pub async fn run(
     let _ = shutdown_tx.send(true);
     grpc_connections.shut_down();
     housekeeping.abort();
+    if let Some(task) = tls_watch {
+        task.abort();
+    }
     if let Some(task) = push_expiry {
         task.abort();
     }
@@ -233,17 +246,4 @@ fn apply_reload(
         );
     }
     tracing::info!("SIGHUP: configuration reloaded");
-}
-
-fn server_tls(tls: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
-    let cert = picket_core::tls::read_certificates(&tls.cert).context("tls.cert")?;
-    let key = picket_core::tls::read_private_key(&tls.key).context("tls.key")?;
-    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert.pem, key));
-    if let Some(ca) = &tls.client_ca {
-        let ca = picket_core::tls::read_certificates(ca).context("tls.client_ca")?;
-        config = config
-            .client_ca_root(Certificate::from_pem(ca.pem))
-            .client_auth_optional(!tls.require_client_cert);
-    }
-    Ok(config)
 }

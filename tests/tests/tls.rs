@@ -279,3 +279,120 @@ fn real_agent_streams_over_mutual_tls() {
     );
     assert!(!agg.metrics().contains("instance=\"no-cert\""));
 }
+
+/// Copies `from` over `to` the way rotation tools do: a new file renamed into place.
+fn replace_file(from: &Path, to: &Path) {
+    let temporary = to.with_extension("new");
+    std::fs::copy(from, &temporary).unwrap();
+    std::fs::rename(&temporary, to).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotated_certificates_and_client_ca_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Pki::create(&dir.path().join("old"));
+    let new = Pki::create(&dir.path().join("new"));
+    let spec = AggregatorSpec {
+        pki: Some(&old),
+        mutual_tls: true,
+        journal: None,
+        extra: String::new(),
+    };
+    // Reload checks every 200 ms here (10 s by default).
+    let mut agg = Aggregator::start(dir.path(), &spec);
+    let config = std::fs::read_to_string(&agg.config).unwrap();
+    std::fs::write(
+        &agg.config,
+        config.replace("[tls]\n", "[tls]\nreload_interval = \"200ms\"\n"),
+    )
+    .unwrap();
+    agg.process.kill9();
+    agg.start_again(dir.path());
+
+    let (old_cert, old_key) = old.issue_agent("pi-old");
+    let (new_cert, new_key) = new.issue_agent("pi-new");
+    let (new_ca, old_ca) = (new.ca(), old.ca());
+    let as_new = || ClientTls {
+        ca: &new_ca,
+        identity: Some((&new_cert, &new_key)),
+    };
+    let as_old = || ClientTls {
+        ca: &old_ca,
+        identity: Some((&old_cert, &old_key)),
+    };
+    assert!(try_stream(&agg, as_old(), "pi-old").await.is_ok());
+    assert!(
+        try_stream(&agg, as_new(), "pi-new").await.is_err(),
+        "the new fleet's agents cannot connect before the rotation"
+    );
+    // An established stream from before the rotation.
+    let channel = raw::channel(&https(agg.grpc), Some(as_old()))
+        .await
+        .unwrap();
+    let mut established = raw::open(channel, Some(raw::hello("pi-old", 7)))
+        .await
+        .unwrap();
+
+    // A key that does not match the certificate (a rotation caught half-way) is not used.
+    replace_file(
+        &new.dir.join("aggregator.pem"),
+        &old.dir.join("aggregator.pem"),
+    );
+    wait_for(
+        "the refused half-rotation counted",
+        Duration::from_secs(10),
+        || {
+            (agg.metric_value("picket_aggregator_tls_reloads_total{outcome=\"error\"}")
+                >= Some(1.0))
+            .then_some(())
+        },
+    );
+    assert!(try_stream(&agg, as_old(), "pi-old").await.is_ok());
+
+    // The rest of the rotation: key and client CA. New agents get in, old ones no more.
+    replace_file(
+        &new.dir.join("aggregator-key.pem"),
+        &old.dir.join("aggregator-key.pem"),
+    );
+    // The aggregator's client_ca is old/tls/ca.pem.
+    replace_file(&new.ca(), &old.ca());
+    let connected = wait_for_async_ok(&agg, as_new, "pi-new").await;
+    assert!(
+        connected,
+        "the new fleet could not connect after the rotation"
+    );
+    assert!(
+        try_stream(&agg, as_old(), "pi-old").await.is_err(),
+        "the old fleet's certificates are no longer trusted"
+    );
+    assert!(
+        agg.metric_value("picket_aggregator_tls_reloads_total{outcome=\"success\"}") >= Some(1.0)
+    );
+    // The stream established before the rotation still works.
+    established
+        .send_batch(raw::batch(
+            1,
+            "pi-old",
+            "tls_gauge",
+            1,
+            picket_core::model::now_ms(),
+        ))
+        .await;
+    assert!(established.next().await.is_ok());
+}
+
+/// Retries `try_stream` until it succeeds (the reload is checked every 200 ms), for 10 s.
+async fn wait_for_async_ok<'a>(
+    agg: &Aggregator,
+    tls: impl Fn() -> ClientTls<'a>,
+    instance: &str,
+) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if try_stream(agg, tls(), instance).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
