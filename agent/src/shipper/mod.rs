@@ -56,6 +56,9 @@ pub struct Shipper {
     spool: Option<Spool>,
     /// When the spool timer next writes due batches and checkpoints acknowledgements.
     spool_tick: Option<Instant>,
+    /// Highest sequence sent on the current connection (0 without one): the spool's cap
+    /// never deletes a batch whose ack may still arrive.
+    in_flight_through: u64,
 }
 
 impl Shipper {
@@ -113,6 +116,7 @@ impl Shipper {
             endpoint_index: 0,
             spool: None,
             spool_tick: None,
+            in_flight_through: 0,
             config,
             stats,
         }
@@ -192,6 +196,7 @@ impl Shipper {
                         let new = config_rx.borrow_and_update().clone();
                         if self.reconfigure(new) {
                             connection = None;
+                            self.in_flight_through = 0;
                             connecting = None;
                             AgentStats::set(&self.stats.connected, 0);
                             reconnect_at = Some(Instant::now());
@@ -303,13 +308,14 @@ impl Shipper {
         let interval = self.config.spool.flush_interval;
         let now = Instant::now();
         self.spool_tick = self.spool.as_ref().map(|_| now + interval);
+        // Acknowledged segments go first, so they do not count against the cap below.
+        self.checkpoint_spool();
         if let Some(due) = now.checked_sub(interval) {
             let sequences: Vec<u64> = self.pending.unspooled(due).map(|b| b.sequence).collect();
             if !sequences.is_empty() {
                 self.spill(&sequences);
             }
         }
-        self.checkpoint_spool();
     }
 
     /// Writes every batch that is only in memory to the spool (at shutdown).
@@ -329,7 +335,7 @@ impl Shipper {
 
     fn checkpoint_spool(&mut self) {
         if let Some(spool) = self.spool.as_mut()
-            && let Err(e) = spool.checkpoint()
+            && let Err(e) = blocking(|| spool.checkpoint())
         {
             AgentStats::add(&self.stats.spool_write_errors, 1);
             tracing::warn!(error = %e, "cannot checkpoint the spool; acknowledged batches may be resent after a restart (the aggregator recognises them)");
@@ -339,6 +345,8 @@ impl Shipper {
     /// Writes the given in-memory batches (sorted sequences) to the spool in one append, then
     /// applies the spool's size cap, dropping (and counting) the oldest batches.
     fn spill(&mut self, sequences: &[u64]) {
+        // Acknowledged segments go first, so they do not count against the cap.
+        self.checkpoint_spool();
         let Some(disk) = self.spool.as_mut() else {
             return;
         };
@@ -348,7 +356,7 @@ impl Shipper {
             .filter(|b| sequences.binary_search(&b.sequence).is_ok())
             .filter_map(|b| b.batch.as_ref().map(|batch| (b.sequence, b.samples, batch)))
             .collect();
-        let (locations, error) = disk.append(&items);
+        let (locations, error) = blocking(|| disk.append(&items));
         let written: Vec<(u64, spool::Location)> = items
             .iter()
             .map(|(sequence, _, _)| *sequence)
@@ -363,7 +371,11 @@ impl Shipper {
             tracing::error!(error = %e, not_written = items.len() - written.len(),
                 "cannot write to the spool; those batches stay in memory only");
         }
-        let mut dropped: Vec<u64> = disk.enforce_cap().into_iter().map(|(s, _)| s).collect();
+        let in_flight = self.in_flight_through;
+        let mut dropped: Vec<u64> = blocking(|| disk.enforce_cap(in_flight))
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         for (sequence, location) in written {
             self.pending.mark_spooled(sequence, location);
         }
@@ -404,21 +416,29 @@ impl Shipper {
         let in_flight = self.pending.count_through(conn.sent_through);
         let mut to_send = Vec::new();
         let mut unreadable = Vec::new();
+        // A sequence above the spool's reservation could be used again after a restart (the
+        // reservation write failed): such batches wait until a reservation succeeds.
+        let sendable_through = self
+            .spool
+            .as_ref()
+            .map_or(u64::MAX, Spool::reserved_through);
         for pending in self.pending.after(conn.sent_through) {
-            if in_flight + to_send.len() >= max_in_flight {
+            if in_flight + to_send.len() >= max_in_flight || pending.sequence > sendable_through {
                 break;
             }
             match (&pending.batch, pending.spooled, &self.spool) {
                 (Some(batch), _, _) => to_send.push(batch.clone()),
-                // A few records read back per ack round trip: small synchronous reads.
-                (None, Some(at), Some(spool)) => match spool.read(at, pending.sequence) {
-                    Ok(batch) => to_send.push(batch),
-                    Err(e) => {
-                        tracing::error!(error = %e, sequence = pending.sequence,
+                // A few records read back per ack round trip.
+                (None, Some(at), Some(spool)) => {
+                    match blocking(|| spool.read(at, pending.sequence)) {
+                        Ok(batch) => to_send.push(batch),
+                        Err(e) => {
+                            tracing::error!(error = %e, sequence = pending.sequence,
                             "cannot read a spooled batch back; dropping it");
-                        unreadable.push(pending.sequence);
+                            unreadable.push(pending.sequence);
+                        }
                     }
-                },
+                }
                 _ => unreadable.push(pending.sequence),
             }
         }
@@ -437,6 +457,7 @@ impl Shipper {
             tracing::debug!(sequence, endpoint = %conn.endpoint, "batch sent");
             AgentStats::add(&self.stats.batches_sent, 1);
         }
+        self.in_flight_through = conn.sent_through;
         Ok(())
     }
 
@@ -487,6 +508,7 @@ impl Shipper {
             .map(|c| c.endpoint.clone())
             .unwrap_or_default();
         *connection = None;
+        self.in_flight_through = 0;
         AgentStats::set(&self.stats.connected, 0);
         AgentStats::add(&self.stats.connection_failures, 1);
         if error.batch_too_large() {
@@ -558,6 +580,17 @@ impl Shipper {
         AgentStats::set(&self.stats.pending_samples, self.pending.samples() as u64);
         let spool_bytes = self.spool.as_ref().map_or(0, |s| s.bytes());
         AgentStats::set(&self.stats.spool_bytes, spool_bytes);
+    }
+}
+
+/// Runs disk work (spool writes with `fdatasync`, reads) without stalling the runtime's other
+/// tasks: on the multi-threaded runtime the agent runs on, this worker hands its other tasks
+/// over while it waits for the disk.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

@@ -50,6 +50,9 @@ const PAYLOAD_PREFIX: usize = 20;
 const STATE_MAGIC: &str = "picket-spool 1";
 /// A record larger than this is damage, not data: the aggregator refuses far smaller batches.
 const MAX_RECORD_PAYLOAD: usize = 256 * 1024 * 1024;
+/// Sequence and segment numbers read from disk above this are damage: real ones never come
+/// near, and arithmetic on them must not overflow.
+const MAX_NUMBER: u64 = u64::MAX / 4;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -239,9 +242,20 @@ impl Spool {
         let mut foreign = Vec::new();
         let mut numbers = segment_numbers(&directory)?;
         numbers.sort_unstable();
+        let mut seen = std::collections::HashSet::new();
         for number in &numbers {
             let path = segment_path(&directory, *number);
-            let data = std::fs::read(&path).map_err(io_error(&path))?;
+            let data = match std::fs::read(&path) {
+                Ok(data) => data,
+                Err(e) => {
+                    // An unreadable segment (I/O error, not a file) is damage: skip it, as a
+                    // torn record would be, rather than keep the agent from starting.
+                    tracing::error!(path = %path.display(), error = %e,
+                        "cannot read a spool segment; skipping it");
+                    recovery.skipped_bytes += std::fs::metadata(&path).map_or(0, |m| m.len());
+                    continue;
+                }
+            };
             let scan = scan_records(&data);
             recovery.skipped_bytes += scan.skipped_bytes;
             if scan.skipped_bytes > 0 {
@@ -255,6 +269,11 @@ impl Spool {
                 batches: Vec::new(),
             };
             for record in scan.records {
+                // A batch written twice (a sync that failed after the data reached the file,
+                // then a retry) is sent once.
+                if record.sequence > MAX_NUMBER || !seen.insert((record.session, record.sequence)) {
+                    continue;
+                }
                 let location = Location {
                     segment: *number,
                     offset: record.offset,
@@ -300,6 +319,7 @@ impl Spool {
         }
         let bytes = segments.iter().map(|s| s.bytes).sum();
         let next_segment = numbers.last().map_or(1, |n| n + 1);
+
         let persisted_acked = state.acked_through;
         state.reserved_through = next_sequence - 1;
         let mut spool = Spool {
@@ -323,6 +343,12 @@ impl Spool {
         self.state.session
     }
 
+    /// The highest sequence that may be sent: a restart continues above it, so nothing above
+    /// it may reach an aggregator.
+    pub fn reserved_through(&self) -> u64 {
+        self.state.reserved_through
+    }
+
     pub fn directory(&self) -> &Path {
         &self.directory
     }
@@ -331,9 +357,10 @@ impl Spool {
         self.bytes
     }
 
-    /// Makes sure `sequence` is reserved, writing `state` when a new range is needed.
+    /// Makes sure `sequence` is reserved, writing `state` with a new range once less than
+    /// half a range is left, so a failing write is retried long before sequences run out.
     pub fn reserve(&mut self, sequence: u64) -> Result<(), SpoolError> {
-        if sequence <= self.state.reserved_through {
+        if sequence.saturating_add(RESERVE_STEP / 2) <= self.state.reserved_through {
             return Ok(());
         }
         let mut state = self.state;
@@ -382,8 +409,17 @@ impl Spool {
                 continue;
             }
             if let Err(e) = self.write_to_segment(number, &buffer) {
-                // Whatever reached the file is a torn tail; recovery skips it. Start afresh.
+                // Whatever reached the file is a torn tail or, if only the sync failed, whole
+                // records that recovery will find (once: it keeps one copy per sequence).
+                // Count the bytes either way, and start a new segment next time.
                 self.writer = None;
+                if let Some(segment) = self.segments.back_mut()
+                    && let Ok(meta) = std::fs::metadata(&segment.path)
+                {
+                    let grown = meta.len().saturating_sub(segment.bytes);
+                    segment.bytes += grown;
+                    self.bytes += grown;
+                }
                 locations.truncate(locations.len() - taken);
                 return (locations, Some(e));
             }
@@ -478,7 +514,9 @@ impl Spool {
     /// exit, not per ack.
     pub fn checkpoint(&mut self) -> Result<(), SpoolError> {
         self.delete_finished_segments();
-        if self.state.acked_through != self.persisted_acked {
+        // With no segment left, the acknowledged sequence filters nothing (anything written
+        // later has a higher sequence): no write, so a healthy agent never touches the disk.
+        if !self.segments.is_empty() && self.state.acked_through != self.persisted_acked {
             let state = self.state;
             self.write_state(state)?;
             self.persisted_acked = state.acked_through;
@@ -512,11 +550,21 @@ impl Spool {
         self.segments = kept;
     }
 
-    /// Deletes the oldest segments until the spool fits `max_bytes`. Returns the (sequence,
-    /// samples) of every unacknowledged batch deleted with them, so they can be counted.
-    pub fn enforce_cap(&mut self) -> Vec<(u64, usize)> {
+    /// Deletes the oldest segments until the spool fits `max_bytes`, but none holding a batch
+    /// in flight (unacknowledged with a sequence up to `in_flight_through`): its ack may be on
+    /// the way. Returns the (sequence, samples) of every unacknowledged batch deleted.
+    pub fn enforce_cap(&mut self, in_flight_through: u64) -> Vec<(u64, usize)> {
         let mut dropped = Vec::new();
+        let acked = self.state.acked_through;
         while self.bytes > self.config.max_bytes.get() as u64 && self.segments.len() > 1 {
+            let in_flight = self.segments.front().is_some_and(|s| {
+                s.batches
+                    .iter()
+                    .any(|(seq, _)| *seq > acked && *seq <= in_flight_through)
+            });
+            if in_flight {
+                break;
+            }
             let Some(segment) = self.segments.pop_front() else {
                 break;
             };
@@ -532,7 +580,6 @@ impl Spool {
                     "cannot delete a spool segment to make room");
             }
             self.bytes -= segment.bytes;
-            let acked = self.state.acked_through;
             dropped.extend(segment.batches.into_iter().filter(|(s, _)| *s > acked));
         }
         dropped
@@ -578,8 +625,13 @@ fn segment_numbers(directory: &Path) -> Result<Vec<u64>, SpoolError> {
         let entry = entry.map_err(io_error(directory))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
+        // Only names this module writes: 20 digits, within range.
         if let Some(stem) = name.strip_suffix(".seg")
+            && stem.len() == 20
+            && stem.bytes().all(|b| b.is_ascii_digit())
             && let Ok(number) = stem.parse::<u64>()
+            && number <= MAX_NUMBER
+            && entry.file_type().is_ok_and(|t| t.is_file())
         {
             numbers.push(number);
         }
@@ -620,7 +672,10 @@ fn parse_state(text: &str) -> Option<State> {
         reserved_through: field("reserved_through")?,
         acked_through: field("acked_through")?,
     };
-    (state.session != 0).then_some(state)
+    let sane = state.session != 0
+        && state.reserved_through <= MAX_NUMBER
+        && state.acked_through <= MAX_NUMBER;
+    sane.then_some(state)
 }
 
 /// Appends one record; returns the payload length.
@@ -824,7 +879,7 @@ mod tests {
         let (mut spool, _, _) = Spool::open(&cfg).unwrap();
         for s in 1..=30 {
             append(&mut spool, s..=s, 20 * 1024);
-            let dropped = spool.enforce_cap();
+            let dropped = spool.enforce_cap(0);
             assert!(spool.bytes() <= 200 * 1024, "{}", spool.bytes());
             if s <= 9 {
                 assert!(dropped.is_empty(), "{s}: {dropped:?}");
@@ -839,6 +894,54 @@ mod tests {
             "{sequences:?}"
         );
         assert!(sequences.len() >= 6, "{sequences:?}");
+    }
+
+    #[test]
+    fn the_cap_never_deletes_a_batch_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 200 * 1024);
+        let (mut spool, _, _) = Spool::open(&cfg).unwrap();
+        // Three records per 64 KiB segment: five segments, over the 200 KiB cap.
+        for s in 1..=15 {
+            append(&mut spool, s..=s, 20 * 1024);
+        }
+        // Batches 1..=3 (the oldest segment) are on the wire: the cap waits for their acks.
+        assert!(spool.enforce_cap(3).is_empty());
+        assert!(spool.bytes() > 200 * 1024);
+        // Acknowledged, their segment goes uncounted, and the next one (4..=6) is dropped.
+        spool.acked(3);
+        let dropped: Vec<u64> = spool.enforce_cap(3).into_iter().map(|(s, _)| s).collect();
+        assert!(spool.bytes() <= 200 * 1024);
+        assert_eq!(dropped, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn reservations_are_renewed_half_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1 << 20);
+        let (mut spool, first, _) = Spool::open(&cfg).unwrap();
+        let reserved = spool.reserved_through();
+        assert!(reserved >= first + RESERVE_STEP / 2);
+        spool.reserve(reserved - RESERVE_STEP / 2 + 1).unwrap();
+        assert!(
+            spool.reserved_through() > reserved,
+            "renewed before running out"
+        );
+    }
+
+    #[test]
+    fn odd_files_in_the_directory_do_not_stop_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), 1 << 20);
+        let (mut spool, _, _) = Spool::open(&cfg).unwrap();
+        append(&mut spool, 1..=2, 10);
+        let spool_dir = spool.directory().to_owned();
+        drop(spool);
+        std::fs::create_dir(spool_dir.join("00000000000000000099.seg")).unwrap();
+        std::fs::write(spool_dir.join("+5.seg"), b"x").unwrap();
+        std::fs::write(spool_dir.join("18446744073709551615.seg"), b"x").unwrap();
+        let (_, _, recovery) = Spool::open(&cfg).unwrap();
+        assert_eq!(recovery.batches.len(), 2);
     }
 
     #[test]
