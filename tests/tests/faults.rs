@@ -140,6 +140,19 @@ impl Totals {
         self.collected += collected;
         self.accepted += distinct;
     }
+
+    fn report(&self, scenario: &str, recovery: Duration, note: &str) {
+        report(&FaultRow {
+            scenario,
+            collected: self.collected,
+            accepted: self.accepted,
+            stored: self.stored,
+            lost: self.collected - self.accepted,
+            duplicated: self.duplicated,
+            recovery,
+            note,
+        });
+    }
 }
 
 #[test]
@@ -179,16 +192,7 @@ fn aggregator_killed_for_30_seconds_while_five_agents_stream_loses_nothing() {
         );
         totals.add_clean(&rig, name, &log);
     }
-    report(&FaultRow {
-        scenario: "aggregator SIGKILL, down 30 s, 5 agents",
-        collected: totals.collected,
-        accepted: totals.accepted,
-        stored: totals.stored,
-        lost: totals.collected - totals.accepted,
-        duplicated: totals.duplicated,
-        recovery,
-        note: "",
-    });
+    totals.report("aggregator SIGKILL, down 30 s, 5 agents", recovery, "");
 }
 
 #[test]
@@ -537,14 +541,5 @@ fn a_network_cut_is_detected_by_keepalives_and_loses_nothing() {
         "half-open connection detected after {:.1} s",
         detected.as_secs_f64()
     );
-    report(&FaultRow {
-        scenario: "network cut (netns veth down), restored",
-        collected: totals.collected,
-        accepted: totals.accepted,
-        stored: totals.stored,
-        lost: totals.collected - totals.accepted,
-        duplicated: totals.duplicated,
-        recovery,
-        note: &note,
-    });
+    totals.report("network cut (netns veth down), restored", recovery, &note);
 }
