@@ -451,6 +451,14 @@ fn convert(families: Vec<sdk::Family>, key: &GroupKey, now: i64) -> Result<Vec<F
                     .filter(|l| !l.value.is_empty())
                     .map(|l| (l.name, l.value)),
             );
+            // `__` names are Prometheus's own (`__name__` is the metric name); the sinks and
+            // the wire codec take none, and the Pushgateway refuses them too.
+            if let Some((name, _)) = labels.iter().find(|(name, _)| name.starts_with("__")) {
+                return Err(Refusal::bad(format!(
+                    "{}{labels}: label name {name} is reserved (names starting with __ are Prometheus's own)",
+                    family.name
+                )));
+            }
             for (name, value) in key {
                 match labels.get(name) {
                     Some(own) if own != value => {
@@ -583,5 +591,26 @@ mod tests {
         };
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(message.contains("job=\"other\""), "{message}");
+    }
+
+    /// Found by the `pushgateway_push` fuzz target: a series label starting with `__` went
+    /// through to the sinks, which never take one from an agent.
+    #[test]
+    fn reserved_label_names_are_refused() {
+        let key = parse_group("/metrics/job/flinkjqb_id/host/tm-1").unwrap();
+        for body in [
+            "flink_records_total{__host=\"tm-9\"} 1\n",
+            "up{__name__=\"up\"} 1\n",
+        ] {
+            let Err(Refusal(status, message)) = parse_push(body.as_bytes(), Format::Text, &key, 5)
+            else {
+                panic!("{body:?}: a reserved label name must be refused");
+            };
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(message.contains("is reserved"), "{message}");
+        }
+        // An empty value means no label at all, as everywhere else.
+        let families = parse_push(b"up{__x=\"\"} 1\n", Format::Text, &key, 5).unwrap();
+        assert!(!families[0].points[0].labels.contains("__x"));
     }
 }
