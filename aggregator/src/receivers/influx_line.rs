@@ -78,13 +78,16 @@
 //!
 //! * A line whose tags, copied into each of its numeric fields, would make more than 16 times
 //!   the line's length in label bytes (a few tags with a few fields never do) is an error, so
-//!   a body cannot expand without bound in memory.
+//!   a body cannot expand without bound in memory. So is a line with more than 128 tags
+//!   (`MAX_LABELS_PER_SERIES`, the limit of labels per series on Picket's wire), which also
+//!   keeps reading a line's tags linear.
 //!
 //! Not checked: InfluxDB's 64 KiB series key limit, and its reserved `time` tag and field keys
 //! (InfluxDB drops such points; the names mean nothing to Picket, so they are kept).
 
 use std::collections::HashMap;
 
+use picket_core::codec::MAX_LABELS_PER_SERIES;
 use picket_core::model::{Family, Labels, MetricType};
 
 /// How many times its own length in label bytes one line may make (tags × numeric fields).
@@ -531,6 +534,13 @@ impl Builder {
                 "two tags give label {} (a repeated tag key, or keys that differ only in \
                  characters a label name cannot have)",
                 quoted(&name)
+            ));
+        }
+        // Each insert into the sorted label set is linear: bound the line's tags before the
+        // whole line is (a million tags would take hours).
+        if labels.len() == MAX_LABELS_PER_SERIES {
+            return Err(format!(
+                "more than {MAX_LABELS_PER_SERIES} tags (Picket's limit of labels per series)"
             ));
         }
         let mut unescaped = String::with_capacity(value.len());
@@ -1282,6 +1292,35 @@ mod tests {
             parsed.errors
         );
         assert_eq!(parsed.points, 1);
+    }
+
+    /// Found with the `influx_line` fuzz target's binary on long lines: each tag is inserted
+    /// into a sorted label set, so a line's tags took quadratic time (39 s for one 1.8 MB line
+    /// of 200,000 tags; a 32 MB body would have kept the receiver busy for hours).
+    #[test]
+    fn a_line_has_at_most_max_labels_per_series_tags() {
+        let line = |n: usize| {
+            let tags: Vec<String> = (0..n).map(|i| format!("t{i}=v")).collect();
+            format!("m,{} value=1 1\nok value=2 2\n", tags.join(","))
+        };
+        let parsed = run(&line(MAX_LABELS_PER_SERIES), Precision::Nanoseconds);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        assert_eq!(
+            parsed.families[0].points[0].labels.len(),
+            MAX_LABELS_PER_SERIES
+        );
+        for n in [MAX_LABELS_PER_SERIES + 1, 20_000] {
+            let parsed = run(&line(n), Precision::Nanoseconds);
+            assert_eq!(parsed.errors.len(), 1, "{n} tags");
+            assert_eq!(parsed.errors[0].line, 1);
+            assert!(
+                parsed.errors[0].reason.contains("more than 128 tags"),
+                "{:?}",
+                parsed.errors[0]
+            );
+            // The next line is still read.
+            assert_eq!(parsed.points, 1);
+        }
     }
 
     #[test]

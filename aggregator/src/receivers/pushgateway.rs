@@ -173,31 +173,14 @@ impl Pushgateway {
         }
         let format = Format::from_content_type(content_type);
         let key = key.clone();
-        tokio::task::spawn_blocking(move || {
-            let parsed = exposition::parse(&body, format)
-                .map_err(|e| Refusal::bad(format!("cannot parse the push: {e}")))?;
-            // Grouping labels are copied into every series: bound what a long path times a
-            // long body can make.
-            let series: usize = parsed.families.iter().map(|f| f.samples.len()).sum();
-            let group_bytes: usize = key.iter().map(|(k, v)| k.len() + v.len()).sum();
-            let budget = EXPANSION_FACTOR * body.len().max(64 * 1024);
-            if series.saturating_mul(group_bytes) > budget {
-                return Err(Refusal(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "{series} series × {group_bytes} bytes of grouping labels is more than {budget} bytes; use fewer or shorter grouping labels"
-                    ),
-                ));
-            }
-            convert(parsed.families, &key, now)
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(Refusal(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("parsing the push failed: {e}"),
-            ))
-        })
+        tokio::task::spawn_blocking(move || parse_push(&body, format, &key, now))
+            .await
+            .unwrap_or_else(|e| {
+                Err(Refusal(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("parsing the push failed: {e}"),
+                ))
+            })
     }
 
     /// Applies a read push (`None`: a DELETE) to its group and the sinks. Pushes and expiry
@@ -336,6 +319,32 @@ fn outcome(status: StatusCode) -> &'static str {
     }
 }
 
+/// A push body → the group's families: parsed, bounded, converted. CPU work, off the async
+/// workers.
+fn parse_push(
+    body: &[u8],
+    format: Format,
+    key: &GroupKey,
+    now: i64,
+) -> Result<Vec<Family>, Refusal> {
+    let parsed = exposition::parse(body, format)
+        .map_err(|e| Refusal::bad(format!("cannot parse the push: {e}")))?;
+    // Grouping labels are copied into every series: bound what a long path times a long body
+    // can make.
+    let series: usize = parsed.families.iter().map(|f| f.samples.len()).sum();
+    let group_bytes: usize = key.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let budget = EXPANSION_FACTOR * body.len().max(64 * 1024);
+    if series.saturating_mul(group_bytes) > budget {
+        return Err(Refusal(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{series} series × {group_bytes} bytes of grouping labels is more than {budget} bytes; use fewer or shorter grouping labels"
+            ),
+        ));
+    }
+    convert(parsed.families, key, now)
+}
+
 /// `/metrics/job/<job>{/<label>/<value>}` (the raw, still percent-encoded path) → the group.
 fn parse_group(path: &str) -> Result<GroupKey, String> {
     let rest = path
@@ -440,6 +449,14 @@ fn convert(families: Vec<sdk::Family>, key: &GroupKey, now: i64) -> Result<Vec<F
                     .filter(|l| !l.value.is_empty())
                     .map(|l| (l.name, l.value)),
             );
+            // `__` names are Prometheus's own (`__name__` is the metric name); the sinks and
+            // the wire codec take none, and the Pushgateway refuses them too.
+            if let Some((name, _)) = labels.iter().find(|(name, _)| name.starts_with("__")) {
+                return Err(Refusal::bad(format!(
+                    "{}{labels}: label name {name} is reserved (names starting with __ are Prometheus's own)",
+                    family.name
+                )));
+            }
             for (name, value) in key {
                 match labels.get(name) {
                     Some(own) if own != value => {
@@ -485,6 +502,34 @@ fn convert(families: Vec<sdk::Family>, key: &GroupKey, now: i64) -> Result<Vec<F
         });
     }
     Ok(out)
+}
+
+/// What the fuzz targets (`fuzz/`, docs/fuzzing.md) call: the request handling that needs no
+/// server or state. Built only with `--cfg fuzzing`, as `cargo fuzz` sets it.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    use super::*;
+
+    /// A push path → its group (job and grouping labels).
+    pub fn parse_group(path: &str) -> Result<BTreeMap<String, String>, String> {
+        super::parse_group(path)
+    }
+
+    /// A `PUT`/`POST` as the handler reads it before it touches any group: path, content
+    /// type and body → the families delivered to the sinks.
+    pub fn read_push(
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<Vec<Family>, String> {
+        let key = super::parse_group(path)?;
+        if content_type.is_some_and(|t| t.contains("protobuf")) {
+            return Err("protobuf".into());
+        }
+        let format = Format::from_content_type(content_type);
+        parse_push(body, format, &key, now).map_err(|Refusal(_, message)| message)
+    }
 }
 
 #[cfg(test)]
@@ -544,5 +589,26 @@ mod tests {
         };
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(message.contains("job=\"other\""), "{message}");
+    }
+
+    /// Found by the `pushgateway_push` fuzz target: a series label starting with `__` went
+    /// through to the sinks, which never take one from an agent.
+    #[test]
+    fn reserved_label_names_are_refused() {
+        let key = parse_group("/metrics/job/flinkjqb_id/host/tm-1").unwrap();
+        for body in [
+            "flink_records_total{__host=\"tm-9\"} 1\n",
+            "up{__name__=\"up\"} 1\n",
+        ] {
+            let Err(Refusal(status, message)) = parse_push(body.as_bytes(), Format::Text, &key, 5)
+            else {
+                panic!("{body:?}: a reserved label name must be refused");
+            };
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(message.contains("is reserved"), "{message}");
+        }
+        // An empty value means no label at all, as everywhere else.
+        let families = parse_push(b"up{__x=\"\"} 1\n", Format::Text, &key, 5).unwrap();
+        assert!(!families[0].points[0].labels.contains("__x"));
     }
 }

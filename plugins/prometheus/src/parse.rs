@@ -37,7 +37,7 @@
 //! what is wrong and the line itself. That is what Prometheus does (a scrape with one bad line
 //! is a failed scrape), and it is the safe choice: a half-read exposition would silently lose
 //! series. Also fatal: a body that is not UTF-8, a label name appearing twice in one sample,
-//! an unknown or contradictory `# TYPE`, a `# TYPE` after samples of its own family, and in
+//! more than [`MAX_LABELS`] labels on one sample, an unknown or contradictory `# TYPE`, a `# TYPE` after samples of its own family, and in
 //! OpenMetrics a missing `# EOF` (usually a truncated body) or content after it.
 //!
 //! Series that parse but that Picket's model cannot hold are not fatal: a histogram whose
@@ -65,6 +65,12 @@ pub const ACCEPT: &str =
 
 /// How long an excerpt of a bad line an error quotes, in characters.
 const EXCERPT_CHARS: usize = 120;
+
+/// Most labels one sample may carry: Picket's limit per series on the wire
+/// (`picket_core::codec::MAX_LABELS_PER_SERIES`), which the agent and the aggregator enforce
+/// anyway. Checking it while reading keeps a line's label checks linear: a push of one line
+/// with a million labels must not keep the aggregator busy for hours.
+pub const MAX_LABELS: usize = 128;
 
 /// Which exposition format a body is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +227,7 @@ pub enum Problem {
     },
     UnterminatedLabels,
     DuplicateLabel(String),
+    TooManyLabels,
     MissingValue,
     BadValue(String),
     BadTimestamp {
@@ -283,6 +290,7 @@ impl fmt::Display for Problem {
             }
             Problem::UnterminatedLabels => write!(f, "the label list has no closing '}}'"),
             Problem::DuplicateLabel(name) => write!(f, "label {name} appears twice"),
+            Problem::TooManyLabels => write!(f, "more than {MAX_LABELS} labels on one sample"),
             Problem::MissingValue => write!(f, "the sample has no value"),
             Problem::BadValue(text) => write!(
                 f,

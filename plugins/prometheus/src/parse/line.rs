@@ -5,7 +5,7 @@
 
 use picket_plugin_sdk::types::Label;
 
-use super::{Format, Problem};
+use super::{Format, MAX_LABELS, Problem};
 
 /// One sample line, read.
 pub(super) struct RawSample<'a> {
@@ -150,6 +150,10 @@ fn read_labels(mut rest: &str) -> Result<(Vec<Label>, &str), Problem> {
             .ok_or_else(|| Problem::UnterminatedLabelValue { label: name.into() })?;
         if labels.iter().any(|l| l.name == name) {
             return Err(Problem::DuplicateLabel(name.to_owned()));
+        }
+        // Before it gets any longer: the duplicate check above is linear in the labels read.
+        if labels.len() == MAX_LABELS {
+            return Err(Problem::TooManyLabels);
         }
         labels.push(Label {
             name: name.to_owned(),
