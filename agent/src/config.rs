@@ -81,7 +81,9 @@ impl AgentConfig {
 pub struct BatchConfig {
     /// A batch is sent once it holds this many samples...
     pub max_samples: NonZeroUsize,
-    /// ...or once its oldest sample waited this long, whichever comes first.
+    /// ...or once its oldest sample waited this long, whichever comes first. Only rounds
+    /// closer together than this are merged: with `interval >= max_delay` a round is sent as
+    /// soon as it is collected.
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
 }

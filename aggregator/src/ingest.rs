@@ -273,7 +273,9 @@ impl StreamSession {
                 }));
             }
         };
-        if self.cert_identity.is_some() && decoded.common_labels.get("instance") != Some(agent) {
+        let relabelled =
+            self.cert_identity.is_some() && decoded.common_labels.get("instance") != Some(agent);
+        if relabelled {
             for family in &mut decoded.families {
                 for point in &mut family.points {
                     point.labels.insert("instance", agent);
@@ -282,7 +284,13 @@ impl StreamSession {
         }
         let samples = decoded.sample_count();
         self.sinks
-            .deliver(agent, session, sequence, &decoded.families)
+            .deliver(
+                agent,
+                session,
+                sequence,
+                &decoded.families,
+                (!relabelled).then_some(&batch),
+            )
             .map_err(|e| {
                 tracing::error!(%agent, error = %e, "a sink refused a batch; the agent will resend it");
                 Status::unavailable(format!("aggregator cannot store the batch right now: {e}"))

@@ -5,10 +5,10 @@
 //! finished Flink jobs do not linger. An older sample never replaces a newer one, which keeps
 //! the store right when an agent resends batches after a reconnect.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use picket_core::model::{Family, Labels, MetricType, Point, Value};
 
 struct Entry {
@@ -32,7 +32,7 @@ impl LatestStore {
     pub fn new(ttl: Duration) -> Self {
         LatestStore {
             ttl: Mutex::new(ttl),
-            families: Mutex::new(HashMap::new()),
+            families: Mutex::new(HashMap::default()),
         }
     }
 
@@ -50,7 +50,7 @@ impl LatestStore {
                 .or_insert_with(|| FamilyEntry {
                     kind: family.kind,
                     help: family.help.clone(),
-                    series: HashMap::new(),
+                    series: HashMap::default(),
                 });
             if entry.kind != family.kind {
                 // Sources disagree on the type (e.g. a Flink upgrade changed it): the newest

@@ -261,7 +261,12 @@ impl Shipper {
         for family in families {
             open.encoder.push(family);
         }
-        if open.encoder.sample_count() >= self.config.batch.max_samples.get() {
+        // Waiting for `max_delay` only pays when another round can join the batch before it;
+        // when the next round is due later than that, waiting would only delay this one
+        // (by up to a second with the defaults: most of an end-to-end latency budget).
+        if open.encoder.sample_count() >= self.config.batch.max_samples.get()
+            || self.config.interval >= max_delay
+        {
             self.seal();
         }
     }

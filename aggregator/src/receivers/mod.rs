@@ -82,7 +82,7 @@ impl Intake {
         tokio::task::spawn_blocking(move || {
             let mut sequence = sequence.lock().unwrap_or_else(|e| e.into_inner());
             *sequence += 1;
-            sinks.deliver(&source, session, *sequence, &families)
+            sinks.deliver(&source, session, *sequence, &families, None)
         })
         .await
         .unwrap_or_else(|e| Err(SinkError::Internal(e.to_string())))

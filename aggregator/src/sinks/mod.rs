@@ -18,12 +18,15 @@ pub mod prometheus_remote_write;
 pub mod queue;
 pub mod routing;
 
+use std::borrow::Cow;
 use std::path::Path;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Labels, now_ms};
+use picket_proto::v1;
 use prost::Message;
 
 use crate::config::{NetworkSettings, SinkConfig};
@@ -118,28 +121,46 @@ impl Sinks {
 
     /// Hands a batch to every sink; `Ok` means all of them have it. Blocking (file I/O): call
     /// it from a blocking context.
+    ///
+    /// `wire` is the batch as the agent sent it, when `families` is exactly its decoding: a
+    /// sink without routing rules then queues those bytes as they are instead of encoding
+    /// the families again (the queue holds `picket.v1.Batch` records either way).
     pub fn deliver(
         &self,
         agent: &str,
         session: u64,
         sequence: u64,
         families: &[Family],
+        wire: Option<&v1::Batch>,
     ) -> Result<(), SinkError> {
         // Routing and encoding first, so a full `block` queue refuses the batch before any
         // other sink took it.
         let mut encoded = Vec::with_capacity(self.network.len());
+        // Encoded at most once, for every sink that passes the batch through unchanged.
+        let mut as_sent: Option<Rc<Vec<u8>>> = None;
         for sink in &self.network {
             let (routed, filtered) = sink.routing.apply(families);
             sink.metrics.samples(outcome::FILTERED, filtered as u64);
-            let mut encoder = BatchEncoder::new(&Labels::new());
-            for family in routed.iter() {
-                encoder.push(family);
-            }
-            let samples = encoder.sample_count();
-            let payload = if encoder.is_empty() {
-                None
-            } else {
-                Some(encoder.finish(0).encode_to_vec())
+            let (payload, samples) = match (&routed, wire) {
+                (Cow::Borrowed(_), Some(wire)) => {
+                    let samples: usize = families.iter().map(Family::sample_count).sum();
+                    let payload = (samples > 0).then(|| {
+                        as_sent
+                            .get_or_insert_with(|| Rc::new(wire.encode_to_vec()))
+                            .clone()
+                    });
+                    (payload, samples)
+                }
+                _ => {
+                    let mut encoder = BatchEncoder::new(&Labels::new());
+                    for family in routed.iter() {
+                        encoder.push(family);
+                    }
+                    let samples = encoder.sample_count();
+                    let payload =
+                        (!encoder.is_empty()).then(|| Rc::new(encoder.finish(0).encode_to_vec()));
+                    (payload, samples)
+                }
             };
             if let Some(p) = &payload
                 && sink.queue.would_block(p.len())
@@ -301,7 +322,7 @@ mod tests {
         let mut family = Family::new("m", MetricType::Gauge, "");
         family.push(Labels::from_pairs([("instance", "pi")]), 1000, 1.0);
         sinks
-            .deliver("pi", 1, 1, std::slice::from_ref(&family))
+            .deliver("pi", 1, 1, std::slice::from_ref(&family), None)
             .unwrap();
         assert!(sinks.healthy());
         let len = std::fs::metadata(&path).unwrap().len();
@@ -309,7 +330,7 @@ mod tests {
         lock(&sinks.files[0]).fail_writes_for_test();
         assert!(
             sinks
-                .deliver("pi", 1, 2, std::slice::from_ref(&family))
+                .deliver("pi", 1, 2, std::slice::from_ref(&family), None)
                 .is_err()
         );
         assert!(!sinks.healthy());

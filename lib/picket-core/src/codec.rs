@@ -6,7 +6,7 @@
 //! (symbol indices, label syntax, duplicate labels, quantile ranges, bucket order) and reports
 //! the first problem precisely; the aggregator turns that into a `Rejected` ack.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use picket_proto::v1;
 
@@ -85,17 +85,16 @@ impl BatchEncoder {
             }
         };
         for point in &family.points {
-            let labels = self.intern_labels(&point.labels);
+            let key = (family_idx, self.intern_labels(&point.labels));
             let series = &mut self.families[family_idx].series;
-            let series_idx = match self.series_index.get(&(family_idx, labels.clone())) {
+            let series_idx = match self.series_index.get(&key) {
                 Some(&i) => i,
                 None => {
                     series.push(v1::Series {
-                        labels: labels.clone(),
+                        labels: key.1.clone(),
                         points: Vec::new(),
                     });
-                    self.series_index
-                        .insert((family_idx, labels), series.len() - 1);
+                    self.series_index.insert(key, series.len() - 1);
                     series.len() - 1
                 }
             };
@@ -247,6 +246,18 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
                 len: symbols.len(),
             })
     };
+    // Whether each symbol is a valid label name, checked the first time it is used as one:
+    // every series repeats the same few names.
+    let name_checked: Vec<std::cell::Cell<Option<bool>>> =
+        (0..symbols.len()).map(|_| std::cell::Cell::new(None)).collect();
+    let valid_label_name = |index: u32, name: &str| {
+        let checked = &name_checked[index as usize];
+        checked.get().unwrap_or_else(|| {
+            let valid = is_valid_label_name(name) && !name.starts_with("__");
+            checked.set(Some(valid));
+            valid
+        })
+    };
     let labels_of =
         |at: &dyn Fn() -> String, pairs: &[u32], into: &mut Labels| -> Result<(), DecodeError> {
             if !pairs.len().is_multiple_of(2) {
@@ -265,7 +276,7 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
             for pair in pairs.chunks_exact(2) {
                 let name = symbol(at, pair[0])?;
                 let value = symbol(at, pair[1])?;
-                if !is_valid_label_name(name) || name.starts_with("__") {
+                if !valid_label_name(pair[0], name) {
                     return Err(DecodeError::BadLabelName {
                         at: at(),
                         name: name.to_owned(),
@@ -321,17 +332,30 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
         let mut family = Family::new(name, kind, help);
         for (si, ws) in wf.series.iter().enumerate() {
             let series_at = || format!("family {name:?} series #{si}");
-            let mut labels = common_labels.clone();
+            // Sized up front (one allocation each for text and offsets): the series' labels
+            // are added one by one.
+            let series_bytes = ws
+                .labels
+                .iter()
+                .map(|&i| symbols.get(i as usize).map_or(0, String::len))
+                .fold(0usize, usize::saturating_add);
+            let mut labels = common_labels.clone_with_room(ws.labels.len() / 2, series_bytes);
             labels_of(&series_at, &ws.labels, &mut labels)?;
-            let label_bytes: usize = labels.iter().map(|(n, v)| n.len() + v.len()).sum();
+            let label_bytes = labels.byte_len();
             decoded_label_bytes =
                 decoded_label_bytes.saturating_add(label_bytes.saturating_mul(ws.points.len()));
             if decoded_label_bytes > MAX_DECODED_LABEL_BYTES {
                 return Err(DecodeError::TooLarge { at: series_at() });
             }
-            for wp in &ws.points {
+            for (pi, wp) in ws.points.iter().enumerate() {
+                // The last point takes the label set itself; most series have one point.
+                let labels = if pi + 1 == ws.points.len() {
+                    std::mem::take(&mut labels)
+                } else {
+                    labels.clone()
+                };
                 family.points.push(Point {
-                    labels: labels.clone(),
+                    labels,
                     timestamp_ms: wp.timestamp_ms,
                     value: decode_value(&series_at, kind, wp)?,
                 });

@@ -32,20 +32,29 @@ impl MetricType {
 }
 
 /// A label set, kept sorted by name with unique names so equal sets compare and hash equal.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Labels(Vec<(String, String)>);
+///
+/// All names and values live in one text buffer, with the end offsets of each pair beside it:
+/// a series' labels are two allocations, not two per label. The aggregator builds, hashes and
+/// keeps one label set per sample and per live series, so this is most of its CPU per sample
+/// and memory per series (docs/performance.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Labels {
+    /// name₀ value₀ name₁ value₁ … without separators.
+    text: String,
+    /// Per pair: (end of its name, end of its value) in `text`.
+    ends: Vec<(usize, usize)>,
+}
 
 impl Labels {
     pub fn new() -> Self {
-        Labels(Vec::new())
+        Labels::default()
     }
 
-    /// Builds a set from pairs; a later pair with the same name replaces an earlier one.
     pub fn from_pairs<I, K, V>(pairs: I) -> Self
     where
         I: IntoIterator<Item = (K, V)>,
-        K: Into<String>,
-        V: Into<String>,
+        K: AsRef<str>,
+        V: AsRef<str>,
     {
         let mut labels = Labels::new();
         for (name, value) in pairs {
@@ -54,37 +63,110 @@ impl Labels {
         labels
     }
 
-    /// Sets `name` to `value`, replacing any previous value.
-    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        let name = name.into();
-        let value = value.into();
-        match self.0.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
-            Ok(i) => self.0[i].1 = value,
-            Err(i) => self.0.insert(i, (name, value)),
+    fn start_of(&self, i: usize) -> usize {
+        if i == 0 { 0 } else { self.ends[i - 1].1 }
+    }
+
+    fn pair(&self, i: usize) -> (&str, &str) {
+        let (name_end, value_end) = self.ends[i];
+        let start = self.start_of(i);
+        (&self.text[start..name_end], &self.text[name_end..value_end])
+    }
+
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        let mut low = 0;
+        let mut high = self.ends.len();
+        while low < high {
+            let mid = (low + high) / 2;
+            match self.pair(mid).0.cmp(name) {
+                std::cmp::Ordering::Less => low = mid + 1,
+                std::cmp::Ordering::Greater => high = mid,
+                std::cmp::Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(low)
+    }
+
+    /// Sets `name` to `value`, replacing any value it had.
+    pub fn insert(&mut self, name: impl AsRef<str>, value: impl AsRef<str>) {
+        let (name, value) = (name.as_ref(), value.as_ref());
+        let (at, growth) = match self.find(name) {
+            Ok(i) => {
+                let (name_end, value_end) = self.ends[i];
+                self.text.replace_range(name_end..value_end, value);
+                self.ends[i].1 = name_end + value.len();
+                (
+                    i + 1,
+                    value.len() as isize - (value_end - name_end) as isize,
+                )
+            }
+            Err(i) => {
+                let start = self.start_of(i);
+                self.text.insert_str(start, value);
+                self.text.insert_str(start, name);
+                let name_end = start + name.len();
+                self.ends.insert(i, (name_end, name_end + value.len()));
+                (i + 1, (name.len() + value.len()) as isize)
+            }
+        };
+        for end in &mut self.ends[at..] {
+            end.0 = end.0.wrapping_add_signed(growth);
+            end.1 = end.1.wrapping_add_signed(growth);
         }
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .binary_search_by(|(n, _)| n.as_str().cmp(name))
-            .ok()
-            .map(|i| self.0[i].1.as_str())
+        self.find(name).ok().map(|i| self.pair(i).1)
+    }
+
+    /// Makes room for `pairs` more labels holding `bytes` more bytes of names and values, so
+    /// building a label set label by label does not reallocate.
+    pub fn reserve(&mut self, pairs: usize, bytes: usize) {
+        self.ends.reserve(pairs);
+        self.text.reserve(bytes);
+    }
+
+    /// A copy with room for `pairs` more labels of `bytes` more bytes (see [`Labels::reserve`]).
+    pub fn clone_with_room(&self, pairs: usize, bytes: usize) -> Labels {
+        let mut text = String::with_capacity(self.text.len() + bytes);
+        text.push_str(&self.text);
+        let mut ends = Vec::with_capacity(self.ends.len() + pairs);
+        ends.extend_from_slice(&self.ends);
+        Labels { text, ends }
+    }
+
+    /// Bytes of all names and values together.
+    pub fn byte_len(&self) -> usize {
+        self.text.len()
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.get(name).is_some()
+        self.find(name).is_ok()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        (0..self.ends.len()).map(|i| self.pair(i))
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.ends.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.ends.is_empty()
+    }
+}
+
+/// Pair by pair, names then values: the order of a sorted list of pairs.
+impl Ord for Labels {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.iter().cmp(other.iter())
+    }
+}
+
+impl PartialOrd for Labels {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -248,6 +330,42 @@ mod tests {
         assert_eq!(pairs, vec![("a", "1"), ("b", "3")]);
         assert_eq!(labels.get("b"), Some("3"));
         assert_eq!(labels.get("c"), None);
+    }
+
+    #[test]
+    fn labels_match_a_sorted_map_through_inserts_and_replacements() {
+        // Names and values of every length, inserted in a scrambled order, some replaced by
+        // longer, shorter and empty values: the packed buffer must keep each pair intact.
+        let mut labels = Labels::new();
+        let mut reference = std::collections::BTreeMap::new();
+        for step in 0..400usize {
+            let name = format!("n{}", (step * 7919) % 37);
+            let value = "v".repeat((step * 31) % 11);
+            labels.insert(&name, &value);
+            reference.insert(name, value);
+            let pairs: Vec<(String, String)> = labels
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect();
+            let expected: Vec<(String, String)> = reference.clone().into_iter().collect();
+            assert_eq!(pairs, expected, "after step {step}");
+        }
+        let rebuilt = Labels::from_pairs(reference.iter().rev());
+        assert_eq!(rebuilt, labels);
+        let mut hashes = std::collections::HashSet::new();
+        hashes.insert(rebuilt);
+        assert!(hashes.contains(&labels));
+    }
+
+    #[test]
+    fn labels_order_pair_by_pair() {
+        let ab = Labels::from_pairs([("a", "b")]);
+        let a_then_b = Labels::from_pairs([("a", ""), ("b", "")]);
+        let abc = Labels::from_pairs([("ab", "c")]);
+        // As a sorted list of pairs: ("a","") < ("a","b") < ("ab","c").
+        assert!(a_then_b < ab);
+        assert!(ab < abc);
+        assert_ne!(ab, Labels::from_pairs([("ab", "")]));
     }
 
     #[test]

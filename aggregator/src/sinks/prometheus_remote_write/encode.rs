@@ -15,11 +15,11 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
+use foldhash::fast::RandomState;
 use picket_core::exposition::format_float;
 use picket_core::model::{Family, Labels, MetricType, Value};
-use prost::Message;
 
 /// Remote-write body ready to POST: snappy *block* format (not framed) of a protobuf WriteRequest.
 #[derive(Clone, Debug)]
@@ -150,6 +150,7 @@ pub fn encode<'a>(families: impl IntoIterator<Item = &'a Family>) -> EncodedWrit
 
     let SeriesTable {
         mut series,
+        arena,
         samples,
         ..
     } = table;
@@ -162,7 +163,7 @@ pub fn encode<'a>(families: impl IntoIterator<Item = &'a Family>) -> EncodedWrit
         }
     }
     let series_count = series.len();
-    let proto = WriteRequest { timeseries: series }.encode_to_vec();
+    let proto = write_request(&series, &arena, samples);
 
     match snap::raw::Encoder::new().compress_vec(&proto) {
         Ok(body) => EncodedWrite {
@@ -280,29 +281,69 @@ impl<'s> SeriesLabels<'s> {
         hasher.finish()
     }
 
-    fn matches(self, stored: &[Label]) -> bool {
-        let mut i = 0;
-        let mut same = true;
+    /// Appends the labels as `TimeSeries.labels` fields (each a `Label` message).
+    fn encode_into(self, out: &mut Vec<u8>) {
         self.for_each(|name, value| {
-            same = same
-                && stored
-                    .get(i)
-                    .is_some_and(|l| l.name == name && l.value == value);
-            i += 1;
+            let inner = field_len(name.len()) + field_len(value.len());
+            out.push(0x0a); // TimeSeries.labels (1), length-delimited
+            put_varint(out, inner as u64);
+            out.push(0x0a); // Label.name (1)
+            put_varint(out, name.len() as u64);
+            out.extend_from_slice(name.as_bytes());
+            out.push(0x12); // Label.value (2)
+            put_varint(out, value.len() as u64);
+            out.extend_from_slice(value.as_bytes());
         });
-        same && i == stored.len()
     }
+}
 
-    fn to_labels(self) -> Vec<Label> {
-        let mut out = Vec::with_capacity(self.labels.len() + 2);
-        self.for_each(|name, value| {
-            out.push(Label {
-                name: name.to_owned(),
-                value: value.to_owned(),
-            })
-        });
-        out
+/// Bytes of a length-delimited field with a one-byte tag and `len` bytes of payload.
+fn field_len(len: usize) -> usize {
+    1 + varint_len(len as u64) + len
+}
+
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
     }
+    out.push(v as u8);
+}
+
+/// Bytes of one `Sample` message: value (fixed64) and timestamp (varint), both always sent.
+fn sample_len(sample: &Sample) -> usize {
+    1 + 8 + 1 + varint_len(sample.timestamp as u64)
+}
+
+/// The `WriteRequest` protobuf, written straight from the table: labels were encoded once
+/// per series into `arena`, so no `Label` strings are allocated per series.
+fn write_request(series: &[SeriesEntry], arena: &[u8], samples: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(arena.len() + samples * 24 + series.len() * 6);
+    for s in series {
+        let samples_len: usize = s.samples.iter().map(|x| field_len(sample_len(x))).sum();
+        out.push(0x0a); // WriteRequest.timeseries (1)
+        put_varint(&mut out, (s.labels.len() + samples_len) as u64);
+        out.extend_from_slice(&arena[s.labels.clone()]);
+        for sample in &s.samples {
+            out.push(0x12); // TimeSeries.samples (2)
+            put_varint(&mut out, sample_len(sample) as u64);
+            out.push(0x09); // Sample.value (1), fixed64
+            out.extend_from_slice(&sample.value.to_le_bytes());
+            out.push(0x10); // Sample.timestamp (2), varint
+            put_varint(&mut out, sample.timestamp as u64);
+        }
+    }
+    out
+}
+
+/// One series of the request: its labels (encoded, a range of the table's arena) and samples.
+struct SeriesEntry {
+    labels: std::ops::Range<usize>,
+    samples: Vec<Sample>,
 }
 
 /// The series of one request, in order of first appearance, found by a hash of their labels.
@@ -311,7 +352,11 @@ impl<'s> SeriesLabels<'s> {
 /// instead the map holds a 64-bit (randomly keyed, so not steerable by label values) hash of
 /// the label set and every hit is verified against the stored labels.
 struct SeriesTable {
-    series: Vec<TimeSeries>,
+    series: Vec<SeriesEntry>,
+    /// Every series' labels, encoded once as protobuf `Label` fields.
+    arena: Vec<u8>,
+    /// The labels of a sample whose hash matched, encoded for comparison.
+    scratch: Vec<u8>,
     /// Label hash → the newest series with that hash.
     by_hash: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
     /// Per series, the previous series with the same hash. Real collisions are rare enough
@@ -325,9 +370,11 @@ impl SeriesTable {
     fn with_capacity(capacity: usize) -> Self {
         SeriesTable {
             series: Vec::with_capacity(capacity),
+            arena: Vec::new(),
+            scratch: Vec::new(),
             by_hash: HashMap::with_capacity_and_hasher(capacity, Default::default()),
             collisions: Vec::with_capacity(capacity),
-            keys: RandomState::new(),
+            keys: RandomState::default(),
             samples: 0,
         }
     }
@@ -354,9 +401,11 @@ impl SeriesTable {
                 None
             }
             Entry::Occupied(mut slot) => {
+                self.scratch.clear();
+                key.encode_into(&mut self.scratch);
                 let mut candidate = Some(*slot.get());
                 while let Some(i) = candidate {
-                    if key.matches(&self.series[i].labels) {
+                    if self.arena[self.series[i].labels.clone()] == self.scratch[..] {
                         self.series[i].samples.push(sample);
                         return;
                     }
@@ -366,8 +415,10 @@ impl SeriesTable {
             }
         };
         self.collisions.push(previous);
-        self.series.push(TimeSeries {
-            labels: key.to_labels(),
+        let start = self.arena.len();
+        key.encode_into(&mut self.arena);
+        self.series.push(SeriesEntry {
+            labels: start..self.arena.len(),
             samples: vec![sample],
         });
     }
@@ -399,6 +450,7 @@ impl Hasher for Prehashed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
     use picket_core::model::{Histogram, Point, Summary};
 
     fn decode(write: &EncodedWrite) -> WriteRequest {

@@ -1,0 +1,245 @@
+//! Relay efficiency: the aggregator and vmagent each take the same series from the same
+//! number of senders over TLS (gRPC streams for the aggregator, remote-write POSTs for
+//! vmagent) and forward them by remote write to one null endpoint. The figure is samples
+//! delivered per CPU-second of the relay process, from `/proc`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::loadgen::{self, LoadSpec, Pace};
+use crate::proc_stats::usage;
+use crate::receiver::NullReceiver;
+use crate::report::{count, median, mib, ratio};
+use crate::wire::{self, SeriesShape};
+use crate::{Settings, setup};
+
+struct Sizes {
+    agents: usize,
+    series: usize,
+    rounds: u64,
+}
+
+pub async fn run(s: &mut Settings) -> Result<()> {
+    let sizes = if s.quick {
+        Sizes {
+            agents: 10,
+            series: 500,
+            rounds: 10,
+        }
+    } else {
+        Sizes {
+            agents: 100,
+            series: 1000,
+            rounds: 40,
+        }
+    };
+    let total = (sizes.agents * sizes.series) as u64 * sizes.rounds;
+    let dir = tempfile::tempdir()?;
+    let pki = setup::pki(dir.path())?;
+    let mut rows = Vec::new();
+    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..s.runs {
+        let run_dir = dir.path().join(format!("run-{run}"));
+        std::fs::create_dir_all(run_dir.join("queues"))?;
+        let picket = relay_through_aggregator(s, &run_dir, &pki, &sizes, total, run).await?;
+        let vm = relay_through_vmagent(&run_dir, &pki, &sizes, total).await?;
+        let (p, v) = (total as f64 / picket.cpu_s, total as f64 / vm.cpu_s);
+        ours.push(p);
+        theirs.push(v);
+        ratios.push(p / v);
+        rows.push(vec![
+            format!("{}", run + 1),
+            count(p),
+            format!("{:.2} s", picket.cpu_s),
+            mib(picket.peak_rss as f64),
+            count(v),
+            format!("{:.2} s", vm.cpu_s),
+            mib(vm.peak_rss as f64),
+            format!("{:.2}×", p / v),
+        ]);
+    }
+    rows.push(vec![
+        "**median**".into(),
+        count(median(&ours)),
+        String::new(),
+        String::new(),
+        count(median(&theirs)),
+        String::new(),
+        String::new(),
+        format!("**{}**", ratio(median(&ratios), 1.0)),
+    ]);
+    s.report.table(
+        &format!(
+            "Relay: {} agents × {} Flink-like series × {} rounds = {} samples over TLS to one remote-write endpoint (goal ≥ 2×)",
+            sizes.agents,
+            sizes.series,
+            sizes.rounds,
+            count(total as f64)
+        ),
+        &[
+            "run",
+            "Picket samples/CPU-s",
+            "Picket CPU",
+            "Picket peak RSS",
+            "vmagent samples/CPU-s",
+            "vmagent CPU",
+            "vmagent peak RSS",
+            "ratio",
+        ],
+        &rows,
+    );
+    Ok(())
+}
+
+struct Cost {
+    cpu_s: f64,
+    peak_rss: u64,
+}
+
+async fn relay_through_aggregator(
+    s: &Settings,
+    dir: &std::path::Path,
+    pki: &picket_tests::Pki,
+    sizes: &Sizes,
+    total: u64,
+    run: usize,
+) -> Result<Cost> {
+    let receiver = NullReceiver::start().await?;
+    let sink = format!(
+        "[[sinks]]\ntype = \"prometheus_remote_write\"\nname = \"relay\"\nurl = \"{}\"\n",
+        receiver.url()
+    );
+    let agg = setup::aggregator(dir, pki, &sink)?;
+    let pid = agg.process.pid();
+    let profiler = setup::Profiler::attach(s, pid, &format!("relay-aggregator-{run}"))?;
+    let before = usage(pid)?;
+    let load = loadgen::start(&LoadSpec {
+        endpoint: format!("https://{}", agg.grpc),
+        ca: pki.ca(),
+        agents: sizes.agents,
+        shape: SeriesShape {
+            series: sizes.series,
+            jobs: 4,
+        },
+        pace: Pace::Flood { window: 1 },
+        compress: true,
+        prefix: "relay".into(),
+        rounds: Some(sizes.rounds),
+        probe: false,
+    })
+    .await?;
+    setup::until(
+        "every sample at the endpoint (aggregator)",
+        Duration::from_secs(600),
+        || receiver.samples() >= total,
+    )
+    .await?;
+    let after = usage(pid)?;
+    profiler.finish();
+    let stats = load.stop().await?;
+    let acked = stats
+        .acked_samples
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if acked != total {
+        return Err(anyhow!(
+            "aggregator acknowledged {acked} of {total} samples"
+        ));
+    }
+    Ok(Cost {
+        cpu_s: after.cpu_s - before.cpu_s,
+        peak_rss: after.peak_rss,
+    })
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+async fn relay_through_vmagent(
+    dir: &std::path::Path,
+    pki: &picket_tests::Pki,
+    sizes: &Sizes,
+    total: u64,
+) -> Result<Cost> {
+    let receiver = NullReceiver::start().await?;
+    let (vmagent, addr) = setup::vmagent(dir, pki, &receiver.url())?;
+    let pid = vmagent.pid();
+    let before = usage(pid)?;
+    let tls = picket_tests::servers::ClientTls::new(&pki.ca(), None).rustls_config();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_only()
+        .enable_http1()
+        .build();
+    let client: HttpsClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(sizes.agents)
+        .build(connector);
+    let mut senders = Vec::new();
+    for n in 0..sizes.agents {
+        let series = wire::flink_like_series(
+            n,
+            SeriesShape {
+                series: sizes.series,
+                jobs: 4,
+            },
+        );
+        let template = wire::remote_write_template(&format!("relay-{n}"), &series);
+        senders.push(tokio::spawn(post_rounds(
+            client.clone(),
+            addr,
+            template,
+            sizes.rounds,
+        )));
+    }
+    for sender in senders {
+        sender.await??;
+    }
+    setup::until(
+        "every sample at the endpoint (vmagent)",
+        Duration::from_secs(600),
+        || receiver.samples() >= total,
+    )
+    .await?;
+    let after = usage(pid)?;
+    drop(vmagent);
+    Ok(Cost {
+        cpu_s: after.cpu_s - before.cpu_s,
+        peak_rss: after.peak_rss,
+    })
+}
+
+/// One simulated sender: `rounds` remote-write requests, one after the other (as an agent
+/// waits for each ack), each with fresh timestamps.
+async fn post_rounds(
+    client: HttpsClient,
+    addr: SocketAddr,
+    mut template: wire::Template,
+    rounds: u64,
+) -> Result<()> {
+    let uri: http::Uri = format!("https://{addr}/api/v1/write").parse()?;
+    let mut encoder = snap::raw::Encoder::new();
+    for round in 0..rounds {
+        template.patch(crate::now_ms(), round as f64);
+        let body = encoder.compress_vec(&template.bytes)?;
+        let request = http::Request::post(uri.clone())
+            .header("Content-Type", "application/x-protobuf")
+            .header("Content-Encoding", "snappy")
+            .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+            .body(Full::new(Bytes::from(body)))?;
+        let response = client
+            .request(request)
+            .await
+            .context("remote write to vmagent")?;
+        if !response.status().is_success() {
+            return Err(anyhow!("vmagent answered {}", response.status()));
+        }
+        // Drain the (empty) body so the connection goes back to the pool.
+        let _ = http_body_util::BodyExt::collect(response.into_body()).await;
+    }
+    Ok(())
+}
