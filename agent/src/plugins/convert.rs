@@ -274,7 +274,7 @@ fn convert_labels(
                 label: quote(name),
             });
         }
-        converted.insert(name.to_owned(), value.to_owned());
+        converted.insert(name, value);
     }
     Ok(converted)
 }

@@ -255,6 +255,7 @@ impl PluginManager {
             .compile_async(code.wasm.clone(), stack_bytes)
             .await?;
         self.compiled.insert(key, compiled.clone());
+        release_freed_memory();
         Ok(compiled)
     }
 
@@ -366,5 +367,16 @@ pub fn runtime_for(plugins: &PluginsConfig) -> Arc<Runtime> {
                 Runtime::new()
             }
         },
+    }
+}
+
+/// Compiling a plugin makes Cranelift allocate and free many megabytes; glibc keeps freed
+/// memory mapped for reuse, so without this an agent stays that much bigger for good
+/// (measured: a host-only agent at 31 MiB resident, 18 MiB when nothing is compiled).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages to the kernel; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

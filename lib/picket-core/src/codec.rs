@@ -248,8 +248,9 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
     };
     // Whether each symbol is a valid label name, checked the first time it is used as one:
     // every series repeats the same few names.
-    let name_checked: Vec<std::cell::Cell<Option<bool>>> =
-        (0..symbols.len()).map(|_| std::cell::Cell::new(None)).collect();
+    let name_checked: Vec<std::cell::Cell<Option<bool>>> = (0..symbols.len())
+        .map(|_| std::cell::Cell::new(None))
+        .collect();
     let valid_label_name = |index: u32, name: &str| {
         let checked = &name_checked[index as usize];
         checked.get().unwrap_or_else(|| {

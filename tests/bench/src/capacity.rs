@@ -36,7 +36,6 @@ fn spec(
         compress: true,
         prefix: "cap".into(),
         rounds: None,
-        probe: false,
     }
 }
 

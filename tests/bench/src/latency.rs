@@ -1,5 +1,5 @@
-//! Collected → visible in Prometheus. A real `picket-agent` (host metrics every 200 ms) is
-//! the probe: the bench polls Prometheus for `timestamp()` of the probe's newest sample and
+//! Collected → visible in Prometheus. A real `picket-agent` (host metrics every 200 ms, each
+//! round its own batch as with any `interval` ≥ `batch.max_delay`) is the probe: the bench polls Prometheus for `timestamp()` of the probe's newest sample and
 //! notes when each new collection time first shows up. Background load comes from simulated
 //! agents at 10 % and 80 % of the pipeline's measured maximum (aggregator → Prometheus).
 //! The baseline, measured the same way in the same run, is a sample the bench remote-writes
@@ -35,7 +35,7 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     let (agents, window, measure) = if s.quick {
         (4, Duration::from_secs(3), Duration::from_secs(5))
     } else {
-        (10, Duration::from_secs(10), Duration::from_secs(30))
+        (10, Duration::from_secs(10), Duration::from_secs(60))
     };
     let spec = |series: usize, pace: Pace| LoadSpec {
         endpoint: endpoint.clone(),
@@ -46,7 +46,6 @@ pub async fn run(s: &mut Settings) -> Result<()> {
         compress: true,
         prefix: "lat".into(),
         rounds: None,
-        probe: false,
     };
 
     // The maximum: what reaches Prometheus per second while the agents send flat out.
@@ -60,9 +59,16 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     setup::until(
         "the sink's queue to drain",
         Duration::from_secs(300),
-        || sent(&agg) >= queued(&agg),
+        || agg.metric_sum("picket_sink_queue_samples", &[&format!("sink=\"{SINK}\"")]) == 0.0,
     )
     .await?;
+    let rejected = sink_samples(&agg, "rejected");
+    if rejected > 0.0 {
+        return Err(anyhow!(
+            "Prometheus rejected {rejected} samples while measuring the maximum; see {}",
+            agg.process.log.display()
+        ));
+    }
 
     let mut rows = Vec::new();
     for fraction in [0.1, 0.8] {
@@ -81,6 +87,7 @@ pub async fn run(s: &mut Settings) -> Result<()> {
             &probe_config,
             format!(
                 "instance = \"{PROBE}\"\ninterval = \"200ms\"\njitter = \"0ms\"\n\
+                 [batch]\nmax_delay = \"100ms\"\n\
                  [aggregator]\nendpoints = [\"{endpoint}\"]\n[aggregator.tls]\nca = \"{}\"\n\
                  [spool]\ndirectory = \"{}\"\n",
                 pki.ca().display(),
@@ -150,10 +157,6 @@ fn sink_samples(agg: &Aggregator, outcome: &str) -> f64 {
 
 fn sent(agg: &Aggregator) -> f64 {
     sink_samples(agg, "sent")
-}
-
-fn queued(agg: &Aggregator) -> f64 {
-    sink_samples(agg, "queued")
 }
 
 /// Polls Prometheus for `measure`; returns the ages (ms) at which new probe samples became

@@ -43,9 +43,6 @@ pub struct LoadSpec {
     pub prefix: String,
     /// Batches each agent sends before it stops by itself (None: until [`Load::stop`]).
     pub rounds: Option<u64>,
-    /// Agents whose one series is `picket_bench_probe`, valued with its own timestamp, for
-    /// latency probes (instead of Flink-like series).
-    pub probe: bool,
 }
 
 /// Counters shared by every simulated agent.
@@ -96,14 +93,7 @@ pub async fn start(spec: &LoadSpec) -> Result<Load> {
     let mut tasks = Vec::with_capacity(spec.agents);
     for (n, channel) in channels.into_iter().enumerate() {
         let instance = format!("{}-{n}", spec.prefix);
-        let series = if spec.probe {
-            vec![wire::SeriesLabels {
-                name: "picket_bench_probe",
-                labels: Vec::new(),
-            }]
-        } else {
-            wire::flink_like_series(n, spec.shape)
-        };
+        let series = wire::flink_like_series(n, spec.shape);
         let template = wire::batch_template(&instance, &series);
         let agent = SimulatedAgent {
             instance,
@@ -117,7 +107,7 @@ pub async fn start(spec: &LoadSpec) -> Result<Load> {
             stats: stats.clone(),
             stop: stop.clone(),
             rounds: spec.rounds.unwrap_or(u64::MAX),
-            probe: spec.probe,
+            last_timestamp: 0,
         };
         tasks.push(tokio::spawn(agent.run(channel, spec.compress)));
     }
@@ -149,7 +139,7 @@ struct SimulatedAgent {
     stats: Arc<LoadStats>,
     stop: Arc<AtomicBool>,
     rounds: u64,
-    probe: bool,
+    last_timestamp: i64,
 }
 
 impl SimulatedAgent {
@@ -268,14 +258,11 @@ impl SimulatedAgent {
         sequence: u64,
         in_flight: &mut std::collections::VecDeque<u64>,
     ) -> Result<()> {
-        let now = crate::now_ms();
-        // A probe's value is its own collection time, so whoever sees it knows its age.
-        let value = if self.probe {
-            now as f64
-        } else {
-            sequence as f64
-        };
-        self.template.patch(now, value);
+        // Strictly increasing per agent, as a real agent's rounds are: two batches in the
+        // same millisecond would be the same sample twice to a database.
+        let now = crate::now_ms().max(self.last_timestamp + 1);
+        self.last_timestamp = now;
+        self.template.patch(now, sequence as f64);
         tx.send(wire::agent_message(sequence, &self.template))
             .await
             .map_err(|_| anyhow!("stream closed"))?;

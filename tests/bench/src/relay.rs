@@ -95,6 +95,16 @@ pub async fn run(s: &mut Settings) -> Result<()> {
         ],
         &rows,
     );
+    // What a queue record costs on the aggregator's disk per sample: the wire batch as sent.
+    let shape = SeriesShape {
+        series: sizes.series,
+        jobs: 4,
+    };
+    let batch = wire::batch_template("relay-0", &wire::flink_like_series(0, shape));
+    s.report.text(&format!(
+        "Wire (and disk-queue) size of these batches: {:.1} bytes per sample uncompressed.\n",
+        batch.bytes.len() as f64 / sizes.series as f64
+    ));
     Ok(())
 }
 
@@ -132,7 +142,6 @@ async fn relay_through_aggregator(
         compress: true,
         prefix: "relay".into(),
         rounds: Some(sizes.rounds),
-        probe: false,
     })
     .await?;
     setup::until(

@@ -99,7 +99,7 @@ pub fn median(values: &[f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
+    if !v.len().is_multiple_of(2) {
         v[mid]
     } else {
         (v[mid - 1] + v[mid]) / 2.0
@@ -134,7 +134,7 @@ pub fn count(n: f64) -> String {
     let s = n.abs().to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

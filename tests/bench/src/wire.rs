@@ -343,7 +343,9 @@ mod tests {
         for family in &decoded.families {
             for point in &family.points {
                 assert_eq!(point.timestamp_ms, 1_780_000_000_123);
-                assert_eq!(point.labels.len(), 6);
+                // Six Flink-like labels plus the common `instance`.
+                assert_eq!(point.labels.len(), 7);
+                assert_eq!(point.labels.get("instance"), Some("bench-3"));
                 let Value::Number(v) = point.value else {
                     panic!("not a number")
                 };

@@ -450,8 +450,8 @@ impl Hasher for Prehashed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
     use picket_core::model::{Histogram, Point, Summary};
+    use prost::Message;
 
     fn decode(write: &EncodedWrite) -> WriteRequest {
         let proto = snap::raw::Decoder::new()
