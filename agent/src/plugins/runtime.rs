@@ -2,8 +2,9 @@
 //!
 //! - Cranelift compiles plugins to native code on x86_64 and aarch64; on 32-bit ARM, where
 //!   Cranelift has no backend, it compiles them to Pulley bytecode, which wasmtime interprets.
-//! - Deadlines use epoch interruption: a thread ticks the engine's epoch every
-//!   [`EPOCH_TICK`], and each call gets a deadline in ticks; a guest still running then traps.
+//! - Deadlines use epoch interruption: while a call runs, a thread ticks the engine's epoch
+//!   every [`EPOCH_TICK`], and each call gets a deadline in ticks; a guest still running then
+//!   traps. Between calls the thread sleeps (see [`EpochTicker`]).
 //!   Host calls enforce their own timeouts (see `host.rs`), and the whole call is also wrapped
 //!   in a tokio timeout as a backstop.
 //! - Memory: a per-store limiter caps linear memory; growth beyond it traps.
@@ -11,11 +12,12 @@
 //!   wasmtime sets that cap per engine, so there is one engine per distinct cap.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Config, Engine, Store, UpdateDeadline};
+use wasmtime::{Config, Engine, EngineWeak, Store, UpdateDeadline};
 
 use picket_core::model::Family;
 
@@ -88,6 +90,13 @@ pub struct Runtime {
 pub struct EngineSet {
     engine: Engine,
     linker: Linker<HostState>,
+    ticker: Arc<EpochTicker>,
+}
+
+impl Drop for EngineSet {
+    fn drop(&mut self) {
+        self.ticker.close();
+    }
 }
 
 /// A component ready to instantiate, with the engine that compiled it.
@@ -161,16 +170,7 @@ impl EngineSet {
             config.target("pulley32").map_err(engine_error)?;
         }
         let engine = Engine::new(&config).map_err(engine_error)?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("picket-plugin-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(EPOCH_TICK);
-                }
-            })
+        let ticker = EpochTicker::start(&engine)
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_error)?;
@@ -185,7 +185,106 @@ impl EngineSet {
             log::add_to_linker::<HostState, Host>(&mut linker, |s| s).map_err(engine_error)?;
         }
         super::host::add_bounded_imports(&mut linker).map_err(engine_error)?;
-        Ok(EngineSet { engine, linker })
+        Ok(EngineSet {
+            engine,
+            linker,
+            ticker,
+        })
+    }
+}
+
+/// Advances an engine's epoch every [`EPOCH_TICK`] while at least one call runs on it, and
+/// sleeps otherwise.
+///
+/// Why not tick all the time: a thread waking 100 times a second was almost half of an
+/// agent's CPU time between collections (measured with `perf` in docs/performance.md), and
+/// deadlines only matter while a guest runs.
+struct EpochTicker {
+    state: Mutex<TickerState>,
+    wake: Condvar,
+    /// Epoch increments so far (tests check the thread idles between calls).
+    ticks: AtomicU64,
+}
+
+#[derive(Default)]
+struct TickerState {
+    /// Calls in flight (each holds a [`Ticking`]).
+    calls: usize,
+    /// The engine set is gone: the thread ends once no call is left.
+    closed: bool,
+}
+
+impl EpochTicker {
+    fn start(engine: &Engine) -> std::io::Result<Arc<Self>> {
+        let ticker = Arc::new(EpochTicker {
+            state: Mutex::new(TickerState::default()),
+            wake: Condvar::new(),
+            ticks: AtomicU64::new(0),
+        });
+        let thread_ticker = Arc::clone(&ticker);
+        let engine = engine.weak();
+        std::thread::Builder::new()
+            .name("picket-plugin-epoch".into())
+            .spawn(move || thread_ticker.run(engine))?;
+        Ok(ticker)
+    }
+
+    fn run(&self, engine: EngineWeak) {
+        while self.wait_for_a_call() {
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            engine.increment_epoch();
+            drop(engine);
+            self.ticks.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(EPOCH_TICK);
+        }
+    }
+
+    /// Blocks until a call is in flight; false once the ticker is closed and idle.
+    fn wait_for_a_call(&self) -> bool {
+        let mut state = self.lock();
+        loop {
+            if state.calls > 0 {
+                return true;
+            }
+            if state.closed {
+                return false;
+            }
+            state = self
+                .wake
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Keeps the epoch ticking until the returned guard is dropped.
+    fn enter(self: &Arc<Self>) -> Ticking {
+        let mut state = self.lock();
+        state.calls += 1;
+        if state.calls == 1 {
+            self.wake.notify_one();
+        }
+        Ticking(Arc::clone(self))
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TickerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One call in flight on an engine: its epoch ticks until this is dropped (also when the
+/// call's future is dropped half-way).
+struct Ticking(Arc<EpochTicker>);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.lock().calls -= 1;
     }
 }
 
@@ -203,6 +302,7 @@ pub struct Instance {
     plugin: Plugin,
     limits: InstanceLimits,
     stats: Arc<PluginStats>,
+    ticker: Arc<EpochTicker>,
 }
 
 impl Instance {
@@ -217,6 +317,7 @@ impl Instance {
     ) -> Result<Self, PluginError> {
         let mut instance = Self::instantiate(compiled, name, grants, limits, stats).await?;
         let timeout = instance.limits.call_timeout;
+        let _ticking = instance.ticker.enter();
         set_deadline(&mut instance.store, timeout);
         let init = guard(
             timeout,
@@ -250,6 +351,8 @@ impl Instance {
                 UpdateDeadline::Yield(1)
             })
         });
+        let ticker = Arc::clone(&compiled.engines.ticker);
+        let ticking = ticker.enter();
         set_deadline(&mut store, limits.call_timeout);
         let plugin = guard(
             limits.call_timeout,
@@ -257,17 +360,20 @@ impl Instance {
         )
         .await
         .map_err(|e| classify(e, limits.call_timeout, PluginError::Instantiate))?;
+        drop(ticking);
         Ok(Instance {
             store,
             plugin,
             limits,
             stats,
+            ticker,
         })
     }
 
     /// The plugin's own description: name, version, the capabilities it wants, defaults.
     pub async fn describe(&mut self) -> Result<Description, PluginError> {
         let timeout = self.limits.call_timeout;
+        let _ticking = self.ticker.enter();
         set_deadline(&mut self.store, timeout);
         let description = guard(timeout, self.plugin.call_describe(&mut self.store))
             .await
@@ -278,11 +384,13 @@ impl Instance {
     /// One collection round, converted and checked against the output limits.
     pub async fn collect(&mut self, now_ms: i64) -> Result<Vec<Family>, PluginError> {
         let timeout = self.limits.call_timeout;
+        let ticking = self.ticker.enter();
         set_deadline(&mut self.store, timeout);
         let started = Instant::now();
         let result = guard(timeout, self.plugin.call_collect(&mut self.store))
             .await
             .map_err(|e| classify(e, timeout, PluginError::Trap));
+        drop(ticking);
         PluginStats::set(
             &self.stats.last_collect_micros,
             started.elapsed().as_micros() as u64,
@@ -342,4 +450,55 @@ fn classify(
     }
     // A guest's trap message carries its own symbol names: bounded and escaped.
     otherwise(super::host::sanitize(&format!("{e:#}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ticks(ticker: &EpochTicker) -> u64 {
+        ticker.ticks.load(Ordering::Relaxed)
+    }
+
+    /// Waits (bounded) until the ticker has advanced past `above`.
+    fn wait_for_ticks_above(ticker: &EpochTicker, above: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ticks(ticker) <= above {
+            assert!(
+                Instant::now() < deadline,
+                "the epoch did not advance during a call"
+            );
+            std::thread::sleep(EPOCH_TICK);
+        }
+        ticks(ticker)
+    }
+
+    #[test]
+    fn the_epoch_ticks_only_while_a_call_is_in_flight() {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config).expect("engine");
+        let ticker = EpochTicker::start(&engine).expect("ticker thread");
+
+        // Idle: ten ticks' worth of time passes without a single increment.
+        std::thread::sleep(EPOCH_TICK * 10);
+        assert_eq!(ticks(&ticker), 0, "the ticker ran with no call in flight");
+
+        // Two overlapping calls: ticking starts with the first and goes on until the last ends.
+        let first = ticker.enter();
+        let second = ticker.enter();
+        let during = wait_for_ticks_above(&ticker, 0);
+        drop(first);
+        wait_for_ticks_above(&ticker, during + 2);
+        drop(second);
+
+        // Idle again: at most the tick already under way lands after the last call ended.
+        let after = ticks(&ticker);
+        std::thread::sleep(EPOCH_TICK * 10);
+        assert!(
+            ticks(&ticker) <= after + 1,
+            "the ticker kept running after the calls ended: {after} -> {}",
+            ticks(&ticker)
+        );
+    }
 }

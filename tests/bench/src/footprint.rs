@@ -1,5 +1,6 @@
 //! The agent's footprint against node_exporter on the same machine: resident memory after the
-//! same number of collections (the agent with its host, rpi and flink plugins loaded), CPU
+//! same number of collections (the agent with its host, rpi and flink plugins loaded, both
+//! compiling them at start and loading them from a warm compile cache), CPU
 //! per collection of host metrics against node_exporter's CPU per scrape, binary sizes,
 //! start-up to the first batch, and the cross-built agents' memory under qemu-user.
 //!
@@ -35,6 +36,9 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     )?;
     let flink = flink_rest_server()?;
     let rpi_dir = copy_rpi_fixtures(dir.path());
+    let cache = dir.path().join("plugin-cache");
+    std::fs::create_dir_all(&cache)?;
+    set_owner_only(&cache)?;
     let env = Env {
         dir: dir.path().to_path_buf(),
         agg,
@@ -42,10 +46,12 @@ pub async fn run(s: &mut Settings) -> Result<()> {
         flink: flink.addr,
         rpi_dir,
         journal,
+        cache,
     };
     tokio::task::block_in_place(|| -> Result<()> {
-        against_node_exporter(s, &env)?;
+        // Start-up first: it also fills the compile cache the cached agent below loads from.
         startup(s, &env)?;
+        against_node_exporter(s, &env)?;
         binary_sizes(s);
         emulated(s, &env)?;
         Ok(())
@@ -59,6 +65,8 @@ struct Env {
     flink: SocketAddr,
     rpi_dir: PathBuf,
     journal: PathBuf,
+    /// The compile cache (`plugins.cache_directory`) of the agents that use one.
+    cache: PathBuf,
 }
 
 /// Which plugins an agent under test runs.
@@ -153,7 +161,7 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
         (Duration::from_secs(1), 5, 60)
     };
     let mut rows = Vec::new();
-    let (mut rss_ratio, mut cpu_ratio) = (Vec::new(), Vec::new());
+    let (mut rss_ratio, mut cached_ratio, mut cpu_ratio) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..s.runs {
         let (mut node, node_addr) = setup::node_exporter(&env.dir)?;
         let full = format!("full-{run}");
@@ -168,6 +176,13 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
             env,
             &host,
             &agent_config(env, &host, interval, Plugins::Host, None),
+            Command::new(bin("picket-agent")),
+        )?;
+        let cached = format!("cached-{run}");
+        let mut agent_cached = start_agent(
+            env,
+            &cached,
+            &agent_config(env, &cached, interval, Plugins::All, Some(&env.cache)),
             Command::new(bin("picket-agent")),
         )?;
         // node_exporter is scraped on the same interval, in step with the agents.
@@ -207,9 +222,11 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
         }
         wait_collections(env, &full, f64::from(collections_n), &mut agent_full)?;
         wait_collections(env, &host, f64::from(collections_n), &mut agent_host)?;
-        let (full_u, host_u, node_u) = (
+        wait_collections(env, &cached, f64::from(collections_n), &mut agent_cached)?;
+        let (full_u, host_u, cached_u, node_u) = (
             usage(agent_full.pid())?,
             usage(agent_host.pid())?,
+            usage(agent_cached.pid())?,
             usage(node.pid())?,
         );
         let host_rounds = collections(&env.agg, &host);
@@ -219,13 +236,21 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
         let host_cpu_per = (host_u.cpu_s - host_cpu0) / (host_rounds - host_rounds0).max(1.0);
         let node_cpu_per = (node_cpu.1 - node_cpu.0) / f64::from(collections_n - warmup);
         rss_ratio.push(full_u.rss as f64 / node_u.rss as f64);
+        cached_ratio.push(cached_u.rss as f64 / node_u.rss as f64);
         cpu_ratio.push(host_cpu_per / node_cpu_per);
         rows.push(vec![
             format!("{}", run + 1),
             mib(full_u.rss as f64),
             mib(host_u.rss as f64),
+            mib(cached_u.rss as f64),
             mib(node_u.rss as f64),
             format!("{:.2}×", full_u.rss as f64 / node_u.rss as f64),
+            format!("{:.2}×", cached_u.rss as f64 / node_u.rss as f64),
+            format!(
+                "{} / {}",
+                mib(full_u.rss_anon as f64),
+                mib(node_u.rss_anon as f64)
+            ),
             format!("{:.2} ms", host_cpu_per * 1e3),
             format!("{:.2} ms", node_cpu_per * 1e3),
             format!("{:.2}×", host_cpu_per / node_cpu_per),
@@ -238,6 +263,7 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
         ]);
         agent_full.terminate(Duration::from_secs(20));
         agent_host.terminate(Duration::from_secs(20));
+        agent_cached.terminate(Duration::from_secs(20));
         node.terminate(Duration::from_secs(20));
     }
     rows.push(vec![
@@ -245,7 +271,10 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
         String::new(),
         String::new(),
         String::new(),
+        String::new(),
         format!("**{}**", ratio(median(&rss_ratio), 1.0)),
+        format!("**{}**", ratio(median(&cached_ratio), 1.0)),
+        String::new(),
         String::new(),
         String::new(),
         format!("**{}**", ratio(median(&cpu_ratio), 1.0)),
@@ -260,8 +289,11 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
             "run",
             "agent RSS (host+rpi+flink)",
             "agent RSS (host only)",
+            "agent RSS (host+rpi+flink, compile cache)",
             "node_exporter RSS",
             "memory ratio",
+            "memory ratio (compile cache)",
+            "anonymous part of RSS: agent (host+rpi+flink) / node_exporter",
             "agent CPU per host collection",
             "node_exporter CPU per scrape",
             "CPU ratio",
@@ -277,9 +309,7 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
 /// (default) and loaded from a warm compile cache.
 fn startup(s: &mut Settings, env: &Env) -> Result<()> {
     let runs = s.runs.max(3);
-    let cache = env.dir.join("plugin-cache");
-    std::fs::create_dir_all(&cache)?;
-    set_owner_only(&cache)?;
+    let cache = &env.cache;
     // One series each plugin reports every round.
     let plugin_series = [
         "node_memory_MemTotal_bytes",

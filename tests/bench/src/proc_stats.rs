@@ -8,6 +8,9 @@ pub struct Usage {
     pub cpu_s: f64,
     /// Resident set, bytes.
     pub rss: u64,
+    /// The anonymous (private: heap, stacks, plugin memories) part of `rss`; the rest is
+    /// mapped files, mostly the program's own code, which the kernel can drop and re-read.
+    pub rss_anon: u64,
     /// Peak resident set, bytes.
     pub peak_rss: u64,
 }
@@ -44,6 +47,7 @@ pub fn usage(pid: u32) -> Result<Usage> {
     Ok(Usage {
         cpu_s: ticks as f64 / per_second,
         rss: kib("VmRSS:"),
+        rss_anon: kib("RssAnon:"),
         peak_rss: kib("VmHWM:"),
     })
 }
