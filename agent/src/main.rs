@@ -50,8 +50,8 @@ enum PluginsCommand {
 ///
 /// glibc gives threads that allocate at the same time arenas of their own (up to eight per
 /// core), and each keeps freed memory for reuse. The agent allocates little, so sharing one
-/// arena costs nothing measurable, while the extra arenas were 3.4 MiB of a host-only agent's
-/// 29 MiB resident (docs/performance.md). Runs before any other thread exists.
+/// arena costs nothing measurable, while the extra arenas were 3.2 MiB of a host-only agent's
+/// 28 MiB resident (docs/performance.md). Runs before any other thread exists.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {

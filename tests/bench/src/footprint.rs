@@ -164,27 +164,18 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
     let (mut rss_ratio, mut cached_ratio, mut cpu_ratio) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..s.runs {
         let (mut node, node_addr) = setup::node_exporter(&env.dir)?;
-        let full = format!("full-{run}");
-        let host = format!("host-{run}");
-        let mut agent_full = start_agent(
-            env,
-            &full,
-            &agent_config(env, &full, interval, Plugins::All, None),
-            Command::new(bin("picket-agent")),
-        )?;
-        let mut agent_host = start_agent(
-            env,
-            &host,
-            &agent_config(env, &host, interval, Plugins::Host, None),
-            Command::new(bin("picket-agent")),
-        )?;
-        let cached = format!("cached-{run}");
-        let mut agent_cached = start_agent(
-            env,
-            &cached,
-            &agent_config(env, &cached, interval, Plugins::All, Some(&env.cache)),
-            Command::new(bin("picket-agent")),
-        )?;
+        let start = |instance: &str, plugins: Plugins, cache: Option<&Path>| {
+            let config = agent_config(env, instance, interval, plugins, cache);
+            start_agent(env, instance, &config, Command::new(bin("picket-agent")))
+        };
+        let (full, host, cached) = (
+            format!("full-{run}"),
+            format!("host-{run}"),
+            format!("cached-{run}"),
+        );
+        let mut agent_full = start(&full, Plugins::All, None)?;
+        let mut agent_host = start(&host, Plugins::Host, None)?;
+        let mut agent_cached = start(&cached, Plugins::All, Some(&env.cache))?;
         // node_exporter is scraped on the same interval, in step with the agents.
         let mut node_samples = 0usize;
         let mut node_cpu = (0.0, 0.0);
