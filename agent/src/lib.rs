@@ -32,11 +32,13 @@ use stats::AgentStats;
 /// continuously, so it only absorbs short stalls.
 const ROUND_QUEUE: usize = 16;
 
-/// Runs the agent until SIGTERM or SIGINT; SIGHUP re-reads the config.
+/// Runs the agent until SIGTERM or SIGINT; SIGHUP re-reads the config. Plugins are compiled
+/// where `compiler` says (the `picket-agent` binary: in child processes of itself).
 pub async fn run(
     config: AgentConfig,
     config_path: Option<PathBuf>,
     log: LogHandle,
+    compiler: plugins::compiler::Compiler,
 ) -> anyhow::Result<()> {
     if config.aggregator.tls.insecure {
         tracing::warn!(
@@ -51,7 +53,7 @@ pub async fn run(
     let (rounds_tx, rounds_rx) = mpsc::channel(ROUND_QUEUE);
     let (stop_tx, stop_rx) = watch::channel(false);
     let manager = plugins::manager::PluginManager::new(
-        plugins::manager::runtime_for(&config.plugins),
+        plugins::manager::runtime_for(&config.plugins, compiler),
         stats.clone(),
         rounds_tx.clone(),
     );

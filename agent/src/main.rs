@@ -34,6 +34,13 @@ enum Command {
         #[command(subcommand)]
         action: PluginsCommand,
     },
+    /// Internal: compile a plugin read from stdin and write the compiled code to stdout. The
+    /// running agent starts itself this way so the compiler's memory is never its own.
+    #[command(name = "compile-plugin", hide = true)]
+    CompilePlugin {
+        #[arg(long)]
+        max_stack_bytes: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -65,6 +72,10 @@ fn limit_malloc_arenas() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
+    if let Command::CompilePlugin { max_stack_bytes } = command {
+        // Before the config: the child needs none, and must not fail on the parent's.
+        return picket_agent::plugins::compiler::serve(max_stack_bytes);
+    }
     let loaded = match config::load(cli.config.as_deref()) {
         Ok(l) => l,
         Err(e) => {
@@ -132,7 +143,12 @@ fn main() -> ExitCode {
                 }
             };
             tracing::info!(config = %loaded.origin, version = env!("CARGO_PKG_VERSION"), "starting picket-agent");
-            match runtime.block_on(picket_agent::run(loaded.config, cli.config, log)) {
+            match runtime.block_on(picket_agent::run(
+                loaded.config,
+                cli.config,
+                log,
+                picket_agent::plugins::compiler::Compiler::own_executable(),
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

@@ -3,29 +3,16 @@
 //! Each misbehaviour must end in the right error kind, never hang or crash the host, and a
 //! fresh instance must work afterwards.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::probe_wasm;
 use picket_agent::plugin_stats::PluginStats;
-use picket_agent::plugins::convert::OutputLimits;
 use picket_agent::plugins::grants::{ExecGrant, Grants, HttpGrant};
 use picket_agent::plugins::runtime::{Compiled, Instance, InstanceLimits, PluginError, Runtime};
 use picket_core::model::{Family, Value};
-
-fn probe_wasm() -> Vec<u8> {
-    let target = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
-        .expect("target dir");
-    let path: PathBuf = target.join("wasm32-wasip2/release/picket_plugin_probe.wasm");
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; build it with `cargo build -p picket-plugin-probe --target wasm32-wasip2 --release` (scripts/test does)",
-            path.display()
-        )
-    })
-}
 
 struct Fixture {
     compiled: Compiled,
@@ -40,15 +27,7 @@ fn fixture() -> Fixture {
 }
 
 fn limits() -> InstanceLimits {
-    InstanceLimits {
-        call_timeout: Duration::from_millis(500),
-        max_memory_bytes: 32 * 1024 * 1024,
-        output: OutputLimits {
-            max_series: 10_000,
-            max_bytes: 4 * 1024 * 1024,
-            max_label_value_bytes: 4096,
-        },
-    }
+    common::probe_limits(Duration::from_millis(500))
 }
 
 async fn start(

@@ -236,7 +236,12 @@ fn the_compile_cache_is_reused_and_tampering_is_refused() {
             .collect()
     };
 
-    run("cold");
+    // The agent compiles in a child process of itself, not in its own (plugins/compiler.rs).
+    let log = run("cold");
+    assert!(
+        log.contains("plugin compiled") && log.contains("child-process"),
+        "the cold start did not compile in a child process:\n{log}"
+    );
     let cached = entries();
     assert_eq!(cached.len(), 1, "one entry for the one instance");
     let entry = cached[0].clone();
@@ -246,6 +251,10 @@ fn the_compile_cache_is_reused_and_tampering_is_refused() {
     // Warm start: the entry is used as it is, not rewritten.
     let log = run("warm");
     assert!(!log.contains("did not write"), "{log}");
+    assert!(
+        !log.contains("plugin compiled"),
+        "the warm start compiled:\n{log}"
+    );
     assert_eq!(std::fs::read(&entry).unwrap(), written);
     assert_eq!(
         std::fs::metadata(&entry).unwrap().modified().unwrap(),

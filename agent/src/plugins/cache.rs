@@ -106,25 +106,36 @@ impl CompileCache {
 
     /// The cached compilation of `wasm` for `engine`, or a fresh one (then cached).
     pub fn load_or_compile(&self, engine: &Engine, wasm: &[u8]) -> Result<Component, PluginError> {
-        let path = self.entry_path(engine, wasm);
-        if let Some(component) = self.load(engine, &path) {
+        if let Some(component) = self.load_entry(engine, wasm) {
             return Ok(component);
         }
         let component =
             Component::new(engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
         match component.serialize() {
-            Ok(code) => {
-                let tag = self.tag(&path, &code);
-                let mut entry = Vec::with_capacity(TAG_LEN + code.len());
-                entry.extend_from_slice(tag.as_ref());
-                entry.extend_from_slice(&code);
-                if let Err(e) = write_atomically(&path, &entry) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled plugin");
-                }
-            }
+            Ok(code) => self.store(engine, wasm, &code),
             Err(e) => tracing::warn!(error = %e, "cannot serialise the compiled plugin"),
         }
         Ok(component)
+    }
+
+    /// The cached compilation of `wasm` for `engine`, if there is a valid one.
+    pub fn load_entry(&self, engine: &Engine, wasm: &[u8]) -> Option<Component> {
+        self.load(engine, &self.entry_path(engine, wasm))
+    }
+
+    /// Caches `code`, the serialised compilation of `wasm` for `engine`. A failure only costs
+    /// a compilation on the next start, so it is logged, not returned. Not public: whatever
+    /// is stored here is later loaded as native code, so only the runtime (with code it
+    /// compiled or got from its trusted child compiler) may store.
+    pub(super) fn store(&self, engine: &Engine, wasm: &[u8], code: &[u8]) {
+        let path = self.entry_path(engine, wasm);
+        let tag = self.tag(&path, code);
+        let mut entry = Vec::with_capacity(TAG_LEN + code.len());
+        entry.extend_from_slice(tag.as_ref());
+        entry.extend_from_slice(code);
+        if let Err(e) = write_atomically(&path, &entry) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled plugin");
+        }
     }
 
     fn load(&self, engine: &Engine, path: &Path) -> Option<Component> {
@@ -140,7 +151,8 @@ impl CompileCache {
             return None;
         }
         // SAFETY: the bytes carry a valid tag under the key only this agent holds, so they
-        // are exactly what `Component::serialize` produced here for this engine's settings.
+        // are exactly what this agent stored: `Component::serialize` output from its own
+        // compilation or its own child compiler, for this engine's settings.
         match unsafe { Component::deserialize(engine, &entry[TAG_LEN..]) } {
             Ok(component) => Some(component),
             Err(e) => {

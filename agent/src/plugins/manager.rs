@@ -12,15 +12,16 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use picket_core::model::{Family, now_ms};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::catalog::{self, FileStamp, Origin, PluginCode};
+use super::compiler::Compiler;
 use super::config::{InstanceConfig, PluginsConfig};
-use super::runtime::{Compiled, Runtime};
+use super::runtime::{Compiled, PluginError, Runtime};
 use super::supervisor::{InstanceTask, run_instance};
 use crate::config::AgentConfig;
 use crate::sources::StalenessTracker;
@@ -46,7 +47,17 @@ pub struct PluginManager {
     /// with the file's stamp then (`None`: missing). Retried when the file changes, so
     /// adding the file later starts them; the failure is logged once, not every check.
     waiting: HashMap<String, Option<FileStamp>>,
+    /// When to try again after the compiler itself failed (crashed, killed, hung), and the
+    /// wait after that one: the code may be fine, and embedded plugins have no file an
+    /// operator could replace to trigger a retry.
+    compiler_retry: Option<Instant>,
+    compiler_backoff: Duration,
+    /// `plugins.watch_interval` of the config applied last: the first retry's wait.
+    watch_interval: Duration,
 }
+
+/// The longest wait between retries after the compiler failed.
+const MAX_COMPILER_BACKOFF: Duration = Duration::from_secs(300);
 
 impl PluginManager {
     pub fn new(
@@ -61,6 +72,9 @@ impl PluginManager {
             running: HashMap::new(),
             compiled: HashMap::new(),
             waiting: HashMap::new(),
+            compiler_retry: None,
+            compiler_backoff: Duration::ZERO,
+            watch_interval: PluginsConfig::default().watch_interval,
         }
     }
 
@@ -109,6 +123,7 @@ impl PluginManager {
     /// Starts, stops and restarts instances so that what runs is what `config` says.
     pub async fn apply(&mut self, config: &AgentConfig) {
         let plugins = &config.plugins;
+        self.watch_interval = plugins.watch_interval;
         let wanted = plugins.effective_instances();
         let removed: Vec<String> = self
             .running
@@ -172,14 +187,19 @@ impl PluginManager {
     pub async fn reload_changed_files(&mut self, config: &AgentConfig) {
         let directory = config.plugins.directory.as_deref();
         let wanted = config.plugins.effective_instances();
-        let retry = self.waiting.iter().any(|(name, seen)| {
-            let now = wanted
-                .iter()
-                .find(|w| &w.name == name)
-                .and_then(|w| catalog::file_path(&w.plugin, directory).ok())
-                .and_then(|path| FileStamp::of(&path).ok());
-            now.is_some() && now != *seen
-        });
+        let compiler_retry_due = self.compiler_retry.is_some_and(|due| Instant::now() >= due);
+        if compiler_retry_due {
+            self.compiler_retry = None;
+        }
+        let retry = compiler_retry_due
+            || self.waiting.iter().any(|(name, seen)| {
+                let now = wanted
+                    .iter()
+                    .find(|w| &w.name == name)
+                    .and_then(|w| catalog::file_path(&w.plugin, directory).ok())
+                    .and_then(|path| FileStamp::of(&path).ok());
+                now.is_some() && now != *seen
+            });
         if retry {
             self.apply(config).await;
         }
@@ -221,6 +241,12 @@ impl PluginManager {
                 continue;
             }
             if let Err(e) = self.compile(&code, stack_bytes).await {
+                if matches!(e, PluginError::Compiler(_)) {
+                    // The code may be fine: leave the stamp, so the next check tries again.
+                    tracing::warn!(instance = %name, file = %code.origin, error = %e,
+                        "cannot compile the replaced plugin file now; the instance keeps running the previous code and the file is tried again at the next check");
+                    continue;
+                }
                 remember_stamp(self);
                 let stats = self.stats.register_plugin(&config.plugin, &name);
                 stats.count_error(e.kind());
@@ -255,8 +281,20 @@ impl PluginManager {
             .compile_async(code.wasm.clone(), stack_bytes)
             .await?;
         self.compiled.insert(key, compiled.clone());
+        self.compiler_backoff = Duration::ZERO;
         release_freed_memory();
         Ok(compiled)
+    }
+
+    /// Schedules another attempt after the compiler failed: after `watch_interval` first,
+    /// then twice as long each time, up to [`MAX_COMPILER_BACKOFF`].
+    fn retry_after_compiler_failure(&mut self) -> Duration {
+        self.compiler_backoff = (self.compiler_backoff * 2)
+            .max(self.watch_interval)
+            .min(MAX_COMPILER_BACKOFF);
+        let due = Instant::now() + self.compiler_backoff;
+        self.compiler_retry = Some(self.compiler_retry.map_or(due, |d| d.min(due)));
+        self.compiler_backoff
     }
 
     /// Starts `instance` on `code`, replacing (and handing over from) a running one of the
@@ -271,6 +309,13 @@ impl PluginManager {
         let stats = self.stats.register_plugin(&instance.plugin, &instance.name);
         let compiled = match self.compile(&code, stack_bytes).await {
             Ok(compiled) => compiled,
+            Err(e @ PluginError::Compiler(_)) => {
+                stats.count_error(e.kind());
+                let retry_in = self.retry_after_compiler_failure();
+                tracing::warn!(instance = %instance.name, plugin = %code.origin, error = %e, ?retry_in,
+                    "plugin instance not started: the compiler failed; trying again");
+                return;
+            }
             Err(e) => {
                 if self.waiting.insert(instance.name.clone(), code.stamp) != Some(code.stamp) {
                     stats.count_error(e.kind());
@@ -355,24 +400,26 @@ impl PluginManager {
     }
 }
 
-/// The default runtime for a config: with the compile cache when one is configured and can
-/// be opened (otherwise it compiles on every start, and says why).
-pub fn runtime_for(plugins: &PluginsConfig) -> Arc<Runtime> {
-    match &plugins.cache_directory {
-        None => Runtime::new(),
+/// The runtime for a config: compiling where `compiler` says, with the compile cache when one
+/// is configured and can be opened (otherwise it compiles on every start, and says why).
+pub fn runtime_for(plugins: &PluginsConfig, compiler: Compiler) -> Arc<Runtime> {
+    let cache = match &plugins.cache_directory {
+        None => None,
         Some(dir) => match super::cache::CompileCache::open(dir) {
-            Ok(cache) => Runtime::with_cache(cache),
+            Ok(cache) => Some(cache),
             Err(e) => {
                 tracing::warn!(error = %e, "plugin compile cache unavailable; compiling on every start");
-                Runtime::new()
+                None
             }
         },
-    }
+    };
+    Runtime::with(cache, compiler)
 }
 
-/// Compiling a plugin makes Cranelift allocate and free many megabytes; glibc keeps freed
-/// memory mapped for reuse, so without this an agent stays that much bigger for good
-/// (measured: a host-only agent at 31 MiB resident, 18 MiB when nothing is compiled).
+/// Compiling a plugin in the agent's process makes Cranelift allocate and free many megabytes;
+/// glibc keeps freed memory mapped for reuse, so without this an agent stays that much bigger
+/// for good (measured: a host-only agent at 31 MiB resident, 18 MiB when nothing is
+/// compiled). Cheap when compilation ran in a child process and there is nothing to return.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages to the kernel; it has no preconditions.

@@ -12,12 +12,14 @@
 //! the `internal` source.
 //!
 //! Module map: [`config`] (`[plugins]`), [`catalog`] (embedded and directory plugins),
-//! [`cache`] (compiled code kept on disk, authenticated), [`grants`] (what an instance may
+//! [`cache`] (compiled code kept on disk, authenticated), [`compiler`] (compiling in a
+//! short-lived child process), [`grants`] (what an instance may
 //! touch), [`host`] (the host functions and the sandboxed store state), [`runtime`] (engines,
 //! limits, calls), [`convert`] (output checks), `crate::plugin_stats` (per-instance health).
 
 pub mod cache;
 pub mod catalog;
+pub mod compiler;
 pub mod config;
 pub mod convert;
 pub mod grants;

@@ -12,6 +12,7 @@
 //!   wasmtime sets that cap per engine, so there is one engine per distinct cap.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,6 +25,7 @@ use picket_core::model::Family;
 use super::bindings::Plugin;
 use super::bindings::picket::plugin::types::Description;
 use super::cache::CompileCache;
+use super::compiler::{ChildError, Compiler, compile_in_child};
 use super::convert::{self, OutputLimits};
 use super::grants::Grants;
 use super::host::HostState;
@@ -42,6 +44,9 @@ pub enum PluginError {
     Engine(String),
     #[error("cannot compile plugin: {0}")]
     Compile(String),
+    /// The compiler failed, not the plugin (crashed, killed, hung): worth retrying.
+    #[error("the plugin compiler failed: {0}")]
+    Compiler(String),
     #[error("cannot instantiate plugin: {0}")]
     Instantiate(String),
     #[error("plugin refused its settings: {0}")]
@@ -61,7 +66,9 @@ pub enum PluginError {
 impl PluginError {
     pub fn kind(&self) -> &'static str {
         match self {
-            PluginError::Engine(_) | PluginError::Compile(_) => "compile",
+            PluginError::Engine(_) | PluginError::Compile(_) | PluginError::Compiler(_) => {
+                "compile"
+            }
             PluginError::Instantiate(_) => "instantiate",
             PluginError::Init(_) => "init",
             PluginError::Timeout(_) => "timeout",
@@ -84,6 +91,9 @@ impl PluginError {
 pub struct Runtime {
     engines: Mutex<HashMap<usize, Arc<EngineSet>>>,
     cache: Option<CompileCache>,
+    /// Where to compile; falls back to [`Compiler::in_process`] for good once a child
+    /// compiler turns out to be unavailable.
+    compiler: Mutex<Compiler>,
 }
 
 /// An engine with the linker that provides the host functions.
@@ -107,18 +117,22 @@ pub struct Compiled {
 }
 
 impl Runtime {
+    /// A runtime that compiles in this process and keeps nothing on disk.
     pub fn new() -> Arc<Self> {
-        Arc::new(Runtime {
-            engines: Mutex::new(HashMap::new()),
-            cache: None,
-        })
+        Self::with(None, Compiler::in_process())
     }
 
     /// A runtime that keeps compiled plugins in `cache` between restarts.
     pub fn with_cache(cache: CompileCache) -> Arc<Self> {
+        Self::with(Some(cache), Compiler::in_process())
+    }
+
+    /// A runtime with an optional compile cache that compiles where `compiler` says.
+    pub fn with(cache: Option<CompileCache>, compiler: Compiler) -> Arc<Self> {
         Arc::new(Runtime {
             engines: Mutex::new(HashMap::new()),
-            cache: Some(cache),
+            cache,
+            compiler: Mutex::new(compiler),
         })
     }
 
@@ -132,16 +146,109 @@ impl Runtime {
         Ok(set)
     }
 
-    /// [`Runtime::compile`] on the blocking pool, so the async workers keep running.
+    /// Compiles a component (or loads it from the cache) without blocking the async workers:
+    /// in a child process when the runtime has one (see [`super::compiler`]), otherwise
+    /// [`Runtime::compile`] on the blocking pool.
     pub async fn compile_async(
         self: &Arc<Self>,
         wasm: bytes::Bytes,
         max_stack_bytes: usize,
     ) -> Result<Compiled, PluginError> {
+        let started = Instant::now();
+        let program = self
+            .compiler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .program()
+            .map(Path::to_path_buf);
+        if let Some(program) = program {
+            // Engine set-up and the cache read are blocking work too.
+            let (runtime, cached_wasm) = (self.clone(), wasm.clone());
+            let (engines, cached) = self
+                .blocking(move || {
+                    let engines = runtime.engines(max_stack_bytes)?;
+                    let cached = runtime
+                        .cache
+                        .as_ref()
+                        .and_then(|cache| cache.load_entry(&engines.engine, &cached_wasm));
+                    Ok::<_, PluginError>((engines, cached))
+                })
+                .await??;
+            if let Some(component) = cached {
+                return Ok(Compiled { component, engines });
+            }
+            let why_not_in_child = match compile_in_child(&program, &wasm, max_stack_bytes).await {
+                Ok(code) => {
+                    let (runtime, loading_engines, loading_wasm) =
+                        (self.clone(), engines.clone(), wasm.clone());
+                    let loaded = self
+                        .blocking(move || {
+                            runtime.load_child_output(&loading_engines, &loading_wasm, &code)
+                        })
+                        .await?;
+                    match loaded {
+                        Ok(component) => {
+                            log_compiled("child-process", started);
+                            return Ok(Compiled { component, engines });
+                        }
+                        Err(why) => why,
+                    }
+                }
+                Err(ChildError::DoesNotCompile(message)) => {
+                    return Err(PluginError::Compile(message));
+                }
+                Err(e @ ChildError::Failed(_)) => return Err(PluginError::Compiler(e.to_string())),
+                Err(ChildError::Unavailable(why)) => why,
+            };
+            tracing::warn!(reason = %why_not_in_child, "cannot compile plugins in a child process; compiling them in the agent's own process from now on (it keeps the compiler's memory)");
+            *self.compiler.lock().unwrap_or_else(|p| p.into_inner()) = Compiler::in_process();
+        }
         let runtime = self.clone();
-        tokio::task::spawn_blocking(move || runtime.compile(&wasm, max_stack_bytes))
+        let compiled = self
+            .blocking(move || runtime.compile(&wasm, max_stack_bytes))
+            .await??;
+        log_compiled("agent-process", started);
+        Ok(compiled)
+    }
+
+    /// Whether the next compilation runs in a child process (false once that turned out to be
+    /// unavailable).
+    pub fn compiles_in_child(&self) -> bool {
+        self.compiler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .program()
+            .is_some()
+    }
+
+    /// Runs `work` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, PluginError> {
+        tokio::task::spawn_blocking(work)
             .await
-            .map_err(|e| PluginError::Compile(format!("the compiler panicked: {e}")))?
+            .map_err(|e| PluginError::Compiler(format!("its thread panicked: {e}")))
+    }
+
+    /// Loads what a child compiler produced, and caches it when the runtime has a cache. An
+    /// error says why the child's code is unusable here.
+    fn load_child_output(
+        &self,
+        engines: &EngineSet,
+        wasm: &[u8],
+        code: &[u8],
+    ) -> Result<Component, String> {
+        // SAFETY: `code` followed the MAGIC line of a program the runtime was told to trust
+        // (`Compiler::trusted_program`: the agent's own executable, `/proc/self/exe`), read
+        // from a pipe only this process holds; wasmtime also refuses code built for other
+        // engine settings or wasmtime versions.
+        let component = unsafe { Component::deserialize(&engines.engine, code) }
+            .map_err(|e| format!("the child compiler's output does not load: {e:#}"))?;
+        if let Some(cache) = &self.cache {
+            cache.store(&engines.engine, wasm, code);
+        }
+        Ok(component)
     }
 
     /// Compiles a component for an engine with the given stack cap, or loads it from the
@@ -162,14 +269,7 @@ impl EngineSet {
     /// lives on the async fiber stack, which must keep room for host calls).
     fn new(max_stack_bytes: usize) -> Result<Self, PluginError> {
         let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        config.max_wasm_stack(max_stack_bytes.min(MAX_STACK_BYTES));
-        if cfg!(target_arch = "arm") {
-            config.target("pulley32").map_err(engine_error)?;
-        }
-        let engine = Engine::new(&config).map_err(engine_error)?;
+        let engine = Engine::new(&engine_config(max_stack_bytes)?).map_err(engine_error)?;
         let ticker = EpochTicker::start(&engine)
             .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
         let mut linker = Linker::new(&engine);
@@ -191,6 +291,30 @@ impl EngineSet {
             ticker,
         })
     }
+}
+
+/// Says where and how fast a plugin was compiled (operators compare the two on slow Pis).
+fn log_compiled(compiled_in: &'static str, started: Instant) {
+    tracing::info!(
+        compiled_in,
+        millis = started.elapsed().as_millis() as u64,
+        "plugin compiled"
+    );
+}
+
+/// The engine settings for a stack cap. A child compiler (`super::compiler`) builds its engine
+/// from the same function, so the code it returns loads into the agent's engine.
+pub(super) fn engine_config(max_stack_bytes: usize) -> Result<Config, PluginError> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.max_wasm_stack(max_stack_bytes.min(MAX_STACK_BYTES));
+    if cfg!(target_arch = "arm") {
+        config
+            .target("pulley32")
+            .map_err(|e| PluginError::Engine(format!("{e:#}")))?;
+    }
+    Ok(config)
 }
 
 /// Advances an engine's epoch every [`EPOCH_TICK`] while at least one call runs on it, and
