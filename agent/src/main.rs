@@ -36,7 +36,7 @@ enum Command {
     },
     /// Internal: compile a plugin read from stdin and write the compiled code to stdout. The
     /// running agent starts itself this way so the compiler's memory is never its own.
-    #[command(name = "compile-plugin", hide = true)]
+    #[command(name = picket_agent::plugins::compiler::SUBCOMMAND, hide = true)]
     CompilePlugin {
         #[arg(long)]
         max_stack_bytes: usize,

@@ -13,10 +13,10 @@
 //! `picket-agent compile-plugin --max-stack-bytes N`, writes the component to its stdin, and
 //! reads [`MAGIC`] and the serialised component from its stdout (exit 0). A component that does
 //! not compile makes the child exit [`EXIT_DOES_NOT_COMPILE`] with wasmtime's message on
-//! stderr; a compiler that panics exits [`EXIT_COMPILER_CRASHED`]. Both, a kill (the child
-//! volunteers first for the out-of-memory killer) and a hang are errors of this one
-//! compilation: the plugin manager retries a failed compiler with backoff, and never falls back
-//! to compiling in its own process, which is what the child is there to protect. Any other
+//! stderr; a compiler that panics exits [`EXIT_COMPILER_CRASHED`]. A panic, a kill (the child
+//! volunteers first for the out-of-memory killer) and a hang fail only this one compilation:
+//! the plugin manager retries it with backoff, and the agent never repeats it in its own
+//! process, which is what the child is there to protect. Any other
 //! outcome (cannot start it, another exit code, no [`MAGIC`], code that does not load: a
 //! wrapper such as qemu-user answering instead of the agent) means there is no usable child
 //! compiler here, and the agent compiles in its own process from then on, once saying why.
