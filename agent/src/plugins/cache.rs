@@ -24,7 +24,6 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use super::catalog::{hex, sha256};
-use super::runtime::PluginError;
 
 const KEY_FILE: &str = "key";
 const TAG_LEN: usize = 32;
@@ -102,20 +101,6 @@ impl CompileCache {
         id.extend_from_slice(&engine_hash.finish().to_le_bytes());
         id.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
         self.dir.join(format!("{}.cwasm", hex(&sha256(&id))))
-    }
-
-    /// The cached compilation of `wasm` for `engine`, or a fresh one (then cached).
-    pub fn load_or_compile(&self, engine: &Engine, wasm: &[u8]) -> Result<Component, PluginError> {
-        if let Some(component) = self.load_entry(engine, wasm) {
-            return Ok(component);
-        }
-        let component =
-            Component::new(engine, wasm).map_err(|e| PluginError::Compile(format!("{e:#}")))?;
-        match component.serialize() {
-            Ok(code) => self.store(engine, wasm, &code),
-            Err(e) => tracing::warn!(error = %e, "cannot serialise the compiled plugin"),
-        }
-        Ok(component)
     }
 
     /// The cached compilation of `wasm` for `engine`, if there is a valid one.
@@ -238,12 +223,20 @@ mod tests {
     /// The smallest valid component: the component preamble and nothing else.
     const EMPTY_COMPONENT: &[u8] = b"\0asm\x0d\0\x01\0";
 
+    /// Compiles the empty component and stores it in `cache`.
+    fn fill(cache: &CompileCache, engine: &Engine) {
+        let code = Component::new(engine, EMPTY_COMPONENT)
+            .and_then(|c| c.serialize())
+            .unwrap();
+        cache.store(engine, EMPTY_COMPONENT, &code);
+    }
+
     #[test]
     fn only_entries_written_by_this_cache_are_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let cache = CompileCache::open(dir.path()).unwrap();
         let engine = engine();
-        cache.load_or_compile(&engine, EMPTY_COMPONENT).unwrap();
+        fill(&cache, &engine);
         let path = cache.entry_path(&engine, EMPTY_COMPONENT);
         assert!(cache.load(&engine, &path).is_some(), "a fresh entry loads");
 
@@ -256,14 +249,14 @@ mod tests {
         assert!(!path.exists(), "the bad entry is removed");
 
         // An entry from another agent (another key) is refused too.
-        cache.load_or_compile(&engine, EMPTY_COMPONENT).unwrap();
+        fill(&cache, &engine);
         let other = tempfile::tempdir().unwrap();
         let other_cache = CompileCache::open(other.path()).unwrap();
         assert!(other_cache.load(&engine, &path).is_none());
 
         // The key survives a reopen, so entries do too.
         let reopened = CompileCache::open(dir.path()).unwrap();
-        cache.load_or_compile(&engine, EMPTY_COMPONENT).unwrap();
+        fill(&cache, &engine);
         assert!(reopened.load(&engine, &path).is_some());
         let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap();
         assert_eq!(

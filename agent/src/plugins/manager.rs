@@ -203,6 +203,10 @@ impl PluginManager {
         if retry {
             self.apply(config).await;
         }
+        if self.compiler_retry.is_some() {
+            // The compiler is failing: replaced files wait for the same backoff.
+            return;
+        }
         let mut changed = Vec::new();
         for (name, running) in &self.running {
             let Origin::File(path) = &running.code.origin else {
@@ -242,9 +246,11 @@ impl PluginManager {
             }
             if let Err(e) = self.compile(&code, stack_bytes).await {
                 if matches!(e, PluginError::Compiler(_)) {
-                    // The code may be fine: leave the stamp, so the next check tries again.
-                    tracing::warn!(instance = %name, file = %code.origin, error = %e,
-                        "cannot compile the replaced plugin file now; the instance keeps running the previous code and the file is tried again at the next check");
+                    // The code may be fine: leave the stamp, so the file counts as replaced
+                    // again once the backoff is over.
+                    let retry_in = self.retry_after_compiler_failure();
+                    tracing::warn!(instance = %name, file = %code.origin, error = %e, ?retry_in,
+                        "cannot compile the replaced plugin file now; the instance keeps running the previous code and the file is tried again");
                     continue;
                 }
                 remember_stamp(self);

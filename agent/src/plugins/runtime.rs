@@ -122,11 +122,6 @@ impl Runtime {
         Self::with(None, Compiler::in_process())
     }
 
-    /// A runtime that keeps compiled plugins in `cache` between restarts.
-    pub fn with_cache(cache: CompileCache) -> Arc<Self> {
-        Self::with(Some(cache), Compiler::in_process())
-    }
-
     /// A runtime with an optional compile cache that compiles where `compiler` says.
     pub fn with(cache: Option<CompileCache>, compiler: Compiler) -> Arc<Self> {
         Arc::new(Runtime {
@@ -161,22 +156,22 @@ impl Runtime {
             .unwrap_or_else(|p| p.into_inner())
             .program()
             .map(Path::to_path_buf);
+        // Engine set-up and the cache read are blocking work too.
+        let (runtime, cached_wasm) = (self.clone(), wasm.clone());
+        let (engines, cached) = self
+            .blocking(move || {
+                let engines = runtime.engines(max_stack_bytes)?;
+                let cached = runtime
+                    .cache
+                    .as_ref()
+                    .and_then(|cache| cache.load_entry(&engines.engine, &cached_wasm));
+                Ok::<_, PluginError>((engines, cached))
+            })
+            .await??;
+        if let Some(component) = cached {
+            return Ok(Compiled { component, engines });
+        }
         if let Some(program) = program {
-            // Engine set-up and the cache read are blocking work too.
-            let (runtime, cached_wasm) = (self.clone(), wasm.clone());
-            let (engines, cached) = self
-                .blocking(move || {
-                    let engines = runtime.engines(max_stack_bytes)?;
-                    let cached = runtime
-                        .cache
-                        .as_ref()
-                        .and_then(|cache| cache.load_entry(&engines.engine, &cached_wasm));
-                    Ok::<_, PluginError>((engines, cached))
-                })
-                .await??;
-            if let Some(component) = cached {
-                return Ok(Compiled { component, engines });
-            }
             let why_not_in_child = match compile_in_child(&program, &wasm, max_stack_bytes).await {
                 Ok(code) => {
                     let (runtime, loading_engines, loading_wasm) =
@@ -203,12 +198,25 @@ impl Runtime {
             tracing::warn!(reason = %why_not_in_child, "cannot compile plugins in a child process; compiling them in the agent's own process from now on (it keeps the compiler's memory)");
             *self.compiler.lock().unwrap_or_else(|p| p.into_inner()) = Compiler::in_process();
         }
-        let runtime = self.clone();
-        let compiled = self
-            .blocking(move || runtime.compile(&wasm, max_stack_bytes))
+        let (runtime, compiling_engines) = (self.clone(), engines.clone());
+        let component = self
+            .blocking(move || runtime.compile_here(&compiling_engines, &wasm))
             .await??;
         log_compiled("agent-process", started);
-        Ok(compiled)
+        Ok(Compiled { component, engines })
+    }
+
+    /// Compiles in this process, and caches the result when the runtime has a cache.
+    fn compile_here(&self, engines: &EngineSet, wasm: &[u8]) -> Result<Component, PluginError> {
+        let component = Component::new(&engines.engine, wasm)
+            .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
+        if let Some(cache) = &self.cache {
+            match component.serialize() {
+                Ok(code) => cache.store(&engines.engine, wasm, &code),
+                Err(e) => tracing::warn!(error = %e, "cannot serialise the compiled plugin"),
+            }
+        }
+        Ok(component)
     }
 
     /// Whether the next compilation runs in a child process (false once that turned out to be
@@ -255,10 +263,13 @@ impl Runtime {
     /// cache (blocking, CPU-heavy: see [`Runtime::compile_async`]).
     pub fn compile(&self, wasm: &[u8], max_stack_bytes: usize) -> Result<Compiled, PluginError> {
         let engines = self.engines(max_stack_bytes)?;
-        let component = match &self.cache {
-            Some(cache) => cache.load_or_compile(&engines.engine, wasm)?,
-            None => Component::new(&engines.engine, wasm)
-                .map_err(|e| PluginError::Compile(format!("{e:#}")))?,
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|cache| cache.load_entry(&engines.engine, wasm));
+        let component = match cached {
+            Some(component) => component,
+            None => self.compile_here(&engines, wasm)?,
         };
         Ok(Compiled { component, engines })
     }
