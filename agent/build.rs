@@ -62,6 +62,44 @@ fn main() {
     }
     source.push_str("];\n");
     write(&registry, &source);
+    order_symbols(&manifest_dir);
+}
+
+/// Hands lld the trained symbol order for this target, if there is one
+/// (`symbol-order/<target>.txt`, from `picket-bench symbol-order`): the functions a running
+/// agent executes end up next to each other, so the kernel maps fewer pages of code into it
+/// (docs/performance.md, "Agent memory"). Release builds only; `PICKET_SYMBOL_ORDER=off`
+/// skips it, e.g. for a linker other than lld, the default linker of x86_64 Linux.
+fn order_symbols(manifest_dir: &Path) {
+    println!("cargo:rerun-if-env-changed=PICKET_SYMBOL_ORDER");
+    println!("cargo:rerun-if-env-changed=PICKET_LINK_MAP");
+    // Training the order needs the stripped binary's symbol addresses: lld's link map
+    // (build-script link arguments do not change symbol names, unlike `cargo rustc` flags).
+    if let Some(map) = env::var_os("PICKET_LINK_MAP") {
+        let map = PathBuf::from(map).display().to_string();
+        println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,-Map={map}");
+        // The order file needs the names as they are in the objects.
+        println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--no-demangle");
+    }
+    let target = env::var("TARGET").unwrap_or_default();
+    let file = manifest_dir
+        .join("symbol-order")
+        .join(format!("{target}.txt"));
+    println!("cargo:rerun-if-changed={}", file.display());
+    let release = env::var("PROFILE").is_ok_and(|profile| profile == "release");
+    let off = env::var("PICKET_SYMBOL_ORDER").is_ok_and(|value| value == "off");
+    if !release || off || !file.is_file() {
+        return;
+    }
+    let path = file.display().to_string();
+    if path.contains(',') {
+        // `-Wl,` would split the path at the comma.
+        println!("cargo:warning=not ordering symbols: the path {path} contains a comma");
+        return;
+    }
+    println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--symbol-ordering-file={path}");
+    // Functions renamed since the file was trained are skipped, not errors.
+    println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--no-warn-symbol-ordering");
 }
 
 /// Runs the nested build; returns the directory holding the `.wasm` files.

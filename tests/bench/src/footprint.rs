@@ -24,30 +24,7 @@ use crate::{Settings, setup};
 
 pub async fn run(s: &mut Settings) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let pki = setup::pki(dir.path())?;
-    let journal = dir.path().join("journal.jsonl");
-    let agg = setup::aggregator(
-        dir.path(),
-        &pki,
-        &format!(
-            "[[sinks]]\ntype = \"file\"\npath = \"{}\"\n",
-            journal.display()
-        ),
-    )?;
-    let flink = flink_rest_server()?;
-    let rpi_dir = copy_rpi_fixtures(dir.path());
-    let cache = dir.path().join("plugin-cache");
-    std::fs::create_dir_all(&cache)?;
-    set_owner_only(&cache)?;
-    let env = Env {
-        dir: dir.path().to_path_buf(),
-        agg,
-        ca: pki.ca(),
-        flink: flink.addr,
-        rpi_dir,
-        journal,
-        cache,
-    };
+    let env = Env::new(dir.path())?;
     tokio::task::block_in_place(|| -> Result<()> {
         // Start-up first: it also fills the compile cache the cached agent below loads from.
         startup(s, &env)?;
@@ -58,27 +35,69 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     })
 }
 
-struct Env {
+/// What the agents under test talk to: an aggregator journaling to a file, recorded Flink
+/// answers, the rpi plugin's fixtures, and a compile cache directory.
+pub(crate) struct Env {
     dir: PathBuf,
     agg: Aggregator,
     ca: PathBuf,
     flink: SocketAddr,
+    /// Serves `flink` for as long as the agents run.
+    _flink_server: fixture_http::Server,
     rpi_dir: PathBuf,
     journal: PathBuf,
     /// The compile cache (`plugins.cache_directory`) of the agents that use one.
     cache: PathBuf,
 }
 
+impl Env {
+    pub(crate) fn new(dir: &Path) -> Result<Env> {
+        let pki = setup::pki(dir)?;
+        let journal = dir.join("journal.jsonl");
+        let agg = setup::aggregator(
+            dir,
+            &pki,
+            &format!(
+                "[[sinks]]\ntype = \"file\"\npath = \"{}\"\n",
+                journal.display()
+            ),
+        )?;
+        let flink_server = flink_rest_server()?;
+        let rpi_dir = copy_rpi_fixtures(dir);
+        let cache = dir.join("plugin-cache");
+        std::fs::create_dir_all(&cache)?;
+        set_owner_only(&cache)?;
+        Ok(Env {
+            dir: dir.to_path_buf(),
+            agg,
+            ca: pki.ca(),
+            flink: flink_server.addr,
+            _flink_server: flink_server,
+            rpi_dir,
+            journal,
+            cache,
+        })
+    }
+
+    pub(crate) fn cache(&self) -> &Path {
+        &self.cache
+    }
+
+    pub(crate) fn agg(&self) -> &Aggregator {
+        &self.agg
+    }
+}
+
 /// Which plugins an agent under test runs.
 #[derive(Clone, Copy, PartialEq)]
-enum Plugins {
+pub(crate) enum Plugins {
     /// The default host instance only.
     Host,
     /// host, rpi (fake vcgencmd) and flink (recorded REST answers).
     All,
 }
 
-fn agent_config(
+pub(crate) fn agent_config(
     env: &Env,
     instance: &str,
     interval: Duration,
@@ -111,7 +130,12 @@ fn agent_config(
 }
 
 /// Starts `program` (the agent, or qemu running it) with `config`.
-fn start_agent(env: &Env, instance: &str, config: &str, program: Command) -> Result<Process> {
+pub(crate) fn start_agent(
+    env: &Env,
+    instance: &str,
+    config: &str,
+    program: Command,
+) -> Result<Process> {
     let path = env.dir.join(format!("agent-{instance}.toml"));
     std::fs::write(&path, config)?;
     let mut cmd = program;
@@ -134,7 +158,12 @@ fn samples_per_collection(agg: &Aggregator, instance: &str) -> f64 {
 }
 
 /// Waits until `instance` has reported at least `n` collections.
-fn wait_collections(env: &Env, instance: &str, n: f64, process: &mut Process) -> Result<()> {
+pub(crate) fn wait_collections(
+    env: &Env,
+    instance: &str,
+    n: f64,
+    process: &mut Process,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while collections(&env.agg, instance) < n {
         if !process.is_running() {

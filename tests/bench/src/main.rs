@@ -20,6 +20,7 @@ mod receiver;
 mod relay;
 mod report;
 mod setup;
+mod symbol_order;
 mod wire;
 
 use std::path::PathBuf;
@@ -49,7 +50,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Clone, Copy, PartialEq)]
+#[derive(Subcommand, Clone, PartialEq)]
 enum Command {
     /// Agent vs node_exporter: memory, CPU per collection, binary size, start-up; arm64 and
     /// armv7 memory under qemu-user.
@@ -65,6 +66,24 @@ enum Command {
     Latency,
     /// Every scenario above.
     All,
+    /// Not a benchmark: trains the agent's link-time symbol order (the functions a running
+    /// agent executes, from callgrind) and writes it to `--out`.
+    SymbolOrder {
+        /// The agent to train on: a release build, made with `PICKET_LINK_MAP=<file>` so
+        /// that lld writes the link map that names its functions.
+        #[arg(long, default_value = "target/release/picket-agent")]
+        agent: PathBuf,
+        /// That link map.
+        #[arg(long)]
+        map: PathBuf,
+        /// The order file, e.g. `agent/symbol-order/x86_64-unknown-linux-gnu.txt`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Do not train: say how much of `--out` names functions of the linked agent, and
+        /// fail if under 90 % (the file is stale).
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 /// Settings every scenario reads.
@@ -78,6 +97,19 @@ pub struct Settings {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     use_binaries_beside_this_one();
+    if let Command::SymbolOrder {
+        agent,
+        map,
+        out,
+        check,
+    } = &cli.command
+    {
+        return if *check {
+            symbol_order::check(map, out)
+        } else {
+            symbol_order::run(agent, map, out)
+        };
+    }
     raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
