@@ -65,41 +65,63 @@ fn main() {
     order_symbols(&manifest_dir);
 }
 
-/// Hands lld the trained symbol order for this target, if there is one
-/// (`symbol-order/<target>.txt`, from `picket-bench symbol-order`): the functions a running
-/// agent executes end up next to each other, so the kernel maps fewer pages of code into it
-/// (docs/performance.md, "Agent memory"). Release builds only; `PICKET_SYMBOL_ORDER=off`
-/// skips it, e.g. for a linker other than lld, the default linker of x86_64 Linux.
+/// With `PICKET_SYMBOL_ORDER=on` (set by `cross/build.sh`), hands lld the trained symbol
+/// order for this target (`symbol-order/<target>.txt`, from `picket-bench symbol-order`):
+/// the functions a running agent executes end up next to each other, so the kernel maps
+/// fewer pages of code into it (docs/performance.md, "Agent memory"). Opt-in because only
+/// lld reads the file and because symbol names carry a hash of the exact build (features,
+/// target, profile, dependencies), so the order fits the build it was trained on: the
+/// release build `cross/build.sh` makes.
 fn order_symbols(manifest_dir: &Path) {
     println!("cargo:rerun-if-env-changed=PICKET_SYMBOL_ORDER");
     println!("cargo:rerun-if-env-changed=PICKET_LINK_MAP");
+    // The directory, not the file: cargo reruns a build script every time when a path it
+    // watches does not exist, and most targets have no order file.
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest_dir.join("symbol-order").display()
+    );
     // Training the order needs the stripped binary's symbol addresses: lld's link map
     // (build-script link arguments do not change symbol names, unlike `cargo rustc` flags).
     if let Some(map) = env::var_os("PICKET_LINK_MAP") {
-        let map = PathBuf::from(map).display().to_string();
-        println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,-Map={map}");
-        // The order file needs the names as they are in the objects.
-        println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--no-demangle");
+        let map = PathBuf::from(map);
+        if let Some(arg) = linker_path_arg(&map) {
+            println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,-Map={arg}");
+            // The order file needs the names as they are in the objects.
+            println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--no-demangle");
+        }
+    }
+    if env::var("PICKET_SYMBOL_ORDER").as_deref() != Ok("on") {
+        return;
     }
     let target = env::var("TARGET").unwrap_or_default();
     let file = manifest_dir
         .join("symbol-order")
         .join(format!("{target}.txt"));
-    println!("cargo:rerun-if-changed={}", file.display());
-    let release = env::var("PROFILE").is_ok_and(|profile| profile == "release");
-    let off = env::var("PICKET_SYMBOL_ORDER").is_ok_and(|value| value == "off");
-    if !release || off || !file.is_file() {
+    if !file.is_file() {
+        println!(
+            "cargo:warning=no symbol order for {target} ({} is missing)",
+            file.display()
+        );
         return;
     }
-    let path = file.display().to_string();
-    if path.contains(',') {
-        // `-Wl,` would split the path at the comma.
-        println!("cargo:warning=not ordering symbols: the path {path} contains a comma");
-        return;
+    if let Some(arg) = linker_path_arg(&file) {
+        println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--symbol-ordering-file={arg}");
+        // Functions renamed since the file was trained are skipped, not errors;
+        // cross/build.sh reports how much of the file the link found.
+        println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--no-warn-symbol-ordering");
     }
-    println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--symbol-ordering-file={path}");
-    // Functions renamed since the file was trained are skipped, not errors.
-    println!("cargo:rustc-link-arg-bin=picket-agent=-Wl,--no-warn-symbol-ordering");
+}
+
+/// `path` as the linker's argument: absolute (the linker runs in another directory) and
+/// without commas (`-Wl,` splits at them); `None`, with a warning, otherwise.
+fn linker_path_arg(path: &Path) -> Option<String> {
+    let text = path.display().to_string();
+    if !path.is_absolute() || text.contains(',') {
+        println!("cargo:warning=ignoring {text}: the linker needs an absolute path without commas");
+        return None;
+    }
+    Some(text)
 }
 
 /// Runs the nested build; returns the directory holding the `.wasm` files.

@@ -47,7 +47,24 @@ for target in "${targets[@]}"; do
     *) echo "unsupported target: $target (supported: ${ALL_TARGETS[*]})" >&2; exit 2 ;;
   esac
   echo "==> building picket-agent for $target"
-  cargo build --locked --release -p picket-agent --target "$target"
-  cp "$target_dir/$target/release/picket-agent" "dist/picket-agent-$target"
+  order="agent/symbol-order/$target.txt"
+  out_dir="$(realpath -m "$target_dir/$target/release")"
+  if [ -f "$order" ]; then
+    # The trained symbol order (agent/build.rs; docs/performance.md, "Agent memory"), and
+    # lld's link map, which tells how much of it this build's symbols still match.
+    PICKET_SYMBOL_ORDER=on PICKET_LINK_MAP="$out_dir/picket-agent.map" \
+      cargo build --locked --release -p picket-agent --target "$target"
+    listed=$(grep -vc '^#' "$order")
+    found=$(awk 'NR == FNR { if ($0 !~ /^#/) want[$0] = 1; next }
+                 NF == 5 && ($5 in want) { delete want[$5]; n++ }
+                 END { print n + 0 }' "$order" "$out_dir/picket-agent.map")
+    echo "symbol order: $found of the $listed functions in $order are in this build"
+    if [ $((found * 10)) -lt $((listed * 9)) ]; then
+      echo "warning: the symbol order is stale; train it again (docs/performance.md, How to reproduce)" >&2
+    fi
+  else
+    cargo build --locked --release -p picket-agent --target "$target"
+  fi
+  cp "$out_dir/picket-agent" "dist/picket-agent-$target"
   ls -l "dist/picket-agent-$target"
 done

@@ -195,7 +195,7 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
         let (mut node, node_addr) = setup::node_exporter(&env.dir)?;
         let start = |instance: &str, plugins: Plugins, cache: Option<&Path>| {
             let config = agent_config(env, instance, interval, plugins, cache);
-            start_agent(env, instance, &config, Command::new(bin("picket-agent")))
+            start_agent(env, instance, &config, Command::new(measured_agent()))
         };
         let (full, host, cached) = (
             format!("full-{run}"),
@@ -302,7 +302,8 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
     ]);
     s.report.table(
         &format!(
-            "Agent vs node_exporter (x86_64), after {collections_n} collections / scrapes {}ms apart; CPU from collection {warmup} on (goals: memory ≤ 0.5×, CPU ≤ 0.5×)",
+            "Agent vs node_exporter (x86_64, {}), after {collections_n} collections / scrapes {}ms apart; CPU from collection {warmup} on (goals: memory ≤ 0.5×, CPU ≤ 0.5×)",
+            measured_agent_build(),
             interval.as_millis()
         ),
         &[
@@ -352,8 +353,7 @@ fn startup(s: &mut Settings, env: &Env) -> Result<()> {
                 .map(|m| m.len())
                 .unwrap_or(0);
             let started = Instant::now();
-            let mut agent =
-                start_agent(env, &instance, &config, Command::new(bin("picket-agent")))?;
+            let mut agent = start_agent(env, &instance, &config, Command::new(measured_agent()))?;
             let deadline = started + Duration::from_secs(120);
             let mut first_batch = None;
             let tag = format!("\"instance\":\"{instance}\"");
@@ -421,6 +421,21 @@ fn set_owner_only(dir: &Path) -> Result<()> {
 }
 
 /// Where `cross/build.sh` leaves each architecture's agent.
+/// The x86_64 agent measured: the one `cross/build.sh` builds, which is what ships and is
+/// linked with the trained symbol order, when it is there; else the one beside this tool.
+fn measured_agent() -> PathBuf {
+    cross_binary("x86_64-unknown-linux-gnu").unwrap_or_else(|| bin("picket-agent"))
+}
+
+/// Which build [`measured_agent`] is, for table titles.
+fn measured_agent_build() -> &'static str {
+    if cross_binary("x86_64-unknown-linux-gnu").is_some() {
+        "as cross/build.sh builds it"
+    } else {
+        "the build beside picket-bench, not cross/build.sh's"
+    }
+}
+
 fn cross_binary(target: &str) -> Option<PathBuf> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     [
@@ -447,7 +462,7 @@ const CROSS: [(&str, &str, &str); 2] = [
 fn binary_sizes(s: &mut Settings) {
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64).ok();
     let mut rows = Vec::new();
-    let native = picket_tests::bin_dir().join("picket-agent");
+    let native = measured_agent();
     let node = Path::new("/usr/bin/prometheus-node-exporter");
     let node_size = size(node);
     let mut add = |arch: &str, path: Option<PathBuf>| {

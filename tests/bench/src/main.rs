@@ -69,15 +69,25 @@ enum Command {
     /// Not a benchmark: trains the agent's link-time symbol order (the functions a running
     /// agent executes, from callgrind) and writes it to `--out`.
     SymbolOrder {
-        /// The agent to train on: a release build, made with `PICKET_LINK_MAP=<file>` so
-        /// that lld writes the link map that names its functions.
-        #[arg(long, default_value = "target/release/picket-agent")]
+        /// The agent to train on: the release build `cross/build.sh` makes, because symbol
+        /// names differ between builds (features, target, profile).
+        #[arg(
+            long,
+            default_value = "target/x86_64-unknown-linux-gnu/release/picket-agent"
+        )]
         agent: PathBuf,
-        /// That link map.
-        #[arg(long)]
+        /// lld's link map of that build, which names its functions (`cross/build.sh` has
+        /// it written).
+        #[arg(
+            long,
+            default_value = "target/x86_64-unknown-linux-gnu/release/picket-agent.map"
+        )]
         map: PathBuf,
-        /// The order file, e.g. `agent/symbol-order/x86_64-unknown-linux-gnu.txt`.
-        #[arg(long)]
+        /// The order file.
+        #[arg(
+            long,
+            default_value = "agent/symbol-order/x86_64-unknown-linux-gnu.txt"
+        )]
         out: PathBuf,
         /// Do not train: say how much of `--out` names functions of the linked agent, and
         /// fail if under 90 % (the file is stale).

@@ -9,15 +9,15 @@
 //!
 //! How: the release agent runs twice under callgrind (`--dump-instr=yes`) with the footprint
 //! benchmark's plugins (host, rpi, flink), and every instruction it executed is mapped to
-//! its function through lld's link map of that same build. The first run compiles the plugins in the agent's
-//! own process (under valgrind it cannot start its child compiler) and fills a compile
-//! cache; the second loads them from that cache, as a running agent does once its child has
-//! compiled them. The second run's functions come first, sorted by name so that
-//! regenerating the file gives a readable diff; then those only the first run executed
-//! (the compiler's, which a production agent runs in the child).
+//! its function through lld's link map of that same build. The first run compiles the
+//! plugins in the agent's own process (under valgrind it cannot start its child compiler)
+//! and fills a compile cache; the second loads them from that cache, as a running agent
+//! does once its child has compiled them. The second run's functions come first, sorted by
+//! name so that regenerating the file gives a readable diff; then those only the first run
+//! executed (the compiler's, which a production agent runs in the child).
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use crate::setup;
 
 /// Collections each training run waits for: enough for every plugin to have run its
 /// collection path several times.
-const COLLECTIONS: f64 = 8.0;
+const COLLECTIONS: f64 = 20.0;
 
 /// `map` is lld's link map of `agent` (`PICKET_LINK_MAP`, see `agent/build.rs`): it names
 /// the functions of the stripped release binary, whose symbol names are the ones the next
@@ -108,7 +108,7 @@ const FRESH_SHARE: f64 = 0.9;
 /// dependency update or a new compiler renames most symbols, and then the order does little.
 pub fn check(map: &Path, order: &Path) -> Result<()> {
     let symbols = LinkMap::read(map)?;
-    let present: std::collections::HashSet<&str> = symbols
+    let present: HashSet<&str> = symbols
         .functions
         .iter()
         .map(|(_, _, name)| name.as_str())
@@ -137,7 +137,7 @@ fn profile_agent(
     valgrind: &Path,
     agent: &Path,
     symbols: &LinkMap,
-    profile: &PathBuf,
+    profile: &Path,
     run: usize,
 ) -> Result<BTreeSet<String>> {
     let instance = format!("train-{run}");
@@ -191,8 +191,10 @@ fn profile_agent(
 }
 
 /// The addresses of the instructions in `object` that a callgrind profile (taken with
-/// `--dump-instr=yes`) shows executed. `ob=` names the object of the cost lines that follow
-/// (the first mention is `(id) path`, later ones only `(id)`); a cost line starts with its
+/// `--dump-instr=yes`) shows executed. Callgrind writes addresses relative to where the
+/// object was loaded, so for the position-independent agent they are the link map's.
+/// `ob=` names the object of the cost lines that follow (the first mention is `(id) path`,
+/// later ones only `(id)`); a cost line starts with its
 /// instruction's address, absolute (`0x…`), relative to the previous one (`+n`, `-n`,
 /// decimal) or the same (`*`).
 fn executed_addresses(profile: &str, object: &Path) -> BTreeSet<u64> {
@@ -259,6 +261,18 @@ impl LinkMap {
                 path.display()
             );
         }
+        // A demangled map names functions as no object does; lld would find none of them.
+        if !symbols
+            .functions
+            .iter()
+            .any(|(_, _, name)| name.starts_with("_ZN") || name.starts_with("_R"))
+        {
+            bail!(
+                "{} has no mangled Rust names: write it through PICKET_LINK_MAP, which asks \
+                 lld for --no-demangle",
+                path.display()
+            );
+        }
         Ok(symbols)
     }
 
@@ -280,8 +294,11 @@ impl LinkMap {
             if indent <= 1 {
                 in_text = name == ".text";
             } else if in_text && !name.contains(":(") {
+                // Zero-size symbols (labels) would hide the function around them.
                 let size = u64::from_str_radix(size, 16).unwrap_or(0);
-                functions.push((address, size, name.to_string()));
+                if size > 0 {
+                    functions.push((address, size, name.to_string()));
+                }
             }
         }
         functions.sort();
@@ -370,6 +387,7 @@ fn=(3) 0x0000000000002000
           6000             6000       30     1                 _ZN1a4main
           6040             6040       20    16         a.o:(.text._ZN1a6helper)
           6040             6040       20     1                 _ZN1a6helper
+          6050             6050        0     1                 a_label_inside_helper
           7000             7000       10     8 .data
 ";
         let symbols = LinkMap::parse(map);
@@ -381,6 +399,11 @@ fn=(3) 0x0000000000002000
             "padding between functions"
         );
         assert_eq!(symbols.function_at(0x6045), Some("_ZN1a6helper"));
+        assert_eq!(
+            symbols.function_at(0x6055),
+            Some("_ZN1a6helper"),
+            "a zero-size label does not hide its function"
+        );
         assert_eq!(
             symbols.function_at(0x5fff),
             None,
