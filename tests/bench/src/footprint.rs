@@ -195,7 +195,7 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
         let (mut node, node_addr) = setup::node_exporter(&env.dir)?;
         let start = |instance: &str, plugins: Plugins, cache: Option<&Path>| {
             let config = agent_config(env, instance, interval, plugins, cache);
-            start_agent(env, instance, &config, Command::new(measured_agent()))
+            start_agent(env, instance, &config, Command::new(measured_agent().0))
         };
         let (full, host, cached) = (
             format!("full-{run}"),
@@ -303,7 +303,7 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
     s.report.table(
         &format!(
             "Agent vs node_exporter (x86_64, {}), after {collections_n} collections / scrapes {}ms apart; CPU from collection {warmup} on (goals: memory ≤ 0.5×, CPU ≤ 0.5×)",
-            measured_agent_build(),
+            measured_agent().1,
             interval.as_millis()
         ),
         &[
@@ -353,7 +353,7 @@ fn startup(s: &mut Settings, env: &Env) -> Result<()> {
                 .map(|m| m.len())
                 .unwrap_or(0);
             let started = Instant::now();
-            let mut agent = start_agent(env, &instance, &config, Command::new(measured_agent()))?;
+            let mut agent = start_agent(env, &instance, &config, Command::new(measured_agent().0))?;
             let deadline = started + Duration::from_secs(120);
             let mut first_batch = None;
             let tag = format!("\"instance\":\"{instance}\"");
@@ -420,22 +420,20 @@ fn set_owner_only(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Where `cross/build.sh` leaves each architecture's agent.
-/// The x86_64 agent measured: the one `cross/build.sh` builds, which is what ships and is
-/// linked with the trained symbol order, when it is there; else the one beside this tool.
-fn measured_agent() -> PathBuf {
-    cross_binary("x86_64-unknown-linux-gnu").unwrap_or_else(|| bin("picket-agent"))
-}
-
-/// Which build [`measured_agent`] is, for table titles.
-fn measured_agent_build() -> &'static str {
-    if cross_binary("x86_64-unknown-linux-gnu").is_some() {
-        "as cross/build.sh builds it"
-    } else {
-        "the build beside picket-bench, not cross/build.sh's"
+/// The x86_64 agent measured, and which build it is (for table titles): the one
+/// `cross/build.sh` builds, which is what ships and is linked with the trained symbol order,
+/// when it is there; else the one beside this tool.
+fn measured_agent() -> (PathBuf, &'static str) {
+    match cross_binary("x86_64-unknown-linux-gnu") {
+        Some(path) => (path, "as cross/build.sh builds it"),
+        None => (
+            bin("picket-agent"),
+            "the build beside picket-bench, not cross/build.sh's",
+        ),
     }
 }
 
+/// Where `cross/build.sh` leaves each architecture's agent.
 fn cross_binary(target: &str) -> Option<PathBuf> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     [
@@ -462,7 +460,7 @@ const CROSS: [(&str, &str, &str); 2] = [
 fn binary_sizes(s: &mut Settings) {
     let size = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64).ok();
     let mut rows = Vec::new();
-    let native = measured_agent();
+    let native = measured_agent().0;
     let node = Path::new("/usr/bin/prometheus-node-exporter");
     let node_size = size(node);
     let mut add = |arch: &str, path: Option<PathBuf>| {

@@ -67,32 +67,22 @@ enum Command {
     /// Every scenario above.
     All,
     /// Not a benchmark: trains the agent's link-time symbol order (the functions a running
-    /// agent executes, from callgrind) and writes it to `--out`.
+    /// agent executes, from callgrind) and writes it to `--out`. Defaults fit the commands
+    /// in docs/performance.md.
     SymbolOrder {
         /// The agent to train on: the release build `cross/build.sh` makes, because symbol
-        /// names differ between builds (features, target, profile).
-        #[arg(
-            long,
-            default_value = "target/x86_64-unknown-linux-gnu/release/picket-agent"
-        )]
-        agent: PathBuf,
-        /// lld's link map of that build, which names its functions (`cross/build.sh` has
-        /// it written).
-        #[arg(
-            long,
-            default_value = "target/x86_64-unknown-linux-gnu/release/picket-agent.map"
-        )]
-        map: PathBuf,
-        /// The order file.
-        #[arg(
-            long,
-            default_value = "agent/symbol-order/x86_64-unknown-linux-gnu.txt"
-        )]
-        out: PathBuf,
-        /// Do not train: say how much of `--out` names functions of the linked agent, and
-        /// fail if under 90 % (the file is stale).
+        /// names differ between builds (features, target, profile). Default: its
+        /// x86_64-unknown-linux-gnu build in the target directory this tool was built in.
         #[arg(long)]
-        check: bool,
+        agent: Option<PathBuf>,
+        /// lld's link map of that build, which names its functions (`cross/build.sh` has it
+        /// written beside the binary, as `picket-agent.map`).
+        #[arg(long)]
+        map: Option<PathBuf>,
+        /// The order file. Default: `agent/symbol-order/x86_64-unknown-linux-gnu.txt` in
+        /// this repository.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -107,18 +97,18 @@ pub struct Settings {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     use_binaries_beside_this_one();
-    if let Command::SymbolOrder {
-        agent,
-        map,
-        out,
-        check,
-    } = &cli.command
-    {
-        return if *check {
-            symbol_order::check(map, out)
-        } else {
-            symbol_order::run(agent, map, out)
-        };
+    if let Command::SymbolOrder { agent, map, out } = &cli.command {
+        let shipped = picket_tests::bin_dir().join("../x86_64-unknown-linux-gnu/release");
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        return symbol_order::run(
+            &agent
+                .clone()
+                .unwrap_or_else(|| shipped.join("picket-agent")),
+            &map.clone()
+                .unwrap_or_else(|| shipped.join("picket-agent.map")),
+            &out.clone()
+                .unwrap_or_else(|| repo.join("agent/symbol-order/x86_64-unknown-linux-gnu.txt")),
+        );
     }
     raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()

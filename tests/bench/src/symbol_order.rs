@@ -16,7 +16,7 @@
 //! name so that regenerating the file gives a readable diff; then those only the first run
 //! executed (the compiler's, which a production agent runs in the child).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -98,35 +98,6 @@ pub fn run(agent: &Path, map: &Path, out: &Path) -> Result<()> {
         now.difference(&previous).count(),
         previous.difference(&now).count(),
     );
-    Ok(())
-}
-
-/// Below this share of the order file's functions present in the link, the file is stale.
-const FRESH_SHARE: f64 = 0.9;
-
-/// How much of the order file `order` names functions of the agent linked with `map`: a
-/// dependency update or a new compiler renames most symbols, and then the order does little.
-pub fn check(map: &Path, order: &Path) -> Result<()> {
-    let symbols = LinkMap::read(map)?;
-    let present: HashSet<&str> = symbols
-        .functions
-        .iter()
-        .map(|(_, _, name)| name.as_str())
-        .collect();
-    let text =
-        std::fs::read_to_string(order).with_context(|| format!("read {}", order.display()))?;
-    let listed: Vec<&str> = symbol_lines(&text).collect();
-    let found = listed.iter().filter(|name| present.contains(*name)).count();
-    let share = found as f64 / listed.len().max(1) as f64;
-    println!(
-        "{found} of the {} functions {} lists are in this link ({:.0} %)",
-        listed.len(),
-        order.display(),
-        share * 100.0
-    );
-    if share < FRESH_SHARE {
-        bail!("the symbol order is stale: train it again (docs/performance.md, How to reproduce)");
-    }
     Ok(())
 }
 
@@ -250,14 +221,17 @@ struct LinkMap {
 
 impl LinkMap {
     fn read(path: &Path) -> Result<LinkMap> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "read the link map {} (`cross/build.sh x86_64-unknown-linux-gnu` writes it)",
+                path.display()
+            )
+        })?;
         let symbols = LinkMap::parse(&text);
         if symbols.functions.is_empty() {
             bail!(
-                "{} lists no functions in .text: build the agent with `PICKET_LINK_MAP={} \
-                 cargo build --release -p picket-agent` first",
-                path.display(),
+                "{} lists no functions in .text: run `cross/build.sh x86_64-unknown-linux-gnu` \
+                 first, which has lld write it",
                 path.display()
             );
         }
