@@ -159,6 +159,10 @@ impl Default for AgentsConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExpositionConfig {
+    /// Serve the latest sample of every series agents and pushes send on `/metrics` (the
+    /// aggregator's own metrics are served either way). Off, for an aggregator that only
+    /// relays to databases, it keeps no per-series state at all.
+    pub enabled: bool,
     /// A series not updated for this long disappears from `/metrics`.
     #[serde(with = "humantime_serde")]
     pub series_ttl: Duration,
@@ -167,6 +171,7 @@ pub struct ExpositionConfig {
 impl Default for ExpositionConfig {
     fn default() -> Self {
         ExpositionConfig {
+            enabled: true,
             series_ttl: Duration::from_secs(300),
         }
     }

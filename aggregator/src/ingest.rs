@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use picket_core::codec::decode_batch;
+use picket_core::codec::{common_label, decode_batch, validate_batch};
 use picket_proto::v1::{self, agent_message, ingest_server::Ingest};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -263,15 +263,40 @@ impl StreamSession {
             self.registry.duplicate(agent);
             return Ok(duplicate);
         }
+        let rejected = |e: picket_core::codec::DecodeError| {
+            tracing::warn!(%agent, sequence, error = %e, "rejecting malformed batch");
+            self.registry.rejected(agent);
+            Ok(v1::ack::Outcome::Rejected(v1::Rejected {
+                reason: e.to_string(),
+            }))
+        };
+        let cannot_store = |e: crate::sinks::SinkError| {
+            tracing::error!(%agent, error = %e, "a sink refused a batch; the agent will resend it");
+            Status::unavailable(format!("aggregator cannot store the batch right now: {e}"))
+        };
+        let accepted = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: false });
+        // When nothing needs the samples themselves (no `/metrics` series, file sink or
+        // routing rules), the batch is only validated and queued as received: decoding it
+        // into label sets was most of the aggregator's cost per relayed sample.
+        if !self.sinks.needs_families() {
+            let samples = match validate_batch(&batch) {
+                Ok(samples) => samples,
+                Err(e) => return rejected(e),
+            };
+            let relabel =
+                self.cert_identity.is_some() && common_label(&batch, "instance") != Some(agent);
+            if !relabel {
+                self.sinks
+                    .deliver_wire(agent, session, sequence, &batch, samples)
+                    .map_err(cannot_store)?;
+                self.registry.accepted(agent, session, sequence, samples);
+                return Ok(accepted);
+            }
+            // The series need the certificate's name: decoded below like any batch.
+        }
         let mut decoded = match decode_batch(&batch) {
             Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(%agent, sequence, error = %e, "rejecting malformed batch");
-                self.registry.rejected(agent);
-                return Ok(v1::ack::Outcome::Rejected(v1::Rejected {
-                    reason: e.to_string(),
-                }));
-            }
+            Err(e) => return rejected(e),
         };
         let relabelled =
             self.cert_identity.is_some() && decoded.common_labels.get("instance") != Some(agent);
@@ -291,13 +316,8 @@ impl StreamSession {
                 &decoded.families,
                 (!relabelled).then_some(&batch),
             )
-            .map_err(|e| {
-                tracing::error!(%agent, error = %e, "a sink refused a batch; the agent will resend it");
-                Status::unavailable(format!("aggregator cannot store the batch right now: {e}"))
-            })?;
+            .map_err(cannot_store)?;
         self.registry.accepted(agent, session, sequence, samples);
-        Ok(v1::ack::Outcome::Accepted(v1::Accepted {
-            duplicate: false,
-        }))
+        Ok(accepted)
     }
 }

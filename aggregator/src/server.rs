@@ -38,13 +38,10 @@ pub async fn run(
     log: LogHandle,
 ) -> anyhow::Result<()> {
     let registry = Arc::new(Registry::new(config.agents.clone()));
+    let latest = LatestStore::new(config.exposition.series_ttl);
+    latest.set_enabled(config.exposition.enabled);
     let sinks = Arc::new(
-        Sinks::open(
-            &config.sinks,
-            LatestStore::new(config.exposition.series_ttl),
-            &config.queues.directory,
-        )
-        .context("opening sinks")?,
+        Sinks::open(&config.sinks, latest, &config.queues.directory).context("opening sinks")?,
     );
     let intake = Arc::new(Intake::new(sinks.clone(), config.http.body_read_timeout));
     let grpc_connections = GrpcConnections::new(Limits {
@@ -234,6 +231,7 @@ fn apply_reload(
     }
     registry.reconfigure(new.agents.clone());
     sinks.latest.set_ttl(new.exposition.series_ttl);
+    sinks.latest.set_enabled(new.exposition.enabled);
     let needs_restart = old.grpc != new.grpc
         || old.http != new.http
         || old.tls != new.tls

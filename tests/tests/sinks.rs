@@ -866,3 +866,145 @@ when_full = "block"
         expected.values().map(Vec::len).sum::<usize>()
     );
 }
+
+/// An aggregator that only relays (`exposition.enabled = false`, one remote-write sink, no
+/// routing or file sink) validates batches without decoding them and queues them as received;
+/// the remote-write sink transcodes them straight from their symbol tables. What Prometheus
+/// stores must be exactly what the full decode of the batch says, a bad batch must get the
+/// same rejection, and `/metrics` must keep no series of the agents.
+#[test]
+fn a_relay_only_aggregator_stores_exactly_the_decoded_samples_and_keeps_no_series() {
+    use picket_core::codec::decode_batch;
+    use picket_proto::v1::ack::Outcome;
+
+    let dir = tempfile::tempdir().unwrap();
+    let prom = Prometheus::start(&dir.path().join("prometheus"));
+    let extra = format!(
+        "\n[exposition]\nenabled = false\n[queues]\ndirectory = \"{}\"\n{}",
+        dir.path().join("queues").display(),
+        remote_write_sink_toml("prometheus", &prom.write_url()),
+    );
+    let agg = Aggregator::start(
+        dir.path(),
+        &AggregatorSpec {
+            pki: None,
+            mutual_tls: false,
+            journal: None,
+            extra,
+        },
+    );
+
+    let ts = picket_core::model::now_ms() - 5_000;
+    let good = hostile_batch(1, ts);
+    // A series label the protocol reserves: refused at ingest, by validation alone.
+    let mut bad = hostile_batch(2, ts + 1);
+    bad.symbols.push("__reserved".to_owned());
+    let reserved = bad.symbols.len() as u32 - 1;
+    bad.families[0].series[0]
+        .labels
+        .extend([reserved, reserved]);
+    let expected_reason = decode_batch(&bad).unwrap_err().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (first, second) = rt.block_on(async {
+        let channel = raw::channel(&http(agg.grpc), None).await.unwrap();
+        let mut stream = raw::open(channel, Some(raw::hello("raw-1", 7)))
+            .await
+            .unwrap();
+        stream.send_batch(good.clone()).await;
+        let first = stream.next().await.unwrap();
+        stream.send_batch(bad).await;
+        (first, stream.next().await.unwrap())
+    });
+    assert!(
+        matches!(first.outcome, Some(Outcome::Accepted(_))),
+        "{first:?}"
+    );
+    match second.outcome {
+        Some(Outcome::Rejected(r)) => assert_eq!(r.reason, expected_reason),
+        other => panic!("the bad batch must be rejected: {other:?}"),
+    }
+    wait_drained(&agg, &["prometheus"]);
+
+    // Every sample of the decoded batch, as Prometheus names the series.
+    let decoded = decode_batch(&good).unwrap();
+    let mut expected = Samples::new();
+    let mut add = |name: String, labels: &Labels, extra: Option<(&str, String)>, v: f64| {
+        let mut labels: BTreeMap<String, String> = labels
+            .iter()
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(n, value)| (n.to_owned(), value.to_owned()))
+            .collect();
+        if let Some((n, value)) = extra {
+            labels.insert(n.to_owned(), value);
+        }
+        expected.entry((name, labels)).or_default().push((ts, v));
+    };
+    for family in &decoded.families {
+        for point in &family.points {
+            let name = &family.name;
+            match &point.value {
+                Value::Number(v) => add(name.clone(), &point.labels, None, *v),
+                Value::Summary(s) => {
+                    for &(q, v) in &s.quantiles {
+                        let q = picket_core::exposition::format_float(q);
+                        add(name.clone(), &point.labels, Some(("quantile", q)), v);
+                    }
+                    add(format!("{name}_sum"), &point.labels, None, s.sum);
+                    add(format!("{name}_count"), &point.labels, None, s.count as f64);
+                }
+                Value::Histogram(h) => {
+                    let mut buckets = h.buckets.clone();
+                    buckets.push((f64::INFINITY, h.count));
+                    for (le, count) in buckets {
+                        let le = picket_core::exposition::format_float(le);
+                        add(
+                            format!("{name}_bucket"),
+                            &point.labels,
+                            Some(("le", le)),
+                            count as f64,
+                        );
+                    }
+                    add(format!("{name}_sum"), &point.labels, None, h.sum);
+                    add(format!("{name}_count"), &point.labels, None, h.count as f64);
+                }
+                Value::Stale => {}
+            }
+        }
+    }
+    assert!(expected.len() >= 15, "too few series: {expected:?}");
+    // NaN equals nothing, so that family is compared on its own.
+    let non_finite = "picket_test_non_finite";
+    let stored = prometheus_samples(&prom, &BTreeSet::from([non_finite.to_owned()]));
+    let values = |samples: &Samples| -> BTreeMap<String, String> {
+        samples
+            .iter()
+            .filter(|((name, _), _)| name == non_finite)
+            .map(|((_, labels), s)| (labels["kind"].clone(), format!("{:?}", s)))
+            .collect()
+    };
+    assert_eq!(values(&stored), values(&expected));
+    assert_eq!(values(&stored).len(), 3);
+    expected.retain(|(name, _), _| name != non_finite);
+    let names = family_names(&expected);
+    assert_same("prometheus", &expected, &prometheus_samples(&prom, &names));
+
+    assert_eq!(sink_samples(&agg, "prometheus", "rejected"), 0.0);
+    assert_eq!(
+        agg.metric_sum(
+            "picket_aggregator_agent_samples_total",
+            &["agent=\"raw-1\""]
+        ),
+        decoded.sample_count() as f64
+    );
+    let exposition = agg.metrics();
+    assert!(
+        !exposition.contains("picket_test_escapes"),
+        "no agent series on /metrics:\n{exposition}"
+    );
+    assert!(
+        exposition
+            .lines()
+            .any(|l| l.starts_with("picket_aggregator_series ") && l.contains(" 0")),
+        "{exposition}"
+    );
+}

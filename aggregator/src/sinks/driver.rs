@@ -10,8 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use picket_core::codec::decode_batch;
-use picket_core::model::Family;
+use picket_core::codec::DecodeError;
 use picket_proto::v1;
 use prost::Message;
 use serde::Deserialize;
@@ -90,11 +89,19 @@ pub struct Retry {
 
 /// A database a sink writes to.
 pub trait Destination: Send + Sync + 'static {
-    /// Sends the families of several queue records as one request (or more, when the
-    /// destination has to split it).
+    /// One queue record in the form this destination encodes from: decoded families for
+    /// InfluxDB, the wire batch itself for remote write (which transcodes it directly).
+    type Record: Send + Sync + 'static;
+
+    /// Turns a batch read back from the queue into a record; an error drops the record
+    /// (logged and counted as corrupt).
+    fn read(&self, batch: v1::Batch) -> Result<Self::Record, DecodeError>;
+
+    /// Sends several queue records as one request (or more, when the destination has to
+    /// split it).
     fn send(
         &self,
-        records: &[Vec<Family>],
+        records: &[Self::Record],
     ) -> impl Future<Output = Result<Delivered, Retry>> + Send;
 }
 
@@ -249,14 +256,14 @@ impl<D: Destination> Worker<D> {
         }
     }
 
-    fn decode(&self, records: Vec<Record>) -> Vec<Vec<Family>> {
+    fn decode(&self, records: Vec<Record>) -> Vec<D::Record> {
         let mut out = Vec::with_capacity(records.len());
         for record in records {
             let decoded = v1::Batch::decode(record.payload.as_slice())
                 .map_err(|e| e.to_string())
-                .and_then(|b| decode_batch(&b).map_err(|e| e.to_string()));
+                .and_then(|b| self.destination.read(b).map_err(|e| e.to_string()));
             match decoded {
-                Ok(batch) => out.push(batch.families),
+                Ok(decoded) => out.push(decoded),
                 Err(e) => {
                     // The checksum passed, so this is a bug or a disk that lies; losing the
                     // record is counted rather than blocking the queue forever.
@@ -271,7 +278,7 @@ impl<D: Destination> Worker<D> {
 
     /// Sends until the database has answered for every sample; only the process ending
     /// stops it (the data stays queued on disk meanwhile).
-    async fn deliver(&self, records: &[Vec<Family>]) {
+    async fn deliver(&self, records: &[D::Record]) {
         let mut backoff = self.retry.initial_backoff;
         let mut failing_since: Option<Instant> = None;
         loop {
@@ -316,8 +323,8 @@ fn jittered(d: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::sinks::queue::QueueConfig;
-    use picket_core::codec::BatchEncoder;
-    use picket_core::model::{Labels, MetricType};
+    use picket_core::codec::{BatchEncoder, decode_batch};
+    use picket_core::model::{Family, Labels, MetricType};
     use std::sync::Mutex;
 
     /// Fails the first `failures` sends with a `Retry-After`, then records what it gets.
@@ -327,6 +334,12 @@ mod tests {
     }
 
     impl Destination for Flaky {
+        type Record = Vec<Family>;
+
+        fn read(&self, batch: v1::Batch) -> Result<Vec<Family>, DecodeError> {
+            Ok(decode_batch(&batch)?.families)
+        }
+
         async fn send(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
             {
                 let mut failures = self.failures.lock().unwrap();
@@ -354,6 +367,40 @@ mod tests {
         }
     }
 
+    /// Runs a driver over `queue` into a [`Flaky`] destination that fails `failures` times,
+    /// until the queue is empty (at most 20 s).
+    async fn drain(
+        queue: &Arc<Queue>,
+        failures: u32,
+        batch: BatchConfig,
+        concurrency: usize,
+    ) -> (Arc<SinkMetrics>, Arc<Flaky>) {
+        let metrics = Arc::new(SinkMetrics::new("t", "test"));
+        let destination = Arc::new(Flaky {
+            failures: Mutex::new(failures),
+            got: Mutex::new(Vec::new()),
+        });
+        let driver = Driver {
+            name: "t".into(),
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            destination: destination.clone(),
+            batch,
+            retry: RetryConfig::default(),
+            concurrency,
+        };
+        let task = tokio::spawn(driver.run());
+        let drained = tokio::time::timeout(Duration::from_secs(20), async {
+            while queue.depth().samples > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        task.abort();
+        assert!(drained.is_ok(), "queue never drained: {:?}", queue.depth());
+        (metrics, destination)
+    }
+
     fn payload(agent: &str, ts: i64) -> Vec<u8> {
         let mut f = Family::new("m", MetricType::Gauge, "");
         f.push(Labels::from_pairs([("instance", agent)]), ts, 1.0);
@@ -370,32 +417,11 @@ mod tests {
             let agent = if ts % 2 == 0 { "even" } else { "odd" };
             queue.append(&payload(agent, ts), 1, ts as u64 % 2).unwrap();
         }
-        let metrics = Arc::new(SinkMetrics::new("t", "test"));
-        let destination = Arc::new(Flaky {
-            failures: Mutex::new(3),
-            got: Mutex::new(Vec::new()),
-        });
-        let driver = Driver {
-            name: "t".into(),
-            queue: queue.clone(),
-            metrics: metrics.clone(),
-            destination: destination.clone(),
-            batch: BatchConfig {
-                max_samples: 3,
-                max_delay: Duration::ZERO,
-            },
-            retry: RetryConfig::default(),
-            concurrency: 2,
+        let batch = BatchConfig {
+            max_samples: 3,
+            max_delay: Duration::ZERO,
         };
-        let task = tokio::spawn(driver.run());
-        let drained = tokio::time::timeout(Duration::from_secs(20), async {
-            while queue.depth().samples > 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        task.abort();
-        assert!(drained.is_ok(), "queue never drained: {:?}", queue.depth());
+        let (metrics, destination) = drain(&queue, 3, batch, 2).await;
         let got = destination.got.lock().unwrap().clone();
         assert_eq!(got.len(), 20, "every sample once: {got:?}");
         // Per agent (shard), time order is kept.
@@ -407,5 +433,22 @@ mod tests {
         // Nothing is resent after a restart: the cursor is committed.
         let reopened = Queue::open(dir.path(), QueueConfig::default()).unwrap();
         assert_eq!(reopened.depth().samples, 0);
+    }
+
+    #[tokio::test]
+    async fn records_the_destination_cannot_read_are_dropped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(Queue::open(dir.path(), QueueConfig::default()).unwrap());
+        queue.append(&payload("a", 1), 1, 0).unwrap();
+        // Not protobuf at all, then a well-formed message the destination refuses.
+        queue.append(&[0xff, 0xff, 0xff], 3, 0).unwrap();
+        let mut bad = v1::Batch::decode(payload("a", 2).as_slice()).unwrap();
+        bad.families[0].name = 999;
+        queue.append(&bad.encode_to_vec(), 5, 0).unwrap();
+        queue.append(&payload("a", 3), 1, 0).unwrap();
+        let (metrics, destination) = drain(&queue, 0, BatchConfig::default(), 1).await;
+        assert_eq!(*destination.got.lock().unwrap(), vec![1, 3]);
+        assert_eq!(metrics.sample_count(outcome::SENT), 2);
+        assert_eq!(metrics.sample_count(outcome::DROPPED_CORRUPT), 8);
     }
 }

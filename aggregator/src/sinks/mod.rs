@@ -119,6 +119,15 @@ impl Sinks {
                 .all(|f| lock(f).has(agent, session, sequence))
     }
 
+    /// Whether delivering needs a batch's decoded families: for the latest store, a file
+    /// sink or a sink's routing rules. When nothing does, ingest only validates a batch and
+    /// hands its wire form to [`Sinks::deliver_wire`].
+    pub fn needs_families(&self) -> bool {
+        self.latest.is_enabled()
+            || !self.files.is_empty()
+            || self.network.iter().any(|s| !s.routing.is_identity())
+    }
+
     /// Hands a batch to every sink; `Ok` means all of them have it. Blocking (file I/O): call
     /// it from a blocking context.
     ///
@@ -133,33 +142,71 @@ impl Sinks {
         families: &[Family],
         wire: Option<&v1::Batch>,
     ) -> Result<(), SinkError> {
-        // Routing and encoding first, so a full `block` queue refuses the batch before any
-        // other sink took it.
+        self.deliver_content(
+            agent,
+            session,
+            sequence,
+            Content::Decoded { families, wire },
+        )
+    }
+
+    /// Like [`Sinks::deliver`] for a batch that was only validated (`samples` is its sample
+    /// count): network sinks queue it as received. Only for when [`Sinks::needs_families`]
+    /// is false; the latest store is skipped.
+    pub fn deliver_wire(
+        &self,
+        agent: &str,
+        session: u64,
+        sequence: u64,
+        batch: &v1::Batch,
+        samples: usize,
+    ) -> Result<(), SinkError> {
+        if !self.files.is_empty() || self.network.iter().any(|s| !s.routing.is_identity()) {
+            return Err(SinkError::Internal(
+                "a batch reached the sinks undecoded although a file sink or routing rules need its samples".to_owned(),
+            ));
+        }
+        self.deliver_content(agent, session, sequence, Content::Wire { batch, samples })
+    }
+
+    fn deliver_content(
+        &self,
+        agent: &str,
+        session: u64,
+        sequence: u64,
+        content: Content<'_>,
+    ) -> Result<(), SinkError> {
         let mut encoded = Vec::with_capacity(self.network.len());
-        // Encoded at most once, for every sink that passes the batch through unchanged.
         let mut as_sent: Option<Rc<Vec<u8>>> = None;
+        let mut queue_as_sent = |wire: &v1::Batch, samples: usize| {
+            let payload = (samples > 0).then(|| {
+                as_sent
+                    .get_or_insert_with(|| Rc::new(wire.encode_to_vec()))
+                    .clone()
+            });
+            (payload, samples)
+        };
         for sink in &self.network {
-            let (routed, filtered) = sink.routing.apply(families);
-            sink.metrics.samples(outcome::FILTERED, filtered as u64);
-            let (payload, samples) = match (&routed, wire) {
-                (Cow::Borrowed(_), Some(wire)) => {
-                    let samples: usize = families.iter().map(Family::sample_count).sum();
-                    let payload = (samples > 0).then(|| {
-                        as_sent
-                            .get_or_insert_with(|| Rc::new(wire.encode_to_vec()))
-                            .clone()
-                    });
-                    (payload, samples)
-                }
-                _ => {
-                    let mut encoder = BatchEncoder::new(&Labels::new());
-                    for family in routed.iter() {
-                        encoder.push(family);
+            let (payload, samples) = match content {
+                Content::Wire { batch, samples } => queue_as_sent(batch, samples),
+                Content::Decoded { families, wire } => {
+                    let (routed, filtered) = sink.routing.apply(families);
+                    sink.metrics.samples(outcome::FILTERED, filtered as u64);
+                    match (&routed, wire) {
+                        (Cow::Borrowed(_), Some(wire)) => {
+                            queue_as_sent(wire, families.iter().map(Family::sample_count).sum())
+                        }
+                        _ => {
+                            let mut encoder = BatchEncoder::new(&Labels::new());
+                            for family in routed.iter() {
+                                encoder.push(family);
+                            }
+                            let samples = encoder.sample_count();
+                            let payload = (!encoder.is_empty())
+                                .then(|| Rc::new(encoder.finish(0).encode_to_vec()));
+                            (payload, samples)
+                        }
                     }
-                    let samples = encoder.sample_count();
-                    let payload =
-                        (!encoder.is_empty()).then(|| Rc::new(encoder.finish(0).encode_to_vec()));
-                    (payload, samples)
                 }
             };
             if let Some(p) = &payload
@@ -170,10 +217,12 @@ impl Sinks {
             }
             encoded.push((payload, samples));
         }
-        for file in &self.files {
-            if let Err(e) = lock(file).write_batch(agent, session, sequence, families) {
-                self.healthy.store(false, Ordering::Relaxed);
-                return Err(e.into());
+        if let Content::Decoded { families, .. } = content {
+            for file in &self.files {
+                if let Err(e) = lock(file).write_batch(agent, session, sequence, families) {
+                    self.healthy.store(false, Ordering::Relaxed);
+                    return Err(e.into());
+                }
             }
         }
         let shard_key = shard_key(agent);
@@ -194,11 +243,12 @@ impl Sinks {
             }
         }
         self.healthy.store(true, Ordering::Relaxed);
-        self.latest.apply(families);
+        if let Content::Decoded { families, .. } = content {
+            self.latest.apply(families);
+        }
         Ok(())
     }
 
-    /// The network sinks' own metrics.
     pub fn families(&self) -> Vec<Family> {
         let ts = now_ms();
         let mut out: Vec<Family> = Vec::new();
@@ -212,6 +262,19 @@ impl Sinks {
         }
         out
     }
+}
+
+/// A batch as ingest hands it to [`Sinks`].
+#[derive(Clone, Copy)]
+enum Content<'a> {
+    Decoded {
+        families: &'a [Family],
+        wire: Option<&'a v1::Batch>,
+    },
+    Wire {
+        batch: &'a v1::Batch,
+        samples: usize,
+    },
 }
 
 /// Opens a network sink's queue, builds its destination and starts its driver.
@@ -339,5 +402,46 @@ mod tests {
             !sinks.already_delivered("pi", 1, 2),
             "a failed batch must be accepted again"
         );
+    }
+
+    #[tokio::test]
+    async fn only_routing_rules_files_or_the_latest_store_need_decoded_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote_write = |extra: &str| {
+            let text = format!(
+                "type = \"prometheus_remote_write\"\nname = \"rw\"\nurl = \"http://127.0.0.1:9/w\"\n{extra}"
+            );
+            picket_core::config::parse::<SinkConfig>("s.toml", &text).unwrap()
+        };
+        let open = |configs: &[SinkConfig], store: bool, name: &str| {
+            let latest = LatestStore::new(Duration::from_secs(60));
+            latest.set_enabled(store);
+            Sinks::open(configs, latest, &dir.path().join(name)).unwrap()
+        };
+        let relay = open(&[remote_write("")], false, "relay");
+        assert!(!relay.needs_families());
+        assert!(open(&[remote_write("")], true, "store").needs_families());
+        let routed = open(
+            &[remote_write("[routing]\ndrop_metrics = [\"m\"]\n")],
+            false,
+            "routed",
+        );
+        assert!(routed.needs_families());
+
+        let mut family = Family::new("m", MetricType::Gauge, "");
+        family.push(Labels::from_pairs([("instance", "pi")]), 1000, 1.0);
+        let mut encoder = BatchEncoder::new(&Labels::new());
+        encoder.push(&family);
+        let batch = encoder.finish(1);
+        relay.deliver_wire("pi", 1, 1, &batch, 1).unwrap();
+        assert_eq!(relay.network[0].queue.depth().samples, 1);
+        assert_eq!(relay.latest.series_count(), 0);
+        // A sink that must see the samples refuses an undecoded batch instead of skipping
+        // its rules.
+        assert!(matches!(
+            routed.deliver_wire("pi", 1, 1, &batch, 1),
+            Err(SinkError::Internal(_))
+        ));
+        assert_eq!(routed.network[0].queue.depth().samples, 0);
     }
 }

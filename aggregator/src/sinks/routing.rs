@@ -69,7 +69,8 @@ impl RoutingConfig {
             .find(|name| !is_valid_label_name(name) || name.starts_with("__"))
     }
 
-    fn is_identity(&self) -> bool {
+    /// No rules: the sink receives every sample unchanged.
+    pub fn is_identity(&self) -> bool {
         self.keep_metrics.is_empty()
             && self.drop_metrics.is_empty()
             && self.keep_if.is_empty()

@@ -236,16 +236,7 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
     if symbols.first().is_some_and(|s| !s.is_empty()) {
         return Err(DecodeError::FirstSymbolNotEmpty);
     }
-    let symbol = |at: &dyn Fn() -> String, index: u32| -> Result<&str, DecodeError> {
-        symbols
-            .get(index as usize)
-            .map(String::as_str)
-            .ok_or_else(|| DecodeError::SymbolOutOfRange {
-                at: at(),
-                index,
-                len: symbols.len(),
-            })
-    };
+    let symbol = |at: &dyn Fn() -> String, index: u32| symbol_at(symbols, at, index);
     // Whether each symbol is a valid label name, checked the first time it is used as one:
     // every series repeats the same few names.
     let name_checked: Vec<std::cell::Cell<Option<bool>>> = (0..symbols.len())
@@ -304,32 +295,7 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
     let mut decoded_label_bytes = 0usize;
     let mut families = Vec::with_capacity(batch.families.len());
     for (fi, wf) in batch.families.iter().enumerate() {
-        let family_at = || format!("family #{fi}");
-        let name = symbol(&family_at, wf.name)?;
-        let family_at = || format!("family {name:?}");
-        if !is_valid_metric_name(name) {
-            return Err(DecodeError::BadMetricName {
-                at: format!("family #{fi}"),
-                name: name.to_owned(),
-            });
-        }
-        let kind = match v1::MetricType::try_from(wf.r#type) {
-            Ok(v1::MetricType::Unspecified) => MetricType::Untyped,
-            Ok(v1::MetricType::Gauge) => MetricType::Gauge,
-            Ok(v1::MetricType::Counter) => MetricType::Counter,
-            Ok(v1::MetricType::Summary) => MetricType::Summary,
-            Ok(v1::MetricType::Histogram) => MetricType::Histogram,
-            Err(_) => {
-                return Err(DecodeError::UnknownType {
-                    at: family_at(),
-                    value: wf.r#type,
-                });
-            }
-        };
-        if wf.series.is_empty() {
-            return Err(DecodeError::EmptyFamily { at: family_at() });
-        }
-        let help = symbol(&family_at, wf.help)?;
+        let (name, kind, help) = family_header(symbols, fi, wf)?;
         let mut family = Family::new(name, kind, help);
         for (si, ws) in wf.series.iter().enumerate() {
             let series_at = || format!("family {name:?} series #{si}");
@@ -369,6 +335,173 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
         common_labels,
         families,
     })
+}
+
+/// Validates a wire batch exactly as [`decode_batch`] does — the same checks in the same
+/// order, so the same error for a bad batch — without building its families, and returns
+/// its sample count ([`DecodedBatch::sample_count`]).
+///
+/// For a receiver that passes batches on as they are (the aggregator relaying to remote write
+/// with nothing else needing the decoded samples), the decode's label sets are pure cost.
+pub fn validate_batch(batch: &v1::Batch) -> Result<usize, DecodeError> {
+    let symbols = &batch.symbols;
+    if symbols.first().is_some_and(|s| !s.is_empty()) {
+        return Err(DecodeError::FirstSymbolNotEmpty);
+    }
+    let mut label_check = LabelCheck {
+        symbols,
+        name_checked: vec![None; symbols.len()],
+    };
+    // The label names of the series being checked (common labels first), for duplicates.
+    let mut names: Vec<&str> = Vec::new();
+
+    let mut common_bytes = 0usize;
+    label_check.check(
+        &|| "common labels".to_owned(),
+        &batch.common_labels,
+        &mut names,
+        &mut common_bytes,
+    )?;
+    let common_count = names.len();
+
+    let mut decoded_label_bytes = 0usize;
+    let mut samples = 0usize;
+    for (fi, wf) in batch.families.iter().enumerate() {
+        let (name, kind, _) = family_header(symbols, fi, wf)?;
+        for (si, ws) in wf.series.iter().enumerate() {
+            let series_at = || format!("family {name:?} series #{si}");
+            names.truncate(common_count);
+            let mut label_bytes = common_bytes;
+            label_check.check(&series_at, &ws.labels, &mut names, &mut label_bytes)?;
+            decoded_label_bytes =
+                decoded_label_bytes.saturating_add(label_bytes.saturating_mul(ws.points.len()));
+            if decoded_label_bytes > MAX_DECODED_LABEL_BYTES {
+                return Err(DecodeError::TooLarge { at: series_at() });
+            }
+            for wp in &ws.points {
+                samples += decode_value(&series_at, kind, wp)?.sample_count();
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// A family's name, type and help, checked (`fi` is its position in the batch).
+fn family_header<'b>(
+    symbols: &'b [String],
+    fi: usize,
+    wf: &v1::Family,
+) -> Result<(&'b str, MetricType, &'b str), DecodeError> {
+    let name = symbol_at(symbols, &|| format!("family #{fi}"), wf.name)?;
+    let family_at = || format!("family {name:?}");
+    if !is_valid_metric_name(name) {
+        return Err(DecodeError::BadMetricName {
+            at: format!("family #{fi}"),
+            name: name.to_owned(),
+        });
+    }
+    let kind = metric_type(wf.r#type).ok_or_else(|| DecodeError::UnknownType {
+        at: family_at(),
+        value: wf.r#type,
+    })?;
+    if wf.series.is_empty() {
+        return Err(DecodeError::EmptyFamily { at: family_at() });
+    }
+    let help = symbol_at(symbols, &family_at, wf.help)?;
+    Ok((name, kind, help))
+}
+
+/// The value of common label `name` in a wire batch, if it has one.
+pub fn common_label<'b>(batch: &'b v1::Batch, name: &str) -> Option<&'b str> {
+    let symbol = |index: u32| batch.symbols.get(index as usize).map(String::as_str);
+    batch
+        .common_labels
+        .chunks_exact(2)
+        .find(|pair| symbol(pair[0]) == Some(name))
+        .and_then(|pair| symbol(pair[1]))
+}
+
+fn symbol_at<'b>(
+    symbols: &'b [String],
+    at: &dyn Fn() -> String,
+    index: u32,
+) -> Result<&'b str, DecodeError> {
+    symbols
+        .get(index as usize)
+        .map(String::as_str)
+        .ok_or_else(|| DecodeError::SymbolOutOfRange {
+            at: at(),
+            index,
+            len: symbols.len(),
+        })
+}
+
+/// [`validate_batch`]'s label checks: those of `decode_batch`'s `labels_of`, on names
+/// collected in a list instead of a label set.
+struct LabelCheck<'b> {
+    symbols: &'b [String],
+    /// Whether each symbol is a valid label name, checked the first time it is used as one.
+    name_checked: Vec<Option<bool>>,
+}
+
+impl<'b> LabelCheck<'b> {
+    /// Checks `pairs` against the names already in `names` and adds them; `bytes` grows by
+    /// the label text a decoded label set would hold.
+    fn check(
+        &mut self,
+        at: &dyn Fn() -> String,
+        pairs: &[u32],
+        names: &mut Vec<&'b str>,
+        bytes: &mut usize,
+    ) -> Result<(), DecodeError> {
+        if !pairs.len().is_multiple_of(2) {
+            return Err(DecodeError::OddLabelCount {
+                at: at(),
+                count: pairs.len(),
+            });
+        }
+        if names.len() + pairs.len() / 2 > MAX_LABELS_PER_SERIES {
+            return Err(DecodeError::TooManyLabels {
+                at: at(),
+                count: names.len() + pairs.len() / 2,
+            });
+        }
+        for pair in pairs.chunks_exact(2) {
+            let name = symbol_at(self.symbols, at, pair[0])?;
+            let value = symbol_at(self.symbols, at, pair[1])?;
+            // In range: `symbol_at` just found it.
+            let checked = &mut self.name_checked[pair[0] as usize];
+            let valid = *checked
+                .get_or_insert_with(|| is_valid_label_name(name) && !name.starts_with("__"));
+            if !valid {
+                return Err(DecodeError::BadLabelName {
+                    at: at(),
+                    name: name.to_owned(),
+                });
+            }
+            // At most MAX_LABELS_PER_SERIES names: a scan costs no more than a set would.
+            if names.contains(&name) {
+                return Err(DecodeError::DuplicateLabel {
+                    at: at(),
+                    name: name.to_owned(),
+                });
+            }
+            names.push(name);
+            *bytes += name.len() + value.len();
+        }
+        Ok(())
+    }
+}
+
+/// The model's type for a wire type number, `None` for one this build does not know.
+fn metric_type(wire: i32) -> Option<MetricType> {
+    match v1::MetricType::try_from(wire).ok()? {
+        v1::MetricType::Unspecified => Some(MetricType::Untyped),
+        v1::MetricType::Gauge => Some(MetricType::Gauge),
+        v1::MetricType::Counter => Some(MetricType::Counter),
+        v1::MetricType::Summary => Some(MetricType::Summary),
+        v1::MetricType::Histogram => Some(MetricType::Histogram),
+    }
 }
 
 fn decode_value(
@@ -696,5 +829,124 @@ mod tests {
         let mut batch = valid_batch();
         batch.symbols[0] = "x".into();
         assert_eq!(decode_batch(&batch), Err(DecodeError::FirstSymbolNotEmpty));
+    }
+    /// Every kind of bad batch `decode_batch` refuses, plus edge cases it accepts.
+    fn odd_batches() -> Vec<(&'static str, v1::Batch)> {
+        let mut out = vec![("valid", valid_batch())];
+        let mut add = |what: &'static str, change: &dyn Fn(&mut v1::Batch)| {
+            let mut batch = valid_batch();
+            change(&mut batch);
+            out.push((what, batch));
+        };
+        add("series symbol out of range", &|b| {
+            b.families[0].series[0].labels[1] = 9999
+        });
+        add("common symbol out of range", &|b| b.common_labels[0] = 9999);
+        add("family name out of range", &|b| b.families[1].name = 9999);
+        add("help out of range", &|b| b.families[1].help = 9999);
+        add("odd series labels", &|b| {
+            b.families[0].series[0].labels.push(1)
+        });
+        add("odd common labels", &|b| b.common_labels.push(1));
+        add("bad label name", &|b| {
+            b.symbols.push("bad-name".into());
+            let idx = b.symbols.len() as u32 - 1;
+            b.families[0].series[1].labels.extend([idx, idx]);
+        });
+        add("reserved label name", &|b| {
+            b.symbols.push("__name__".into());
+            let idx = b.symbols.len() as u32 - 1;
+            b.common_labels.extend([idx, idx]);
+        });
+        add("duplicate of a common label", &|b| {
+            let common = b.common_labels.clone();
+            b.families[0].series[0].labels.extend(common);
+        });
+        add("duplicate within a series", &|b| {
+            let own = b.families[0].series[2].labels.clone();
+            b.families[0].series[2].labels.extend(own);
+        });
+        add("empty label value", &|b| {
+            b.families[0].series[0].labels.extend([1, 0]);
+            b.symbols[1] = "zone".into();
+        });
+        add("type mismatch", &|b| {
+            b.families[0].r#type = v1::MetricType::Summary as i32
+        });
+        add("unknown type", &|b| b.families[0].r#type = 99);
+        add("missing value", &|b| {
+            b.families[0].series[0].points[0].value = None
+        });
+        add("zero timestamp", &|b| {
+            b.families[1].series[0].points[0].timestamp_ms = 0
+        });
+        add("unordered buckets", &|b| {
+            if let Some(v1::point::Value::Histogram(h)) =
+                &mut b.families[3].series[0].points[0].value
+            {
+                h.buckets.swap(0, 1);
+            }
+        });
+        add("quantile above 1", &|b| {
+            if let Some(v1::point::Value::Summary(s)) = &mut b.families[2].series[0].points[0].value
+            {
+                s.quantiles[0].quantile = 1.5;
+            }
+        });
+        add("too many labels", &|b| {
+            b.families[0].series[0].labels = vec![1; MAX_LABELS_PER_SERIES * 2]
+        });
+        add("bad metric name", &|b| {
+            let name = b.families[0].name as usize;
+            b.symbols[name] = "9lives".into();
+        });
+        add("first symbol not empty", &|b| b.symbols[0] = "x".into());
+        add("empty family", &|b| b.families[1].series.clear());
+        add("series without points", &|b| {
+            b.families[0].series[0].points.clear()
+        });
+        add("two errors: the first one wins", &|b| {
+            b.families[0].series[0].points[0].value = None;
+            b.families[2].r#type = 99;
+        });
+        // Over the decoded-size budget: 1 MiB of label value times 100 points.
+        let mut f = Family::new("m", MetricType::Gauge, "");
+        let labels = Labels::from_pairs([("big", "x".repeat(1024 * 1024))]);
+        for ts in 1..=100 {
+            f.push(labels.clone(), ts, 1.0);
+        }
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "a")]));
+        encoder.push(&f);
+        out.push(("too large decoded", encoder.finish(1)));
+        out
+    }
+
+    #[test]
+    fn validation_alone_agrees_with_the_full_decode() {
+        let batches = odd_batches();
+        let refused = batches
+            .iter()
+            .filter(|(_, b)| decode_batch(b).is_err())
+            .count();
+        assert!(
+            refused >= 20,
+            "the cases must exercise the errors: {refused}"
+        );
+        for (what, batch) in &batches {
+            let decoded = decode_batch(batch).map(|d| d.sample_count());
+            assert_eq!(validate_batch(batch), decoded, "{what}");
+        }
+        assert_eq!(
+            validate_batch(&valid_batch()),
+            Ok(4 * 3 + 2 + (8 + 2) + (2 + 3)),
+            "12 cpu points, 2 counter points, a summary of 8 quantiles, a 2-bucket histogram"
+        );
+    }
+
+    #[test]
+    fn common_label_reads_the_wire_batch() {
+        let batch = valid_batch();
+        assert_eq!(common_label(&batch, "instance"), Some("a"));
+        assert_eq!(common_label(&batch, "cpu"), None);
     }
 }

@@ -1,7 +1,9 @@
 //! Relay efficiency: the aggregator and vmagent each take the same series from the same
 //! number of senders over TLS (gRPC streams for the aggregator, remote-write POSTs for
 //! vmagent) and forward them by remote write to one null endpoint. The figure is samples
-//! delivered per CPU-second of the relay process, from `/proc`.
+//! delivered per CPU-second of the relay process, from `/proc`. The aggregator runs twice per
+//! run: as configured by default (it also keeps every series' latest sample for `/metrics`)
+//! and relaying only (`exposition.enabled = false`), which is what vmagent does.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -44,37 +46,48 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = setup::pki(dir.path())?;
     let mut rows = Vec::new();
-    let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut relay_only, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ratios, mut relay_only_ratios) = (Vec::new(), Vec::new());
     for run in 0..s.runs {
         let run_dir = dir.path().join(format!("run-{run}"));
-        std::fs::create_dir_all(run_dir.join("queues"))?;
-        let picket = relay_through_aggregator(s, &run_dir, &pki, &sizes, total, run).await?;
+        let mut picket = Vec::new();
+        for (mode, exposition) in [("default", true), ("only", false)] {
+            let mode_dir = run_dir.join(mode);
+            std::fs::create_dir_all(mode_dir.join("queues"))?;
+            let profile = format!("relay-aggregator-{mode}-{run}");
+            picket.push(
+                relay_through_aggregator(s, &mode_dir, &pki, &sizes, total, &profile, exposition)
+                    .await?,
+            );
+        }
         let vm = relay_through_vmagent(&run_dir, &pki, &sizes, total).await?;
-        let (p, v) = (total as f64 / picket.cpu_s, total as f64 / vm.cpu_s);
+        let per_cpu_s = |cost: &Cost| total as f64 / cost.cpu_s;
+        let (p, o, v) = (per_cpu_s(&picket[0]), per_cpu_s(&picket[1]), per_cpu_s(&vm));
         ours.push(p);
+        relay_only.push(o);
         theirs.push(v);
         ratios.push(p / v);
-        rows.push(vec![
-            format!("{}", run + 1),
-            count(p),
-            format!("{:.2} s", picket.cpu_s),
-            mib(picket.peak_rss as f64),
-            count(v),
-            format!("{:.2} s", vm.cpu_s),
-            mib(vm.peak_rss as f64),
-            format!("{:.2}×", p / v),
-        ]);
+        relay_only_ratios.push(o / v);
+        let mut row = vec![format!("{}", run + 1)];
+        for (rate, cost) in [(p, &picket[0]), (o, &picket[1]), (v, &vm)] {
+            row.extend([
+                count(rate),
+                format!("{:.2} s", cost.cpu_s),
+                mib(cost.peak_rss as f64),
+            ]);
+        }
+        row.extend([format!("{:.2}×", p / v), format!("{:.2}×", o / v)]);
+        rows.push(row);
     }
-    rows.push(vec![
-        "**median**".into(),
-        count(median(&ours)),
-        String::new(),
-        String::new(),
-        count(median(&theirs)),
-        String::new(),
-        String::new(),
+    let mut median_row = vec!["**median**".to_owned()];
+    for rates in [&ours, &relay_only, &theirs] {
+        median_row.extend([count(median(rates)), String::new(), String::new()]);
+    }
+    median_row.extend([
         format!("**{}**", ratio(median(&ratios), 1.0)),
+        format!("**{}**", ratio(median(&relay_only_ratios), 1.0)),
     ]);
+    rows.push(median_row);
     s.report.table(
         &format!(
             "Relay: {} agents × {} Flink-like series × {} rounds = {} samples over TLS to one remote-write endpoint (goal ≥ 2×)",
@@ -88,10 +101,14 @@ pub async fn run(s: &mut Settings) -> Result<()> {
             "Picket samples/CPU-s",
             "Picket CPU",
             "Picket peak RSS",
+            "Picket relay-only samples/CPU-s",
+            "relay-only CPU",
+            "relay-only peak RSS",
             "vmagent samples/CPU-s",
             "vmagent CPU",
             "vmagent peak RSS",
             "ratio",
+            "relay-only ratio",
         ],
         &rows,
     );
@@ -119,16 +136,17 @@ async fn relay_through_aggregator(
     pki: &picket_tests::Pki,
     sizes: &Sizes,
     total: u64,
-    run: usize,
+    profile: &str,
+    exposition: bool,
 ) -> Result<Cost> {
     let receiver = NullReceiver::start().await?;
     let sink = format!(
-        "[[sinks]]\ntype = \"prometheus_remote_write\"\nname = \"relay\"\nurl = \"{}\"\n",
+        "[exposition]\nenabled = {exposition}\n\n[[sinks]]\ntype = \"prometheus_remote_write\"\nname = \"relay\"\nurl = \"{}\"\n",
         receiver.url()
     );
     let agg = setup::aggregator(dir, pki, &sink)?;
     let pid = agg.process.pid();
-    let profiler = setup::Profiler::attach(s, pid, &format!("relay-aggregator-{run}"))?;
+    let profiler = setup::Profiler::attach(s, pid, profile)?;
     let before = usage(pid)?;
     let load = loadgen::start(&LoadSpec {
         endpoint: format!("https://{}", agg.grpc),

@@ -18,7 +18,9 @@ use std::time::Duration;
 use hyper::header::{
     AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT,
 };
+use picket_core::codec::{DecodeError, decode_batch};
 use picket_core::model::Family;
+use picket_proto::v1;
 use serde::Deserialize;
 
 use super::driver::{BatchConfig, Delivered, Destination, Retry, RetryConfig};
@@ -302,6 +304,12 @@ impl Influx {
 }
 
 impl Destination for Influx {
+    type Record = Vec<Family>;
+
+    fn read(&self, batch: v1::Batch) -> Result<Vec<Family>, DecodeError> {
+        Ok(decode_batch(&batch)?.families)
+    }
+
     async fn send(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
         let mut lines = Vec::with_capacity(64 * 1024);
         let stats = line_protocol::encode(records.iter().flatten(), &self.mapping, &mut lines);

@@ -1,8 +1,10 @@
 //! Prometheus remote-write 1.0 request encoding.
 //!
-//! Turns a batch of Picket families into the body the remote-write sink POSTs: a protobuf
-//! `WriteRequest` compressed with snappy's block format, as the 1.0 spec requires
-//! (<https://prometheus.io/docs/specs/prw/remote_write_spec/>).
+//! Turns the batches in the sink's queue (`picket.v1.Batch`, as agents send them) into the
+//! body the remote-write sink POSTs: a protobuf `WriteRequest` compressed with snappy's block
+//! format, as the 1.0 spec requires (<https://prometheus.io/docs/specs/prw/remote_write_spec/>).
+//! It reads the batches' symbol tables directly instead of decoding them into families first:
+//! that decode built an owned label set per sample and was the relay's largest cost.
 //!
 //! Families expand the way the text exposition format (and so our own `/metrics`) does:
 //! summaries into one series per quantile plus `_sum` and `_count`, histograms into `_bucket`
@@ -18,8 +20,9 @@ use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use foldhash::fast::RandomState;
+use picket_core::codec::DecodeError;
 use picket_core::exposition::format_float;
-use picket_core::model::{Family, Labels, MetricType, Value};
+use picket_proto::v1;
 
 /// Remote-write body ready to POST: snappy *block* format (not framed) of a protobuf WriteRequest.
 #[derive(Clone, Debug)]
@@ -72,98 +75,73 @@ pub struct Sample {
     pub timestamp: i64,
 }
 
-/// Encodes `families` as one remote-write request.
+/// Encodes queued wire batches as one remote-write request, straight from their symbol
+/// tables: each series' label set is looked up from the batch's symbols and sorted in a
+/// reused buffer, so no owned label set is built per sample.
 ///
 /// Series appear in the order their first sample appears in the input, each with its samples
 /// in timestamp order (samples with equal timestamps keep their input order). Stale points
 /// become stale-marker samples ([`STALE_NAN_BITS`]).
 ///
+/// Batches must have passed [`check`] (the sink does that when it reads them from its queue):
+/// a symbol index out of range would be encoded as an empty string rather than refused here.
+///
 /// The whole request is built in memory: expect a few times the encoded size at peak. Callers
 /// must keep batches far below snappy's block limit (about 3.6 GiB of protobuf); a request
 /// over it cannot be encoded, is logged, and comes back as an empty body with `samples` and
 /// `series` 0.
-pub fn encode<'a>(families: impl IntoIterator<Item = &'a Family>) -> EncodedWrite {
-    let families: Vec<&Family> = families.into_iter().collect();
-    // Most batches hold one sample per series, so the sample count is a good first size for
+pub fn encode(batches: &[v1::Batch]) -> EncodedWrite {
+    // Most batches hold one sample per series, so the point count is a good first size for
     // the series table and saves rehashing while it grows.
-    let expected = families.iter().map(|f| f.sample_count()).sum();
+    let expected = batches
+        .iter()
+        .flat_map(|b| &b.families)
+        .flat_map(|f| &f.series)
+        .map(|s| s.points.len())
+        .sum();
     let mut table = SeriesTable::with_capacity(expected);
     let mut floats = FloatLabels::default();
     let mut name = String::new();
+    // Reused for every batch and series: the common labels, and one series' full label set.
+    let mut common: Vec<(&str, &str)> = Vec::new();
+    let mut labels: Vec<(&str, &str)> = Vec::new();
 
-    for family in families {
-        let base = family.name.as_str();
-        for point in &family.points {
-            let labels = &point.labels;
-            let ts = point.timestamp_ms;
-            match &point.value {
-                Value::Number(v) => table.push(base, labels, None, ts, data(*v)),
-                Value::Summary(s) => {
-                    for &(q, v) in &s.quantiles {
-                        let extra = Some(("quantile", floats.format(q)));
-                        table.push(base, labels, extra, ts, data(v));
-                    }
-                    let sum = with_suffix(&mut name, base, "_sum");
-                    table.push(sum, labels, None, ts, data(s.sum));
-                    let count = with_suffix(&mut name, base, "_count");
-                    table.push(count, labels, None, ts, s.count as f64);
-                }
-                Value::Histogram(h) => {
-                    let bucket = with_suffix(&mut name, base, "_bucket");
-                    let mut saw_inf = false;
-                    for &(le, count) in &h.buckets {
-                        saw_inf |= le == f64::INFINITY;
-                        let extra = Some(("le", floats.format(le)));
-                        table.push(bucket, labels, extra, ts, count as f64);
-                    }
-                    // Prometheus requires the +Inf bucket; it always equals the total count.
-                    if !saw_inf {
-                        let extra = Some(("le", floats.format(f64::INFINITY)));
-                        table.push(bucket, labels, extra, ts, h.count as f64);
-                    }
-                    let sum = with_suffix(&mut name, base, "_sum");
-                    table.push(sum, labels, None, ts, data(h.sum));
-                    let count = with_suffix(&mut name, base, "_count");
-                    table.push(count, labels, None, ts, h.count as f64);
-                }
-                Value::Stale => {
-                    let stale = f64::from_bits(STALE_NAN_BITS);
-                    match family.kind {
-                        // A stale point does not say which quantiles or buckets the series had,
-                        // so only `_sum` and `_count`, which every summary and histogram has,
-                        // get markers. The quantile and bucket series simply stop and drop out
-                        // of queries after the receiver's lookback window.
-                        MetricType::Summary | MetricType::Histogram => {
-                            let sum = with_suffix(&mut name, base, "_sum");
-                            table.push(sum, labels, None, ts, stale);
-                            let count = with_suffix(&mut name, base, "_count");
-                            table.push(count, labels, None, ts, stale);
-                        }
-                        MetricType::Untyped | MetricType::Gauge | MetricType::Counter => {
-                            table.push(base, labels, None, ts, stale);
-                        }
-                    }
+    for batch in batches {
+        let symbols = batch.symbols.as_slice();
+        common.clear();
+        common.extend(symbol_pairs(symbols, &batch.common_labels));
+        for family in &batch.families {
+            let base = symbol(symbols, family.name);
+            let has_parts = matches!(
+                v1::MetricType::try_from(family.r#type),
+                Ok(v1::MetricType::Summary | v1::MetricType::Histogram)
+            );
+            for series in &family.series {
+                labels.clear();
+                labels.extend_from_slice(&common);
+                labels.extend(symbol_pairs(symbols, &series.labels));
+                // Agents send a handful of labels per series, mostly in order already; the
+                // stable sort is an insertion sort at this size.
+                labels.sort_by(|a, b| a.0.cmp(b.0));
+                for point in &series.points {
+                    let Some(value) = &point.value else { continue };
+                    let mut emit = PointSink {
+                        table: &mut table,
+                        floats: &mut floats,
+                        name: &mut name,
+                        base,
+                        labels: &labels,
+                        timestamp: point.timestamp_ms,
+                    };
+                    emit.point(value, has_parts);
                 }
             }
         }
     }
 
-    let SeriesTable {
-        mut series,
-        arena,
-        samples,
-        ..
-    } = table;
-    for s in &mut series {
-        // Usually already in order (one sample, or points arriving in time order); the
-        // check is cheaper than sorting. `sort_by_key` is stable, so equal timestamps keep
-        // their input order.
-        if !s.samples.is_sorted_by_key(|sample| sample.timestamp) {
-            s.samples.sort_by_key(|sample| sample.timestamp);
-        }
-    }
-    let series_count = series.len();
-    let proto = write_request(&series, &arena, samples);
+    let series_count = table.series.len();
+    let samples = table.samples.len();
+    let proto = table.write_request();
 
     match snap::raw::Encoder::new().compress_vec(&proto) {
         Ok(body) => EncodedWrite {
@@ -182,6 +160,174 @@ pub fn encode<'a>(families: impl IntoIterator<Item = &'a Family>) -> EncodedWrit
                 series: 0,
             }
         }
+    }
+}
+
+/// The symbol at `index`; [`check`] has made sure it exists.
+fn symbol(symbols: &[String], index: u32) -> &str {
+    symbols.get(index as usize).map_or("", String::as_str)
+}
+
+/// Label (name, value) pairs from symbol index pairs.
+fn symbol_pairs<'b>(
+    symbols: &'b [String],
+    indices: &'b [u32],
+) -> impl Iterator<Item = (&'b str, &'b str)> + 'b {
+    indices
+        .chunks_exact(2)
+        .map(move |pair| (symbol(symbols, pair[0]), symbol(symbols, pair[1])))
+}
+
+/// Checks what [`encode`] relies on in a batch read back from the sink's queue: symbol
+/// indices in range, labels in pairs, a known type and a value of that type on every point.
+///
+/// The aggregator queues only batches that passed the full decode at ingest, so this fails
+/// only for a record damaged in a way its checksum missed or written by a broken build. It
+/// is deliberately cheaper than that decode (no label sets are built); label names, quantiles,
+/// buckets and timestamps were validated at ingest.
+pub fn check(batch: &v1::Batch) -> Result<(), DecodeError> {
+    let len = batch.symbols.len();
+    let in_range = |at: &dyn Fn() -> String, index: u32| {
+        if (index as usize) < len {
+            Ok(())
+        } else {
+            Err(DecodeError::SymbolOutOfRange {
+                at: at(),
+                index,
+                len,
+            })
+        }
+    };
+    let label_pairs = |at: &dyn Fn() -> String, indices: &[u32]| {
+        if !indices.len().is_multiple_of(2) {
+            return Err(DecodeError::OddLabelCount {
+                at: at(),
+                count: indices.len(),
+            });
+        }
+        indices.iter().try_for_each(|&index| in_range(at, index))
+    };
+    label_pairs(&|| "common labels".to_owned(), &batch.common_labels)?;
+    for (fi, family) in batch.families.iter().enumerate() {
+        let at = || format!("family #{fi}");
+        in_range(&at, family.name)?;
+        let kind =
+            v1::MetricType::try_from(family.r#type).map_err(|_| DecodeError::UnknownType {
+                at: at(),
+                value: family.r#type,
+            })?;
+        for (si, series) in family.series.iter().enumerate() {
+            let at = || format!("family #{fi} series #{si}");
+            label_pairs(&at, &series.labels)?;
+            for point in &series.points {
+                use v1::point::Value as W;
+                let fits = match (&point.value, kind) {
+                    (None, _) => return Err(DecodeError::MissingValue { at: at() }),
+                    (Some(W::Stale(_)), _) => true,
+                    (Some(W::Number(_)), k) => {
+                        !matches!(k, v1::MetricType::Summary | v1::MetricType::Histogram)
+                    }
+                    (Some(W::Summary(_)), k) => k == v1::MetricType::Summary,
+                    (Some(W::Histogram(_)), k) => k == v1::MetricType::Histogram,
+                };
+                if !fits {
+                    return Err(DecodeError::TypeMismatch {
+                        at: at(),
+                        kind: kind_name(kind),
+                        value: value_kind(point.value.as_ref()),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn kind_name(kind: v1::MetricType) -> &'static str {
+    match kind {
+        v1::MetricType::Unspecified => "untyped",
+        v1::MetricType::Gauge => "gauge",
+        v1::MetricType::Counter => "counter",
+        v1::MetricType::Summary => "summary",
+        v1::MetricType::Histogram => "histogram",
+    }
+}
+
+fn value_kind(value: Option<&v1::point::Value>) -> &'static str {
+    use v1::point::Value as W;
+    match value {
+        None => "no",
+        Some(W::Number(_)) => "number",
+        Some(W::Summary(_)) => "summary",
+        Some(W::Histogram(_)) => "histogram",
+        Some(W::Stale(_)) => "stale",
+    }
+}
+
+/// Where one point's samples go: the series table, with the family name, the series' sorted
+/// labels and the point's timestamp.
+struct PointSink<'t, 's> {
+    table: &'t mut SeriesTable,
+    floats: &'t mut FloatLabels,
+    name: &'t mut String,
+    base: &'s str,
+    labels: &'t [(&'s str, &'s str)],
+    timestamp: i64,
+}
+
+impl PointSink<'_, '_> {
+    /// Expands the point the way the text exposition format (and `/metrics`) does.
+    /// `has_parts`: the family is a summary or histogram, whose stale markers go to `_sum`
+    /// and `_count`.
+    fn point(&mut self, value: &v1::point::Value, has_parts: bool) {
+        use v1::point::Value as W;
+        let (labels, ts, base) = (self.labels, self.timestamp, self.base);
+        match value {
+            W::Number(v) => self.table.push(base, labels, None, ts, data(*v)),
+            W::Summary(s) => {
+                for q in &s.quantiles {
+                    let extra = Some(("quantile", self.floats.format(q.quantile)));
+                    self.table.push(base, labels, extra, ts, data(q.value));
+                }
+                self.parts(ts, data(s.sum), s.count as f64);
+            }
+            W::Histogram(h) => {
+                let bucket = with_suffix(self.name, base, "_bucket");
+                let mut saw_inf = false;
+                for b in &h.buckets {
+                    saw_inf |= b.upper_bound == f64::INFINITY;
+                    let extra = Some(("le", self.floats.format(b.upper_bound)));
+                    self.table
+                        .push(bucket, labels, extra, ts, b.cumulative_count as f64);
+                }
+                // Prometheus requires the +Inf bucket; it always equals the total count.
+                if !saw_inf {
+                    let extra = Some(("le", self.floats.format(f64::INFINITY)));
+                    self.table.push(bucket, labels, extra, ts, h.count as f64);
+                }
+                self.parts(ts, data(h.sum), h.count as f64);
+            }
+            W::Stale(_) => {
+                let stale = f64::from_bits(STALE_NAN_BITS);
+                if has_parts {
+                    // A stale point does not say which quantiles or buckets the series had,
+                    // so only `_sum` and `_count`, which every summary and histogram has, get
+                    // markers. The quantile and bucket series simply stop and drop out of
+                    // queries after the receiver's lookback window.
+                    self.parts(ts, stale, stale);
+                } else {
+                    self.table.push(base, labels, None, ts, stale);
+                }
+            }
+        }
+    }
+
+    /// The `_sum` and `_count` series of a summary or histogram.
+    fn parts(&mut self, ts: i64, sum: f64, count: f64) {
+        let sum_name = with_suffix(self.name, self.base, "_sum");
+        self.table.push(sum_name, self.labels, None, ts, sum);
+        let count_name = with_suffix(self.name, self.base, "_count");
+        self.table.push(count_name, self.labels, None, ts, count);
     }
 }
 
@@ -216,13 +362,14 @@ impl FloatLabels {
     }
 }
 
-/// The labels of one series, borrowed from the input: `__name__`, the point's labels and the
+/// The labels of one series, borrowed from the input: `__name__`, the series' labels and the
 /// optional `le`/`quantile` label. A sample finds its series through this view, so owned
 /// label strings are only built once per new series.
 #[derive(Clone, Copy)]
 struct SeriesLabels<'s> {
     name: &'s str,
-    labels: &'s Labels,
+    /// Sorted by name (byte order).
+    labels: &'s [(&'s str, &'s str)],
     extra: Option<(&'static str, &'s str)>,
 }
 
@@ -254,7 +401,7 @@ impl<'s> SeriesLabels<'s> {
             }
         };
         let mut next = 0;
-        for (name, value) in self.labels.iter() {
+        for &(name, value) in self.labels {
             while let Some(&(n, v)) = added.get(next).filter(|(n, _)| *n < name) {
                 emit(n, v);
                 next += 1;
@@ -315,42 +462,32 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// Bytes of one `Sample` message: value (fixed64) and timestamp (varint), both always sent.
-fn sample_len(sample: &Sample) -> usize {
+fn sample_len(sample: &TableSample) -> usize {
     1 + 8 + 1 + varint_len(sample.timestamp as u64)
 }
 
-/// The `WriteRequest` protobuf, written straight from the table: labels were encoded once
-/// per series into `arena`, so no `Label` strings are allocated per series.
-fn write_request(series: &[SeriesEntry], arena: &[u8], samples: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(arena.len() + samples * 24 + series.len() * 6);
-    for s in series {
-        let samples_len: usize = s.samples.iter().map(|x| field_len(sample_len(x))).sum();
-        out.push(0x0a); // WriteRequest.timeseries (1)
-        put_varint(&mut out, (s.labels.len() + samples_len) as u64);
-        out.extend_from_slice(&arena[s.labels.clone()]);
-        for sample in &s.samples {
-            out.push(0x12); // TimeSeries.samples (2)
-            put_varint(&mut out, sample_len(sample) as u64);
-            out.push(0x09); // Sample.value (1), fixed64
-            out.extend_from_slice(&sample.value.to_le_bytes());
-            out.push(0x10); // Sample.timestamp (2), varint
-            put_varint(&mut out, sample.timestamp as u64);
-        }
-    }
-    out
+/// One sample as the table keeps it until the request is written.
+#[derive(Clone, Copy)]
+struct TableSample {
+    value: f64,
+    /// Milliseconds since the Unix epoch.
+    timestamp: i64,
 }
 
-/// One series of the request: its labels (encoded, a range of the table's arena) and samples.
+/// One series of the request: its labels (encoded, a range of the table's arena) and how
+/// many samples it has.
 struct SeriesEntry {
     labels: std::ops::Range<usize>,
-    samples: Vec<Sample>,
+    samples: usize,
 }
 
 /// The series of one request, in order of first appearance, found by a hash of their labels.
 ///
 /// Keying a map on owned label sets would cost a `Vec<Label>` per sample just to look it up;
 /// instead the map holds a 64-bit (randomly keyed, so not steerable by label values) hash of
-/// the label set and every hit is verified against the stored labels.
+/// the label set and every hit is verified against the stored labels. Samples go into one
+/// list in arrival order and are grouped by series only when the request is written, so a
+/// series costs no allocation of its own.
 struct SeriesTable {
     series: Vec<SeriesEntry>,
     /// Every series' labels, encoded once as protobuf `Label` fields.
@@ -363,7 +500,8 @@ struct SeriesTable {
     /// for a chain.
     collisions: Vec<Option<usize>>,
     keys: RandomState,
-    samples: usize,
+    /// Every sample with the index of its series, in arrival order.
+    samples: Vec<(usize, TableSample)>,
 }
 
 impl SeriesTable {
@@ -375,14 +513,14 @@ impl SeriesTable {
             by_hash: HashMap::with_capacity_and_hasher(capacity, Default::default()),
             collisions: Vec::with_capacity(capacity),
             keys: RandomState::default(),
-            samples: 0,
+            samples: Vec::with_capacity(capacity),
         }
     }
 
     fn push(
         &mut self,
         name: &str,
-        labels: &Labels,
+        labels: &[(&str, &str)],
         extra: Option<(&'static str, &str)>,
         timestamp: i64,
         value: f64,
@@ -392,8 +530,7 @@ impl SeriesTable {
             labels,
             extra,
         };
-        let sample = Sample { value, timestamp };
-        self.samples += 1;
+        let sample = TableSample { value, timestamp };
         let index = self.series.len();
         let previous = match self.by_hash.entry(key.hash_with(&self.keys)) {
             Entry::Vacant(slot) => {
@@ -406,7 +543,8 @@ impl SeriesTable {
                 let mut candidate = Some(*slot.get());
                 while let Some(i) = candidate {
                     if self.arena[self.series[i].labels.clone()] == self.scratch[..] {
-                        self.series[i].samples.push(sample);
+                        self.series[i].samples += 1;
+                        self.samples.push((i, sample));
                         return;
                     }
                     candidate = self.collisions[i];
@@ -419,8 +557,57 @@ impl SeriesTable {
         key.encode_into(&mut self.arena);
         self.series.push(SeriesEntry {
             labels: start..self.arena.len(),
-            samples: vec![sample],
+            samples: 1,
         });
+        self.samples.push((index, sample));
+    }
+
+    /// The `WriteRequest` protobuf, written straight from the table: labels were encoded
+    /// once per series into the arena, so no `Label` strings are allocated per series.
+    fn write_request(self) -> Vec<u8> {
+        // Group the samples by series (a counting sort, so each series keeps arrival order),
+        // then put each series in timestamp order.
+        let mut next = Vec::with_capacity(self.series.len());
+        let mut offset = 0;
+        for s in &self.series {
+            next.push(offset);
+            offset += s.samples;
+        }
+        let starts = next.clone();
+        let unset = TableSample {
+            value: 0.0,
+            timestamp: 0,
+        };
+        let mut grouped = vec![unset; self.samples.len()];
+        for &(series, sample) in &self.samples {
+            grouped[next[series]] = sample;
+            next[series] += 1;
+        }
+
+        let mut out =
+            Vec::with_capacity(self.arena.len() + self.samples.len() * 24 + self.series.len() * 6);
+        for (s, start) in self.series.iter().zip(starts) {
+            let samples = &mut grouped[start..start + s.samples];
+            // Usually already in order (one sample, or points arriving in time order); the
+            // check is cheaper than sorting. `sort_by_key` is stable, so equal timestamps
+            // keep their input order.
+            if !samples.is_sorted_by_key(|sample| sample.timestamp) {
+                samples.sort_by_key(|sample| sample.timestamp);
+            }
+            let samples_len: usize = samples.iter().map(|x| field_len(sample_len(x))).sum();
+            out.push(0x0a); // WriteRequest.timeseries (1)
+            put_varint(&mut out, (s.labels.len() + samples_len) as u64);
+            out.extend_from_slice(&self.arena[s.labels.clone()]);
+            for sample in samples.iter() {
+                out.push(0x12); // TimeSeries.samples (2)
+                put_varint(&mut out, sample_len(sample) as u64);
+                out.push(0x09); // Sample.value (1), fixed64
+                out.extend_from_slice(&sample.value.to_le_bytes());
+                out.push(0x10); // Sample.timestamp (2), varint
+                put_varint(&mut out, sample.timestamp as u64);
+            }
+        }
+        out
     }
 }
 
@@ -450,8 +637,22 @@ impl Hasher for Prehashed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use picket_core::model::{Histogram, Point, Summary};
+    use picket_core::codec::{BatchEncoder, decode_batch};
+    use picket_core::model::{Family, Histogram, Labels, MetricType, Point, Summary, Value};
     use prost::Message;
+
+    /// Encodes families the way they reach the sink: each as an agent's wire batch.
+    fn encode_families<'a>(families: impl IntoIterator<Item = &'a Family>) -> EncodedWrite {
+        let batches: Vec<v1::Batch> = families
+            .into_iter()
+            .map(|family| {
+                let mut encoder = BatchEncoder::new(&Labels::new());
+                encoder.push(family);
+                encoder.finish(0)
+            })
+            .collect();
+        encode(&batches)
+    }
 
     fn decode(write: &EncodedWrite) -> WriteRequest {
         let proto = snap::raw::Decoder::new()
@@ -515,7 +716,7 @@ mod tests {
         // Label.name = 1, .value = 2, Sample.value = 1 (double), .timestamp = 2 (int64).
         let mut g = Family::new("m", MetricType::Gauge, "");
         g.push(Labels::from_pairs([("a", "b")]), 2, 1.0);
-        let write = encode([&g]);
+        let write = encode_families([&g]);
         let proto = snap::raw::Decoder::new()
             .decompress_vec(&write.body)
             .unwrap();
@@ -545,7 +746,7 @@ mod tests {
         ]);
         let mut g = Family::new("up", MetricType::Gauge, "");
         g.push(labels, 1, 1.0);
-        let request = decode(&encode([&g]));
+        let request = decode(&encode_families([&g]));
         let got = labels_of(&request.timeseries[0]);
         assert_eq!(
             got,
@@ -573,7 +774,7 @@ mod tests {
             2.0,
         );
         g.push(Labels::from_pairs([("b", "")]), 3, 3.0);
-        let write = encode([&g]);
+        let write = encode_families([&g]);
         let request = decode(&write);
         assert_eq!((write.series, write.samples), (2, 3));
         assert_eq!(
@@ -597,7 +798,7 @@ mod tests {
             MetricType::Summary,
             vec![point(labels, 5, Value::Summary(s))],
         );
-        let write = encode([&f]);
+        let write = encode_families([&f]);
         let request = decode(&write);
         assert_eq!((write.series, write.samples), (5, 5));
         let q = |v: &'static str| {
@@ -652,7 +853,7 @@ mod tests {
                 point(Labels::new(), 2, Value::Histogram(with_inf)),
             ],
         );
-        let write = encode([&f]);
+        let write = encode_families([&f]);
         let request = decode(&write);
         let got = series_of(&request);
         let bucket = |le| vec![("__name__", "req_bucket"), ("a", "1"), ("le", le)];
@@ -694,7 +895,7 @@ mod tests {
                 vec![point(l(), 7, Value::Number(f64::from_bits(STALE_NAN_BITS)))],
             ),
         ];
-        let write = encode(&fams);
+        let write = encode_families(&fams);
         let request = decode(&write);
         let names: Vec<&str> = request
             .timeseries
@@ -747,7 +948,7 @@ mod tests {
         );
         let mut sum = Family::new("x_sum", MetricType::Gauge, "");
         sum.push(a1(), 5, 5.0);
-        let write = encode([&first, &second, &summary, &sum]);
+        let write = encode_families([&first, &second, &summary, &sum]);
         let request = decode(&write);
         assert_eq!((write.series, write.samples), (4, 7));
         let got = series_of(&request);
@@ -778,7 +979,7 @@ mod tests {
             1,
             1.0,
         );
-        let request = decode(&encode([&g]));
+        let request = decode(&encode_families([&g]));
         assert_eq!(
             labels_of(&request.timeseries[0]),
             vec![("__name__", "m"), ("empty_ok", " "), ("path", odd)]
@@ -804,7 +1005,7 @@ mod tests {
                 f
             })
             .collect();
-        let write = encode(&fams);
+        let write = encode_families(&fams);
         assert_eq!(write.samples, SERIES * ROUNDS as usize);
         assert_eq!(write.series, SERIES);
         let request = decode(&write);
@@ -816,11 +1017,179 @@ mod tests {
         }
     }
 
+    /// A batch as an agent builds it: `symbols[0]` empty, labels as symbol index pairs.
+    fn wire(symbols: &[&str], common: &[u32], families: Vec<v1::Family>) -> v1::Batch {
+        v1::Batch {
+            sequence: 1,
+            symbols: symbols.iter().map(|s| (*s).to_owned()).collect(),
+            common_labels: common.to_vec(),
+            families,
+        }
+    }
+
+    fn gauge_family(name: u32, labels: &[u32], value: Option<v1::point::Value>) -> v1::Family {
+        v1::Family {
+            name,
+            r#type: v1::MetricType::Gauge as i32,
+            help: 0,
+            series: vec![v1::Series {
+                labels: labels.to_vec(),
+                points: vec![v1::Point {
+                    timestamp_ms: 5,
+                    value,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn common_labels_merge_into_every_series_in_byte_order() {
+        let symbols = ["", "m", "zone", "z", "AB", "x", "b", "1", "Zeta", "2"];
+        let number = Some(v1::point::Value::Number(1.0));
+        // Neither the common labels nor the series' own are in order.
+        let batch = wire(
+            &symbols,
+            &[2, 3, 4, 5],
+            vec![gauge_family(1, &[6, 7, 8, 9], number)],
+        );
+        check(&batch).expect("well-formed batch");
+        let request = decode(&encode(&[batch]));
+        assert_eq!(
+            labels_of(&request.timeseries[0]),
+            vec![
+                ("AB", "x"),
+                ("Zeta", "2"),
+                ("__name__", "m"),
+                ("b", "1"),
+                ("zone", "z"),
+            ]
+        );
+    }
+
+    /// One series with owned labels: its labels and its `(timestamp, value)` samples.
+    type Owned = (Vec<(String, String)>, Vec<(i64, f64)>);
+
+    #[test]
+    fn series_match_what_the_full_decode_gives() {
+        // Flink-like batches from one agent, two rounds, with the agent's common labels:
+        // every encoded series must be exactly `__name__` plus the decoded point's labels.
+        let common = Labels::from_pairs([("instance", "tm-1"), ("region", "eu")]);
+        let round = |ts: i64| {
+            let mut encoder = BatchEncoder::new(&common);
+            for (name, kind) in [
+                (
+                    "flink_taskmanager_job_task_numRecordsIn",
+                    MetricType::Counter,
+                ),
+                (
+                    "flink_taskmanager_job_task_buffers_inPoolUsage",
+                    MetricType::Gauge,
+                ),
+            ] {
+                let mut family = Family::new(name, kind, "help text");
+                for subtask in 0..4 {
+                    let labels = Labels::from_pairs([
+                        ("task_name", "Source: Kafka -> Map".to_owned()),
+                        ("job_name", "orders".to_owned()),
+                        ("subtask_index", subtask.to_string()),
+                        ("Zone", "a".to_owned()),
+                    ]);
+                    family.push(labels, ts, subtask as f64 + ts as f64);
+                }
+                encoder.push(&family);
+            }
+            encoder.finish(ts as u64)
+        };
+        let batches = [round(1_000), round(2_000)];
+        let mut expected: Vec<Owned> = Vec::new();
+        for batch in &batches {
+            check(batch).expect("the agent's own encoding passes the check");
+            for family in decode_batch(batch).expect("decodes").families {
+                for point in family.points {
+                    let mut labels: Vec<(String, String)> = point
+                        .labels
+                        .iter()
+                        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                        .collect();
+                    labels.push(("__name__".to_owned(), family.name.clone()));
+                    labels.sort();
+                    let Value::Number(v) = point.value else {
+                        panic!("only numbers in this batch")
+                    };
+                    match expected.iter_mut().find(|(l, _)| *l == labels) {
+                        Some((_, samples)) => samples.push((point.timestamp_ms, v)),
+                        None => expected.push((labels, vec![(point.timestamp_ms, v)])),
+                    }
+                }
+            }
+        }
+        let write = encode(&batches);
+        let request = decode(&write);
+        let got: Vec<Owned> = request
+            .timeseries
+            .iter()
+            .map(|s| {
+                let labels = labels_of(s)
+                    .into_iter()
+                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                    .collect();
+                (labels, samples_of(s))
+            })
+            .collect();
+        assert_eq!(got, expected);
+        assert_eq!((write.series, write.samples), (8, 16));
+    }
+
+    #[test]
+    fn check_refuses_what_the_encoder_cannot_read() {
+        use v1::point::Value as W;
+        let number = || Some(W::Number(1.0));
+        let symbols = ["", "m", "a", "b"];
+        let error = |batch: v1::Batch| check(&batch).unwrap_err().to_string();
+
+        assert!(
+            check(&wire(
+                &symbols,
+                &[2, 3],
+                vec![gauge_family(1, &[], number())]
+            ))
+            .is_ok()
+        );
+        let out_of_range = error(wire(
+            &symbols,
+            &[],
+            vec![gauge_family(1, &[2, 9], number())],
+        ));
+        assert!(
+            out_of_range.contains("symbol index 9 is out of range"),
+            "{out_of_range}"
+        );
+        let bad_name = error(wire(&symbols, &[], vec![gauge_family(4, &[], number())]));
+        assert!(bad_name.contains("family #0"), "{bad_name}");
+        let odd = error(wire(&symbols, &[2], vec![gauge_family(1, &[], number())]));
+        assert!(
+            odd.contains("common labels") && odd.contains("odd"),
+            "{odd}"
+        );
+        let missing = error(wire(&symbols, &[], vec![gauge_family(1, &[], None)]));
+        assert!(missing.contains("no value"), "{missing}");
+        let mut unknown = gauge_family(1, &[], number());
+        unknown.r#type = 99;
+        let unknown = error(wire(&symbols, &[], vec![unknown]));
+        assert!(unknown.contains("unknown metric type 99"), "{unknown}");
+        let summary = Some(W::Summary(v1::Summary::default()));
+        let mismatch = error(wire(&symbols, &[], vec![gauge_family(1, &[], summary)]));
+        assert!(
+            mismatch.contains("gauge family carries a summary"),
+            "{mismatch}"
+        );
+    }
+
     #[test]
     fn empty_input_is_an_empty_request() {
         for write in [
-            encode(std::iter::empty()),
-            encode([&Family::new("m", MetricType::Gauge, "")]),
+            encode_families(std::iter::empty()),
+            encode_families([&Family::new("m", MetricType::Gauge, "")]),
         ] {
             assert_eq!((write.samples, write.series), (0, 0));
             assert_eq!(write.body, EMPTY_BODY);

@@ -13,7 +13,8 @@ pub mod encode;
 use std::time::Duration;
 
 use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
-use picket_core::model::Family;
+use picket_core::codec::DecodeError;
+use picket_proto::v1;
 use serde::Deserialize;
 
 use super::driver::{BatchConfig, Delivered, Destination, Retry, RetryConfig};
@@ -115,8 +116,8 @@ impl RemoteWrite {
         })
     }
 
-    async fn send_part(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
-        let encoded = encode::encode(records.iter().flatten());
+    async fn send_part(&self, records: &[v1::Batch]) -> Result<Delivered, Retry> {
+        let encoded = encode::encode(records);
         if encoded.samples == 0 {
             return Ok(Delivered::default());
         }
@@ -155,7 +156,14 @@ impl RemoteWrite {
 }
 
 impl Destination for RemoteWrite {
-    async fn send(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
+    type Record = v1::Batch;
+
+    fn read(&self, batch: v1::Batch) -> Result<v1::Batch, DecodeError> {
+        encode::check(&batch)?;
+        Ok(batch)
+    }
+
+    async fn send(&self, records: &[v1::Batch]) -> Result<Delivered, Retry> {
         self.send_part(records).await
     }
 }
@@ -164,7 +172,8 @@ impl Destination for RemoteWrite {
 mod tests {
     use super::*;
     use crate::sinks::mock::MockServer;
-    use picket_core::model::{Labels, MetricType};
+    use picket_core::codec::BatchEncoder;
+    use picket_core::model::{Family, Labels, MetricType};
     use prost::Message;
 
     fn config(url: String) -> RemoteWriteConfig {
@@ -174,10 +183,12 @@ mod tests {
         picket_core::config::parse("s.toml", &text).unwrap()
     }
 
-    fn record(instance: &str, ts: i64) -> Vec<Family> {
+    fn record(instance: &str, ts: i64) -> v1::Batch {
         let mut f = Family::new("m", MetricType::Gauge, "");
         f.push(Labels::from_pairs([("instance", instance)]), ts, 1.0);
-        vec![f]
+        let mut encoder = BatchEncoder::new(&Labels::new());
+        encoder.push(&f);
+        encoder.finish(0)
     }
 
     fn sink(server: &MockServer) -> (RemoteWrite, Arc<SinkMetrics>) {
