@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use picket_core::codec::{common_label, decode_batch, validate_batch};
-use picket_proto::v1::{self, agent_message, ingest_server::Ingest};
+use picket_proto::v1::{self, ingest_server::Ingest, received_agent_message as received};
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,7 +46,7 @@ impl Ingest for IngestService {
 
     async fn stream(
         &self,
-        request: Request<Streaming<v1::AgentMessage>>,
+        request: Request<Streaming<v1::ReceivedAgentMessage>>,
     ) -> Result<Response<AckStream>, Status> {
         let cert_identity = match request.peer_certs() {
             Some(certs) => match certs.first().and_then(|c| common_name(c.as_ref())) {
@@ -94,7 +95,7 @@ struct StreamSession {
 type AckSender = mpsc::Sender<Result<v1::Ack, Status>>;
 
 impl StreamSession {
-    async fn run(self, mut inbound: Streaming<v1::AgentMessage>, tx: AckSender) {
+    async fn run(self, mut inbound: Streaming<v1::ReceivedAgentMessage>, tx: AckSender) {
         let hello = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
             Err(_) => {
                 self.refuse(
@@ -114,8 +115,8 @@ impl StreamSession {
                 return;
             }
             Ok(Ok(None)) => return,
-            Ok(Ok(Some(v1::AgentMessage {
-                kind: Some(agent_message::Kind::Hello(hello)),
+            Ok(Ok(Some(v1::ReceivedAgentMessage {
+                kind: Some(received::Kind::Hello(hello)),
             }))) => hello,
             Ok(Ok(Some(_))) => {
                 self.refuse(
@@ -189,7 +190,7 @@ impl StreamSession {
         &self,
         agent: &str,
         session: u64,
-        inbound: &mut Streaming<v1::AgentMessage>,
+        inbound: &mut Streaming<v1::ReceivedAgentMessage>,
         tx: &AckSender,
     ) -> Result<(), Status> {
         let mut last_sequence = 0u64;
@@ -210,15 +211,23 @@ impl StreamSession {
                     return Err(status);
                 }
             };
-            let batch = match message.kind {
-                Some(agent_message::Kind::Batch(b)) => b,
-                Some(agent_message::Kind::Hello(_)) => {
+            let wire = match message.kind {
+                Some(received::Kind::Batch(b)) => b,
+                Some(received::Kind::Hello(_)) => {
                     return Err(Status::failed_precondition(
                         "Hello sent twice on one stream",
                     ));
                 }
                 None => return Err(Status::invalid_argument("empty AgentMessage")),
             };
+            // The batch arrives encoded (so it can be queued as sent). Bytes that are not a
+            // Batch at all have no sequence to reject under: like any undecodable message,
+            // they end the stream.
+            let batch = v1::Batch::decode(wire.as_ref()).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "AgentMessage.batch is not a valid picket.v1.Batch: {e}"
+                ))
+            })?;
             let sequence = batch.sequence;
             if sequence <= last_sequence {
                 return Err(Status::invalid_argument(format!(
@@ -228,7 +237,8 @@ impl StreamSession {
             last_sequence = sequence;
             // Dedup lookups, decoding and journal writes block (locks, disk): keep them off
             // the async workers so a slow disk cannot stall other agents or keepalives.
-            let outcome = tokio::task::block_in_place(|| self.accept(agent, session, batch))?;
+            let outcome =
+                tokio::task::block_in_place(|| self.accept(agent, session, &batch, &wire))?;
             let ack = v1::Ack {
                 sequence,
                 outcome: Some(outcome),
@@ -248,12 +258,14 @@ impl StreamSession {
         }
     }
 
-    /// Validates and delivers one batch; the returned outcome is what the agent is told.
+    /// Validates and delivers one batch (`wire` is its encoding as received); the returned
+    /// outcome is what the agent is told.
     fn accept(
         &self,
         agent: &str,
         session: u64,
-        batch: v1::Batch,
+        batch: &v1::Batch,
+        wire: &[u8],
     ) -> Result<v1::ack::Outcome, Status> {
         let sequence = batch.sequence;
         let duplicate = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: true });
@@ -279,22 +291,22 @@ impl StreamSession {
         // routing rules), the batch is only validated and queued as received: decoding it
         // into label sets was most of the aggregator's cost per relayed sample.
         if !self.sinks.needs_families() {
-            let samples = match validate_batch(&batch) {
+            let samples = match validate_batch(batch) {
                 Ok(samples) => samples,
                 Err(e) => return rejected(e),
             };
             let relabel =
-                self.cert_identity.is_some() && common_label(&batch, "instance") != Some(agent);
+                self.cert_identity.is_some() && common_label(batch, "instance") != Some(agent);
             if !relabel {
                 self.sinks
-                    .deliver_wire(agent, session, sequence, &batch, samples)
+                    .deliver_wire(agent, session, sequence, wire, samples)
                     .map_err(cannot_store)?;
                 self.registry.accepted(agent, session, sequence, samples);
                 return Ok(accepted);
             }
             // The series need the certificate's name: decoded below like any batch.
         }
-        let mut decoded = match decode_batch(&batch) {
+        let mut decoded = match decode_batch(batch) {
             Ok(d) => d,
             Err(e) => return rejected(e),
         };
@@ -314,7 +326,7 @@ impl StreamSession {
                 session,
                 sequence,
                 &decoded.families,
-                (!relabelled).then_some(&batch),
+                (!relabelled).then_some(wire),
             )
             .map_err(cannot_store)?;
         self.registry.accepted(agent, session, sequence, samples);

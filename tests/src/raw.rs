@@ -12,8 +12,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-pub struct RawStream {
-    pub tx: mpsc::Sender<v1::AgentMessage>,
+/// One Ingest stream: `M` is what the test sends, an `AgentMessage` or, to send bytes no
+/// agent would, a `ReceivedAgentMessage` (the same wire form, with a batch as raw bytes).
+pub struct RawStream<M = v1::AgentMessage> {
+    pub tx: mpsc::Sender<M>,
     pub acks: Streaming<v1::Ack>,
 }
 
@@ -64,6 +66,33 @@ pub async fn open(
     })
 }
 
+/// Opens a stream that sends [`v1::ReceivedAgentMessage`]s, starting with `hello`: a batch
+/// is whatever bytes the test puts in it.
+pub async fn open_bytes(
+    channel: tonic::transport::Channel,
+    hello: v1::Hello,
+) -> Result<RawStream<v1::ReceivedAgentMessage>, tonic::Status> {
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(v1::ReceivedAgentMessage {
+        kind: Some(v1::received_agent_message::Kind::Hello(hello)),
+    })
+    .await
+    .map_err(|_| tonic::Status::internal("channel closed"))?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<v1::ReceivedAgentMessage, v1::Ack>::default();
+    let path = http::uri::PathAndQuery::from_static("/picket.v1.Ingest/Stream");
+    let response = grpc
+        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
+        .await?;
+    Ok(RawStream {
+        tx,
+        acks: response.into_inner(),
+    })
+}
+
 pub fn hello(instance: &str, session_id: u64) -> v1::Hello {
     v1::Hello {
         protocol_revision: picket_proto::PROTOCOL_REVISION,
@@ -104,7 +133,9 @@ impl RawStream {
             })
             .await;
     }
+}
 
+impl<M> RawStream<M> {
     /// The next ack, or the status that ended the stream.
     pub async fn next(&mut self) -> Result<v1::Ack, tonic::Status> {
         match tokio::time::timeout(Duration::from_secs(15), self.acks.message()).await {

@@ -153,6 +153,24 @@ async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("does not increase"), "{status}");
 
+    // A batch whose bytes are not a picket.v1.Batch (field 1 with the wrong wire type).
+    let channel = raw::channel(&http(agg.grpc), None).await.expect("connect");
+    let mut s = raw::open_bytes(channel, raw::hello("junk", 1))
+        .await
+        .unwrap();
+    let junk = v1::ReceivedAgentMessage {
+        kind: Some(v1::received_agent_message::Kind::Batch(
+            bytes::Bytes::from_static(b"\x0a\x01\x01"),
+        )),
+    };
+    s.tx.send(junk).await.unwrap();
+    let status = s.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    assert!(
+        status.message().contains("not a valid picket.v1.Batch"),
+        "{status}"
+    );
+
     // The good agent never noticed.
     good.send_batch(raw::batch(2, "good", "g", 1, now + 1))
         .await;

@@ -20,13 +20,11 @@ pub mod routing;
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Labels, now_ms};
-use picket_proto::v1;
 use prost::Message;
 
 use crate::config::{NetworkSettings, SinkConfig};
@@ -131,16 +129,17 @@ impl Sinks {
     /// Hands a batch to every sink; `Ok` means all of them have it. Blocking (file I/O): call
     /// it from a blocking context.
     ///
-    /// `wire` is the batch as the agent sent it, when `families` is exactly its decoding: a
-    /// sink without routing rules then queues those bytes as they are instead of encoding
-    /// the families again (the queue holds `picket.v1.Batch` records either way).
+    /// `wire` is the encoded `picket.v1.Batch` as the agent sent it, when `families` is
+    /// exactly its decoding: a sink without routing rules then queues those bytes as they
+    /// are instead of encoding the families again (the queue holds `picket.v1.Batch`
+    /// records either way).
     pub fn deliver(
         &self,
         agent: &str,
         session: u64,
         sequence: u64,
         families: &[Family],
-        wire: Option<&v1::Batch>,
+        wire: Option<&[u8]>,
     ) -> Result<(), SinkError> {
         self.deliver_content(
             agent,
@@ -150,15 +149,16 @@ impl Sinks {
         )
     }
 
-    /// Like [`Sinks::deliver`] for a batch that was only validated (`samples` is its sample
-    /// count): network sinks queue it as received. Only for when [`Sinks::needs_families`]
+    /// Like [`Sinks::deliver`] for a batch that was only validated: `batch` is the encoded
+    /// `picket.v1.Batch` as received and `samples` its sample count. Network sinks queue
+    /// those bytes as they are. Only for when [`Sinks::needs_families`]
     /// is false; the latest store is skipped.
     pub fn deliver_wire(
         &self,
         agent: &str,
         session: u64,
         sequence: u64,
-        batch: &v1::Batch,
+        batch: &[u8],
         samples: usize,
     ) -> Result<(), SinkError> {
         if !self.files.is_empty() || self.network.iter().any(|s| !s.routing.is_identity()) {
@@ -176,16 +176,10 @@ impl Sinks {
         sequence: u64,
         content: Content<'_>,
     ) -> Result<(), SinkError> {
-        let mut encoded = Vec::with_capacity(self.network.len());
-        let mut as_sent: Option<Rc<Vec<u8>>> = None;
-        let mut queue_as_sent = |wire: &v1::Batch, samples: usize| {
-            let payload = (samples > 0).then(|| {
-                as_sent
-                    .get_or_insert_with(|| Rc::new(wire.encode_to_vec()))
-                    .clone()
-            });
-            (payload, samples)
-        };
+        let mut encoded: Vec<(Option<Cow<'_, [u8]>>, usize)> =
+            Vec::with_capacity(self.network.len());
+        let queue_as_sent =
+            |wire, samples: usize| ((samples > 0).then_some(Cow::Borrowed(wire)), samples);
         for sink in &self.network {
             let (payload, samples) = match content {
                 Content::Wire { batch, samples } => queue_as_sent(batch, samples),
@@ -203,7 +197,7 @@ impl Sinks {
                             }
                             let samples = encoder.sample_count();
                             let payload = (!encoder.is_empty())
-                                .then(|| Rc::new(encoder.finish(0).encode_to_vec()));
+                                .then(|| Cow::Owned(encoder.finish(0).encode_to_vec()));
                             (payload, samples)
                         }
                     }
@@ -269,12 +263,11 @@ impl Sinks {
 enum Content<'a> {
     Decoded {
         families: &'a [Family],
-        wire: Option<&'a v1::Batch>,
+        /// The encoded batch as received, when `families` is exactly its decoding.
+        wire: Option<&'a [u8]>,
     },
-    Wire {
-        batch: &'a v1::Batch,
-        samples: usize,
-    },
+    /// An encoded batch as received, validated but not decoded.
+    Wire { batch: &'a [u8], samples: usize },
 }
 
 /// Opens a network sink's queue, builds its destination and starts its driver.
@@ -432,7 +425,7 @@ mod tests {
         family.push(Labels::from_pairs([("instance", "pi")]), 1000, 1.0);
         let mut encoder = BatchEncoder::new(&Labels::new());
         encoder.push(&family);
-        let batch = encoder.finish(1);
+        let batch = encoder.finish(1).encode_to_vec();
         relay.deliver_wire("pi", 1, 1, &batch, 1).unwrap();
         assert_eq!(relay.network[0].queue.depth().samples, 1);
         assert_eq!(relay.latest.series_count(), 0);
