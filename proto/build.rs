@@ -5,8 +5,8 @@
 //!
 //! The server side of `Ingest` is generated separately, from a description in this file:
 //! the aggregator reads each `AgentMessage` as a `ReceivedAgentMessage` (defined in
-//! `src/lib.rs`), which keeps a batch as the bytes the agent sent. The method's name, route
-//! and streaming shape are the ones `ingest.proto` declares, so agents cannot tell.
+//! `src/received.rs`), which keeps a batch as the bytes the agent sent. The method's name,
+//! route and streaming shape are the ones `ingest.proto` declares, so agents cannot tell.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "picket/v1/ingest.proto";

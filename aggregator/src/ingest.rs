@@ -212,7 +212,7 @@ impl StreamSession {
                 }
             };
             let wire = match message.kind {
-                Some(received::Kind::Batch(b)) => b,
+                Some(received::Kind::Batch(b)) => b.into_bytes(),
                 Some(received::Kind::Hello(_)) => {
                     return Err(Status::failed_precondition(
                         "Hello sent twice on one stream",

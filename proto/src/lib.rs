@@ -11,29 +11,10 @@ pub mod v1 {
     // The server side of `Ingest`, reading `ReceivedAgentMessage` (see build.rs).
     include!(concat!(env!("OUT_DIR"), "/picket.v1.Ingest.rs"));
 
-    /// An `AgentMessage` as the aggregator reads it: the same fields under the same numbers,
-    /// but a batch stays the bytes the agent sent. The aggregator checks those bytes and
-    /// queues them for its sinks as they are; decoding into [`Batch`] and encoding again
-    /// only to queue it cost as much as all the checking.
-    #[derive(Clone, PartialEq, ::prost::Message)]
-    pub struct ReceivedAgentMessage {
-        #[prost(oneof = "received_agent_message::Kind", tags = "1, 2")]
-        pub kind: ::core::option::Option<received_agent_message::Kind>,
-    }
-
-    /// The cases of [`ReceivedAgentMessage`].
-    pub mod received_agent_message {
-        #[derive(Clone, PartialEq, ::prost::Oneof)]
-        pub enum Kind {
-            /// `AgentMessage.hello`.
-            #[prost(message, tag = "1")]
-            Hello(super::Hello),
-            /// `AgentMessage.batch`: an encoded [`super::Batch`], not yet decoded.
-            #[prost(bytes = "bytes", tag = "2")]
-            Batch(::bytes::Bytes),
-        }
-    }
+    pub use crate::received::{ReceivedAgentMessage, ReceivedBatch, received_agent_message};
 }
+
+mod received;
 
 /// The protocol revision this build speaks, sent in `Hello.protocol_revision`.
 pub const PROTOCOL_REVISION: u32 = 1;
@@ -79,8 +60,9 @@ mod tests {
         };
         match received.kind {
             Some(received_agent_message::Kind::Batch(bytes)) => {
+                let bytes = bytes.into_bytes();
                 assert_eq!(bytes.as_ref(), batch.encode_to_vec().as_slice());
-                assert_eq!(v1::Batch::decode(bytes).ok(), Some(batch));
+                assert_eq!(v1::Batch::decode(bytes).ok(), Some(batch.clone()));
             }
             other => panic!("a batch read as {other:?}"),
         }
@@ -99,7 +81,81 @@ mod tests {
         let received = v1::ReceivedAgentMessage::decode(sent.as_slice()).ok();
         assert_eq!(
             received.and_then(|m| m.kind),
-            Some(received_agent_message::Kind::Hello(hello))
+            Some(received_agent_message::Kind::Hello(hello.clone()))
+        );
+
+        // One message carrying the batch field twice (a batch split in two at a field
+        // boundary, then a hello and a batch again): read as `AgentMessage` reads it.
+        let mut head = batch.clone();
+        let tail_families = std::mem::take(&mut head.families);
+        let tail = v1::Batch {
+            families: tail_families,
+            ..Default::default()
+        };
+        let mut split = Vec::new();
+        for part in [head, tail] {
+            split.extend(
+                v1::AgentMessage {
+                    kind: Some(agent_message::Kind::Batch(part)),
+                }
+                .encode_to_vec(),
+            );
+        }
+        let as_agent_message = v1::AgentMessage::decode(split.as_slice()).ok();
+        assert_eq!(
+            as_agent_message.and_then(|m| m.kind),
+            Some(agent_message::Kind::Batch(batch.clone()))
+        );
+        let received = v1::ReceivedAgentMessage::decode(split.as_slice()).ok();
+        match received.and_then(|m| m.kind) {
+            Some(received_agent_message::Kind::Batch(bytes)) => {
+                assert_eq!(
+                    v1::Batch::decode(bytes.into_bytes()).ok(),
+                    Some(batch.clone())
+                );
+            }
+            other => panic!("a split batch read as {other:?}"),
+        }
+        // Split inside a field: neither part is a batch, so neither reading accepts it.
+        let whole = batch.encode_to_vec();
+        let (left, right) = whole.split_at(whole.len() / 2);
+        let mut torn = Vec::new();
+        for part in [left, right] {
+            torn.push(0x12); // AgentMessage.batch (2), length-delimited
+            torn.push(u8::try_from(part.len()).unwrap());
+            torn.extend_from_slice(part);
+        }
+        assert!(v1::AgentMessage::decode(torn.as_slice()).is_err());
+        assert!(v1::ReceivedAgentMessage::decode(torn.as_slice()).is_err());
+        let mut hello_then_batch = v1::AgentMessage {
+            kind: Some(agent_message::Kind::Hello(hello.clone())),
+        }
+        .encode_to_vec();
+        hello_then_batch.extend(
+            v1::AgentMessage {
+                kind: Some(agent_message::Kind::Batch(batch.clone())),
+            }
+            .encode_to_vec(),
+        );
+        let received = v1::ReceivedAgentMessage::decode(hello_then_batch.as_slice()).ok();
+        assert_eq!(
+            received.and_then(|m| m.kind),
+            Some(received_agent_message::Kind::Batch(
+                bytes::Bytes::from(batch.encode_to_vec()).into()
+            ))
+        );
+        // And what the aggregator's reading encodes, an AgentMessage reads back.
+        let round = v1::ReceivedAgentMessage {
+            kind: Some(received_agent_message::Kind::Batch(
+                bytes::Bytes::from(batch.encode_to_vec()).into(),
+            )),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            v1::AgentMessage::decode(round.as_slice())
+                .ok()
+                .and_then(|m| m.kind),
+            Some(agent_message::Kind::Batch(batch))
         );
 
         let empty = v1::AgentMessage { kind: None }.encode_to_vec();

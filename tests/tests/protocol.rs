@@ -160,7 +160,7 @@ async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
         .unwrap();
     let junk = v1::ReceivedAgentMessage {
         kind: Some(v1::received_agent_message::Kind::Batch(
-            bytes::Bytes::from_static(b"\x0a\x01\x01"),
+            bytes::Bytes::from_static(b"\x0a\x01\x01").into(),
         )),
     };
     s.tx.send(junk).await.unwrap();
