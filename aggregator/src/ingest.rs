@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use picket_core::codec::{common_label, decode_batch, validate_batch};
 use picket_proto::v1::{self, ingest_server::Ingest, received_agent_message as received};
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -223,7 +222,7 @@ impl StreamSession {
             // The batch arrives encoded (so it can be queued as sent). Bytes that are not a
             // Batch at all have no sequence to reject under: like any undecodable message,
             // they end the stream.
-            let batch = v1::Batch::decode(wire.as_ref()).map_err(|e| {
+            let batch = v1::decode_received_batch(&wire).map_err(|e| {
                 Status::invalid_argument(format!(
                     "AgentMessage.batch is not a valid picket.v1.Batch: {e}"
                 ))

@@ -11,7 +11,10 @@ pub mod v1 {
     // The server side of `Ingest`, reading `ReceivedAgentMessage` (see build.rs).
     include!(concat!(env!("OUT_DIR"), "/picket.v1.Ingest.rs"));
 
-    pub use crate::received::{ReceivedAgentMessage, ReceivedBatch, received_agent_message};
+    pub use crate::received::{
+        ReceivedAgentMessage, ReceivedBatch, decode_batch as decode_received_batch,
+        received_agent_message,
+    };
 }
 
 mod received;
@@ -158,12 +161,52 @@ mod tests {
             Some(agent_message::Kind::Batch(batch))
         );
 
+        // A broken batch that a hello then replaces: the schema's reading has decoded it
+        // and failed, so the aggregator's must fail too.
+        let replaced = [0x12, 0x01, 0x07, 0x0a, 0x00];
+        assert!(v1::AgentMessage::decode(replaced.as_slice()).is_err());
+        assert!(v1::ReceivedAgentMessage::decode(replaced.as_slice()).is_err());
+
         let empty = v1::AgentMessage { kind: None }.encode_to_vec();
         assert_eq!(
             v1::ReceivedAgentMessage::decode(empty.as_slice())
                 .ok()
                 .map(|m| m.kind),
             Some(None)
+        );
+    }
+
+    /// prost limits how deeply it decodes (unknown groups included); a batch is one level
+    /// down in its message, and the aggregator's reading must spend that level too.
+    #[test]
+    fn the_received_reading_has_the_same_nesting_limit() {
+        let message = |groups: usize| {
+            let mut batch = vec![0x08, 0x01]; // sequence 1
+            batch.extend(std::iter::repeat_n(0x7b, groups)); // field 15, start group
+            batch.extend(std::iter::repeat_n(0x7c, groups)); // field 15, end group
+            let mut message = vec![0x12];
+            prost::encoding::encode_varint(batch.len() as u64, &mut message);
+            message.extend(batch);
+            message
+        };
+        let mut outcomes = Vec::new();
+        for groups in 95..=101 {
+            let bytes = message(groups);
+            let schema = v1::AgentMessage::decode(bytes.as_slice()).is_ok();
+            let received = match v1::ReceivedAgentMessage::decode(bytes.as_slice()) {
+                Ok(v1::ReceivedAgentMessage {
+                    kind: Some(received_agent_message::Kind::Batch(batch)),
+                }) => v1::decode_received_batch(&batch.into_bytes()).is_ok(),
+                Ok(other) => panic!("{groups} groups read as {other:?}"),
+                Err(_) => false,
+            };
+            assert_eq!(received, schema, "{groups} nested groups");
+            outcomes.push(schema);
+        }
+        // The range straddles the limit.
+        assert!(
+            outcomes.contains(&true) && outcomes.contains(&false),
+            "{outcomes:?}"
         );
     }
 }

@@ -61,6 +61,25 @@ impl ReceivedBatch {
     }
 }
 
+/// Decodes a batch's bytes as `AgentMessage` decodes its `batch` field: as a nested
+/// message, which spends one level of prost's recursion budget (a batch nesting unknown
+/// groups one level too deep is refused by both). `ctx` is the context of the message
+/// holding the batch.
+fn decode_nested(bytes: &[u8], ctx: DecodeContext) -> Result<Batch, DecodeError> {
+    let mut length = Vec::with_capacity(10);
+    prost::encoding::encode_varint(bytes.len() as u64, &mut length);
+    let mut nested = length.as_slice().chain(bytes);
+    let mut batch = Batch::default();
+    prost::encoding::message::merge(WireType::LengthDelimited, &mut batch, &mut nested, ctx)?;
+    Ok(batch)
+}
+
+/// Decodes the bytes of [`ReceivedBatch::into_bytes`] exactly as `AgentMessage` would
+/// have decoded the batch.
+pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
+    decode_nested(bytes, DecodeContext::default())
+}
+
 impl From<Bytes> for ReceivedBatch {
     fn from(bytes: Bytes) -> Self {
         ReceivedBatch { parts: vec![bytes] }
@@ -103,7 +122,7 @@ impl Message for ReceivedAgentMessage {
                     if let Some(Kind::Batch(batch)) = other
                         && let [only] = batch.parts.as_slice()
                     {
-                        Batch::decode(only.as_ref())?;
+                        decode_nested(only, ctx.clone())?;
                     }
                     let mut hello = Hello::default();
                     prost::encoding::message::merge(wire_type, &mut hello, buf, ctx)?;
@@ -113,16 +132,16 @@ impl Message for ReceivedAgentMessage {
             },
             BATCH_TAG => {
                 let mut part = Bytes::new();
-                prost::encoding::bytes::merge(wire_type, &mut part, buf, ctx)?;
+                prost::encoding::bytes::merge(wire_type, &mut part, buf, ctx.clone())?;
                 match &mut self.kind {
                     // A lone part is checked when the aggregator decodes it; once there are
                     // two, each must be a whole `Batch` by itself, as `AgentMessage`'s
                     // reading decodes them one by one.
                     Some(Kind::Batch(batch)) => {
                         if let [first] = batch.parts.as_slice() {
-                            Batch::decode(first.as_ref())?;
+                            decode_nested(first, ctx.clone())?;
                         }
-                        Batch::decode(part.as_ref())?;
+                        decode_nested(&part, ctx)?;
                         batch.parts.push(part);
                     }
                     _ => self.kind = Some(Kind::Batch(ReceivedBatch::from(part))),
