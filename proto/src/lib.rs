@@ -12,8 +12,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/picket.v1.Ingest.rs"));
 
     pub use crate::received::{
-        ReceivedAgentMessage, ReceivedBatch, decode_batch as decode_received_batch,
-        received_agent_message,
+        ReceivedAgentMessage, ReceivedBatch, decode_received_batch, received_agent_message,
     };
 }
 

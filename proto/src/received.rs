@@ -66,9 +66,12 @@ impl ReceivedBatch {
 /// groups one level too deep is refused by both). `ctx` is the context of the message
 /// holding the batch.
 fn decode_nested(bytes: &[u8], ctx: DecodeContext) -> Result<Batch, DecodeError> {
-    let mut length = Vec::with_capacity(10);
-    prost::encoding::encode_varint(bytes.len() as u64, &mut length);
-    let mut nested = length.as_slice().chain(bytes);
+    // The length prefix a nested field has, written on the stack: this runs for every batch.
+    let length = bytes.len() as u64;
+    let mut prefix = [0u8; 10];
+    prost::encoding::encode_varint(length, &mut &mut prefix[..]);
+    let used = prost::encoding::encoded_len_varint(length);
+    let mut nested = prefix[..used].chain(bytes);
     let mut batch = Batch::default();
     prost::encoding::message::merge(WireType::LengthDelimited, &mut batch, &mut nested, ctx)?;
     Ok(batch)
@@ -76,7 +79,7 @@ fn decode_nested(bytes: &[u8], ctx: DecodeContext) -> Result<Batch, DecodeError>
 
 /// Decodes the bytes of [`ReceivedBatch::into_bytes`] exactly as `AgentMessage` would
 /// have decoded the batch.
-pub fn decode_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
+pub fn decode_received_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
     decode_nested(bytes, DecodeContext::default())
 }
 
