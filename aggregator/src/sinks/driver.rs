@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::metrics::{SinkMetrics, outcome};
-use super::queue::{Position, Queue, Record};
+use super::queue::{Position, Queue, Reader, Record, RecordHeader};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -113,10 +113,182 @@ pub struct Driver<D> {
     pub batch: BatchConfig,
     pub retry: RetryConfig,
     pub concurrency: usize,
+    pub read_ahead: ReadAhead,
 }
 
-/// Bytes of records read ahead of delivery, per worker.
-const READ_AHEAD_BYTES: usize = 32 * 1024 * 1024;
+/// How far the dispatcher reads ahead of delivery. Two bounds, because memory and order
+/// are different limits: a worker that is retrying must neither hold much memory nor stop
+/// the other workers before the ordering window is used up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReadAhead {
+    /// Bytes of records read into memory and not yet delivered, per worker. A worker at
+    /// this bound gets its next records later, re-read from the queue.
+    pub memory_bytes: usize,
+    /// Bytes of records read and not yet committed, per worker. The queue commits in
+    /// order, so this is how much later data the other workers may deliver while the
+    /// oldest record is still being retried (and how much a restart may resend).
+    pub window_bytes: usize,
+    /// The same window in records, so that tiny records cannot pile up bookkeeping.
+    pub window_records: usize,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead {
+            // A full request (10,000 samples) is a few hundred KiB of records: this keeps
+            // the next requests ready while one is in flight.
+            memory_bytes: 4 * 1024 * 1024,
+            window_bytes: 32 * 1024 * 1024,
+            window_records: 65_536,
+        }
+    }
+}
+
+/// Where a record read from the queue is, between the reader and the commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Passed over because its worker was at its memory bound: only the header is kept.
+    Parked,
+    /// In its worker's hands (its channel or a request).
+    Sent,
+    /// Delivered (or counted as dropped); waits for the records before it.
+    Done,
+}
+
+struct InFlight {
+    header: RecordHeader,
+    lane: usize,
+    stage: Stage,
+}
+
+/// One worker as the dispatcher sees it.
+struct Lane {
+    tx: mpsc::UnboundedSender<(u64, Record)>,
+    /// Payload bytes sent to the worker and not yet delivered.
+    undelivered: usize,
+    /// Records passed over for this worker, oldest first, by id.
+    parked: VecDeque<u64>,
+}
+
+/// The dispatcher's books: records from the oldest uncommitted one to the newest read.
+struct Window<'q> {
+    name: String,
+    metrics: Arc<SinkMetrics>,
+    limits: ReadAhead,
+    reader: Reader<'q>,
+    lanes: Vec<Lane>,
+    records: VecDeque<InFlight>,
+    /// Id of `records[0]`.
+    first_id: u64,
+    bytes: usize,
+}
+
+impl Window<'_> {
+    fn concurrency(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Whether another record may be read: the window has room, and some worker could take
+    /// it now (otherwise reading would only park it).
+    fn may_read(&self) -> bool {
+        self.bytes < self.limits.window_bytes * self.concurrency()
+            && self.records.len() < self.limits.window_records * self.concurrency()
+            && self
+                .lanes
+                .iter()
+                .any(|l| l.parked.is_empty() && l.undelivered < self.limits.memory_bytes)
+    }
+
+    /// Takes a header just read: sends the record to its worker, or parks it.
+    fn admit(&mut self, header: RecordHeader) -> Result<(), Stopped> {
+        let id = self.first_id + self.records.len() as u64;
+        let lane = (header.shard_key % self.concurrency() as u64) as usize;
+        self.bytes += header.len as usize;
+        self.records.push_back(InFlight {
+            header,
+            lane,
+            stage: Stage::Parked,
+        });
+        self.lanes[lane].parked.push_back(id);
+        self.refill(lane)
+    }
+
+    /// Sends a worker its parked records, oldest first, while it is under its memory bound.
+    fn refill(&mut self, lane: usize) -> Result<(), Stopped> {
+        while self.lanes[lane].undelivered < self.limits.memory_bytes {
+            let Some(&id) = self.lanes[lane].parked.front() else {
+                break;
+            };
+            self.lanes[lane].parked.pop_front();
+            let index = (id - self.first_id) as usize;
+            let header = self.records[index].header;
+            match self.reader.payload(&header) {
+                Ok(payload) => {
+                    self.records[index].stage = Stage::Sent;
+                    self.lanes[lane].undelivered += payload.len();
+                    self.metrics.read_ahead(payload.len() as i64);
+                    let record = Record {
+                        end: header.end,
+                        samples: header.samples,
+                        shard_key: header.shard_key,
+                        payload,
+                    };
+                    if self.lanes[lane].tx.send((id, record)).is_err() {
+                        tracing::error!(sink = %self.name, "a sink worker stopped; the sink stops");
+                        return Err(Stopped);
+                    }
+                }
+                Err(e) => {
+                    // The record's segment is kept until it is committed, so this is the
+                    // disk failing: count the record as lost rather than stall its worker.
+                    tracing::error!(sink = %self.name, error = %e, "cannot read a record back from the sink queue; skipped");
+                    self.metrics
+                        .samples(outcome::DROPPED_CORRUPT, u64::from(header.samples));
+                    self.records[index].stage = Stage::Done;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks records delivered, refills their workers, and returns what can be committed
+    /// now (in order).
+    fn finish(&mut self, ids: Vec<u64>) -> Result<Vec<(Position, u32)>, Stopped> {
+        let mut lanes = Vec::new();
+        for id in ids {
+            let Some(entry) = id
+                .checked_sub(self.first_id)
+                .and_then(|i| self.records.get_mut(i as usize))
+            else {
+                continue;
+            };
+            if entry.stage == Stage::Sent {
+                let bytes = entry.header.len as usize;
+                self.lanes[entry.lane].undelivered -= bytes;
+                self.metrics.read_ahead(-(bytes as i64));
+                lanes.push(entry.lane);
+            }
+            entry.stage = Stage::Done;
+        }
+        lanes.sort_unstable();
+        lanes.dedup();
+        for lane in lanes {
+            self.refill(lane)?;
+        }
+        let mut committed = Vec::new();
+        while self.records.front().is_some_and(|r| r.stage == Stage::Done) {
+            if let Some(done) = self.records.pop_front() {
+                self.first_id += 1;
+                self.bytes -= done.header.len as usize;
+                committed.push((done.header.end, done.header.samples));
+            }
+        }
+        Ok(committed)
+    }
+}
+
+/// A worker's channel closed: the sink cannot go on.
+struct Stopped;
 
 impl<D: Destination> Driver<D> {
     /// Runs until the process ends. Nothing needs flushing on shutdown: the queue holds
@@ -124,10 +296,14 @@ impl<D: Destination> Driver<D> {
     pub async fn run(self) {
         let concurrency = self.concurrency.max(1);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<u64>>();
-        let mut workers = Vec::with_capacity(concurrency);
+        let mut lanes = Vec::with_capacity(concurrency);
         for _ in 0..concurrency {
             let (tx, rx) = mpsc::unbounded_channel::<(u64, Record)>();
-            workers.push(tx);
+            lanes.push(Lane {
+                tx,
+                undelivered: 0,
+                parked: VecDeque::new(),
+            });
             let worker = Worker {
                 name: self.name.clone(),
                 metrics: self.metrics.clone(),
@@ -148,55 +324,39 @@ impl<D: Destination> Driver<D> {
             }
         });
 
-        // Records handed to workers, oldest first: (id, end, samples, bytes, done).
-        let mut in_flight: VecDeque<(u64, Position, u32, usize, bool)> = VecDeque::new();
-        let mut in_flight_bytes = 0usize;
-        let mut next_id = 0u64;
-        let read_ahead = READ_AHEAD_BYTES * concurrency;
         let queue = self.queue.clone();
-        let mut reader = queue.reader();
+        let mut window = Window {
+            name: self.name.clone(),
+            metrics: self.metrics.clone(),
+            limits: self.read_ahead,
+            reader: queue.reader(),
+            lanes,
+            records: VecDeque::new(),
+            first_id: 0,
+            bytes: 0,
+        };
         loop {
+            let may_read = window.may_read();
             tokio::select! {
-                // The read itself is synchronous file I/O. Records are read moments after
-                // they were appended, so they come from the page cache; a read that does
-                // reach a slow disk holds up this sink's dispatcher alone.
-                record = reader.next(), if in_flight_bytes < read_ahead => {
-                    let record = match record {
-                        Ok(r) => r,
+                // The reads themselves are synchronous file I/O. Records are read moments
+                // after they were appended, so they come from the page cache; a read that
+                // does reach a slow disk holds up this sink's dispatcher alone.
+                header = window.reader.next_header(), if may_read => {
+                    let header = match header {
+                        Ok(h) => h,
                         Err(e) => {
                             tracing::error!(sink = %self.name, error = %e, "cannot read the sink queue; retrying in 1s");
                             tokio::time::sleep(Duration::from_secs(1)).await;
                             continue;
                         }
                     };
-                    let id = next_id;
-                    next_id += 1;
-                    let bytes = record.payload.len();
-                    in_flight_bytes += bytes;
-                    in_flight.push_back((id, record.end, record.samples, bytes, false));
-                    let worker = (record.shard_key % concurrency as u64) as usize;
-                    if workers[worker].send((id, record)).is_err() {
-                        tracing::error!(sink = %self.name, "a sink worker stopped; the sink stops");
+                    if window.admit(header).is_err() {
                         break;
                     }
                 }
                 done = done_rx.recv() => {
                     let Some(done) = done else { break };
-                    for id in done {
-                        if let Some(first) = in_flight.front().map(|r| r.0) {
-                            let index = id.wrapping_sub(first) as usize;
-                            if let Some(entry) = in_flight.get_mut(index) {
-                                entry.4 = true;
-                            }
-                        }
-                    }
-                    let mut committed = Vec::new();
-                    while in_flight.front().is_some_and(|r| r.4) {
-                        if let Some((_, end, samples, bytes, _)) = in_flight.pop_front() {
-                            in_flight_bytes -= bytes;
-                            committed.push((end, samples));
-                        }
-                    }
+                    let Ok(committed) = window.finish(done) else { break };
                     if !committed.is_empty() {
                         let queue = queue.clone();
                         let name = self.name.clone();
@@ -388,6 +548,7 @@ mod tests {
             batch,
             retry: RetryConfig::default(),
             concurrency,
+            read_ahead: ReadAhead::default(),
         };
         let task = tokio::spawn(driver.run());
         let drained = tokio::time::timeout(Duration::from_secs(20), async {
@@ -433,6 +594,278 @@ mod tests {
         // Nothing is resent after a restart: the cursor is committed.
         let reopened = Queue::open(dir.path(), QueueConfig::default()).unwrap();
         assert_eq!(reopened.depth().samples, 0);
+    }
+
+    /// Refuses every request carrying agent "a" until released; records what it delivers.
+    struct AgentAStuck {
+        released: std::sync::atomic::AtomicBool,
+        got: Mutex<Vec<(String, i64)>>,
+    }
+
+    impl AgentAStuck {
+        fn delivered(&self, agent: &str) -> Vec<i64> {
+            let got = self.got.lock().unwrap();
+            got.iter()
+                .filter(|(a, _)| a == agent)
+                .map(|(_, ts)| *ts)
+                .collect()
+        }
+    }
+
+    impl Destination for AgentAStuck {
+        type Record = Vec<Family>;
+
+        fn read(&self, batch: v1::Batch) -> Result<Vec<Family>, DecodeError> {
+            Ok(decode_batch(&batch)?.families)
+        }
+
+        async fn send(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
+            let points = || records.iter().flatten().flat_map(|f| &f.points);
+            let released = self.released.load(std::sync::atomic::Ordering::SeqCst);
+            if !released && points().any(|p| p.labels.get("instance") == Some("a")) {
+                return Err(Retry {
+                    reason: "503".into(),
+                    detail: String::new(),
+                    after: Some(Duration::from_millis(5)),
+                });
+            }
+            let mut got = self.got.lock().unwrap();
+            for p in points() {
+                let agent = p.labels.get("instance").unwrap_or_default().to_owned();
+                got.push((agent, p.timestamp_ms));
+            }
+            Ok(Delivered {
+                sent: points().count() as u64,
+                dropped: Vec::new(),
+            })
+        }
+    }
+
+    /// Waits (at most 20 s) until `done` holds.
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let reached = tokio::time::timeout(Duration::from_secs(20), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(reached.is_ok(), "timed out waiting until {what}");
+    }
+
+    #[tokio::test]
+    async fn a_retrying_lane_neither_stalls_the_others_nor_holds_more_than_its_memory_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(Queue::open(dir.path(), QueueConfig::default()).unwrap());
+        let mut largest = 0;
+        for ts in 1..=200 {
+            // Agent "a" (odd timestamps) goes through lane 1, "b" through lane 0.
+            let agent = if ts % 2 == 1 { "a" } else { "b" };
+            let payload = payload(agent, ts);
+            largest = largest.max(payload.len());
+            queue.append(&payload, 1, ts as u64 % 2).unwrap();
+        }
+        let memory_bytes = 4 * largest;
+        let metrics = Arc::new(SinkMetrics::new("t", "test"));
+        let destination = Arc::new(AgentAStuck {
+            released: false.into(),
+            got: Mutex::new(Vec::new()),
+        });
+        let driver = Driver {
+            name: "t".into(),
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            destination: destination.clone(),
+            batch: BatchConfig {
+                max_samples: 2,
+                max_delay: Duration::ZERO,
+            },
+            retry: RetryConfig::default(),
+            concurrency: 2,
+            read_ahead: ReadAhead {
+                memory_bytes,
+                ..ReadAhead::default()
+            },
+        };
+        let task = tokio::spawn(driver.run());
+
+        // Lane 0 delivers all of "b" while "a", the oldest record, keeps failing.
+        until("agent b is delivered", || {
+            destination.delivered("b").len() == 100
+        })
+        .await;
+        assert_eq!(destination.delivered("a"), Vec::<i64>::new());
+        let held = metrics.read_ahead_bytes();
+        assert!(
+            held > 0 && held as usize <= memory_bytes + largest,
+            "the stuck lane holds {held} bytes; its bound is {memory_bytes} plus one record"
+        );
+        // Nothing is committed past the stuck record.
+        assert_eq!(queue.depth().samples, 200);
+
+        // Released, "a" catches up in order from records read again from the queue.
+        destination
+            .released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        until("the queue is drained", || queue.depth().samples == 0).await;
+        task.abort();
+        let a: Vec<i64> = (1..=200).filter(|ts| ts % 2 == 1).collect();
+        let b: Vec<i64> = (1..=200).filter(|ts| ts % 2 == 0).collect();
+        assert_eq!(destination.delivered("a"), a);
+        assert_eq!(destination.delivered("b"), b);
+        assert_eq!(metrics.sample_count(outcome::SENT), 200);
+        assert_eq!(metrics.read_ahead_bytes(), 0);
+    }
+
+    /// A dispatcher's books over `queue` with `lanes` workers whose channels the test holds.
+    fn window(
+        queue: &Queue,
+        lanes: usize,
+        limits: ReadAhead,
+    ) -> (Window<'_>, Vec<mpsc::UnboundedReceiver<(u64, Record)>>) {
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in 0..lanes {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(Lane {
+                tx,
+                undelivered: 0,
+                parked: VecDeque::new(),
+            });
+            receivers.push(rx);
+        }
+        let window = Window {
+            name: "t".into(),
+            metrics: Arc::new(SinkMetrics::new("t", "test")),
+            limits,
+            reader: queue.reader(),
+            lanes: senders,
+            records: VecDeque::new(),
+            first_id: 0,
+            bytes: 0,
+        };
+        (window, receivers)
+    }
+
+    /// Reads while the window lets it; returns the records read.
+    fn read_all(window: &mut Window<'_>) -> usize {
+        let mut read = 0;
+        while window.may_read() {
+            let Some(header) = window.reader.try_next_header().unwrap() else {
+                break;
+            };
+            assert!(window.admit(header).is_ok());
+            read += 1;
+        }
+        read
+    }
+
+    /// Twenty 10-byte records alternating between lane 0 ("a0", "a2", …) and lane 1.
+    fn alternating_queue(dir: &std::path::Path) -> Queue {
+        let queue = Queue::open(dir, QueueConfig::default()).unwrap();
+        for i in 0..20u64 {
+            let lane = if i % 2 == 0 { 'a' } else { 'b' };
+            queue
+                .append(format!("{lane}{i:09}").as_bytes(), 1, i % 2)
+                .unwrap();
+        }
+        queue
+    }
+
+    fn payloads(rx: &mut mpsc::UnboundedReceiver<(u64, Record)>) -> Vec<(u64, String)> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|(id, r)| (id, String::from_utf8(r.payload).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn a_lane_at_its_memory_bound_gets_later_records_from_the_queue_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = alternating_queue(dir.path());
+        let limits = ReadAhead {
+            memory_bytes: 20,
+            ..ReadAhead::default()
+        };
+        let (mut window, mut rx) = window(&queue, 2, limits);
+        // Lane 1 delivers everything it gets; lane 0 delivers nothing.
+        let mut lane_1 = Vec::new();
+        loop {
+            let read = read_all(&mut window);
+            let got = payloads(&mut rx[1]);
+            if read == 0 && got.is_empty() {
+                break;
+            }
+            let ids = got.iter().map(|(id, _)| *id).collect();
+            lane_1.extend(got.into_iter().map(|(_, p)| p));
+            assert_eq!(
+                window.finish(ids).ok(),
+                Some(Vec::new()),
+                "lane 0 holds the cursor"
+            );
+        }
+        let expected_1: Vec<String> = (1..20).step_by(2).map(|i| format!("b{i:09}")).collect();
+        assert_eq!(lane_1, expected_1, "lane 1 is not held up by lane 0");
+        // Lane 0 holds two records in memory (20 bytes); its other eight are parked.
+        let lane_0 = payloads(&mut rx[0]);
+        assert_eq!(
+            lane_0.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
+            ["a000000000", "a000000002"]
+        );
+        assert_eq!(window.metrics.read_ahead_bytes(), 20);
+        assert_eq!(window.lanes[0].parked.len(), 8);
+
+        // Lane 0 delivers its two: the next two come back from the queue, and the cursor
+        // moves past the first four records.
+        let committed = window
+            .finish(lane_0.iter().map(|(id, _)| *id).collect())
+            .ok()
+            .unwrap();
+        assert_eq!(committed.len(), 4);
+        assert_eq!(committed[3].0.offset, 4 * 30, "four 30-byte records");
+        let next: Vec<String> = payloads(&mut rx[0]).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(next, ["a000000004", "a000000006"]);
+        assert_eq!(window.metrics.read_ahead_bytes(), 20);
+    }
+
+    #[test]
+    fn the_ordering_window_bounds_what_waits_behind_an_undelivered_record() {
+        // Three records per lane, counted in records or in (10-byte) payloads.
+        let by_records = ReadAhead {
+            window_records: 3,
+            ..ReadAhead::default()
+        };
+        let by_bytes = ReadAhead {
+            window_bytes: 30,
+            ..ReadAhead::default()
+        };
+        for limits in [by_records, by_bytes] {
+            window_bounds_what_waits_behind_an_undelivered_record(limits);
+        }
+    }
+
+    fn window_bounds_what_waits_behind_an_undelivered_record(limits: ReadAhead) {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = alternating_queue(dir.path());
+        let (mut window, mut rx) = window(&queue, 2, limits);
+        let mut delivered_1 = 0;
+        loop {
+            let read = read_all(&mut window);
+            let ids: Vec<u64> = payloads(&mut rx[1]).into_iter().map(|(id, _)| id).collect();
+            if read == 0 && ids.is_empty() {
+                break;
+            }
+            delivered_1 += ids.len();
+            assert_eq!(window.finish(ids).ok(), Some(Vec::new()));
+        }
+        // Six records (three per lane) are read; lane 1 delivered its three and waits.
+        assert_eq!(window.records.len(), 6);
+        assert_eq!(delivered_1, 3);
+        assert!(!window.may_read());
+        let lane_0: Vec<u64> = payloads(&mut rx[0]).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(lane_0, [0, 2, 4]);
+        // The first record delivered: two records commit, two more may be read.
+        let committed = window.finish(vec![0]).ok().unwrap();
+        assert_eq!(committed.len(), 2);
+        assert_eq!(read_all(&mut window), 2);
     }
 
     #[tokio::test]

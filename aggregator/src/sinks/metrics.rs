@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use picket_core::model::{Family, Histogram, Labels, MetricType, Point, Value};
@@ -27,6 +28,8 @@ pub struct SinkMetrics {
     sink: String,
     kind: &'static str,
     counts: Mutex<Counts>,
+    /// Bytes of queued records read into memory and not yet delivered.
+    read_ahead_bytes: AtomicI64,
 }
 
 /// Outcomes of `picket_sink_samples_total`.
@@ -55,6 +58,7 @@ impl SinkMetrics {
             sink: sink.to_owned(),
             kind,
             counts: Mutex::new(Counts::default()),
+            read_ahead_bytes: AtomicI64::new(0),
         }
     }
 
@@ -70,6 +74,15 @@ impl SinkMetrics {
 
     pub fn sample_count(&self, outcome: &str) -> u64 {
         self.lock().samples.get(outcome).copied().unwrap_or(0)
+    }
+
+    /// Records read from the queue into memory (positive) or delivered (negative).
+    pub fn read_ahead(&self, bytes: i64) {
+        self.read_ahead_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn read_ahead_bytes(&self) -> i64 {
+        self.read_ahead_bytes.load(Ordering::Relaxed)
     }
 
     pub fn retry(&self, reason: &str) {
@@ -134,6 +147,12 @@ impl SinkMetrics {
             "Samples waiting in the sink's disk queue.",
         );
         queue_samples.push(base.clone(), ts, depth.samples as f64);
+        let mut read_ahead = Family::new(
+            "picket_sink_read_ahead_bytes",
+            MetricType::Gauge,
+            "Bytes of queued records read into memory and not yet delivered.",
+        );
+        read_ahead.push(base.clone(), ts, self.read_ahead_bytes() as f64);
         let mut latency = Family::new(
             "picket_sink_request_duration_seconds",
             MetricType::Histogram,
@@ -158,6 +177,7 @@ impl SinkMetrics {
             requests,
             queue_bytes,
             queue_samples,
+            read_ahead,
             latency,
         ]
     }

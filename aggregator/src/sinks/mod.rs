@@ -329,6 +329,7 @@ fn start_driver<D: Destination>(
         batch,
         retry,
         concurrency,
+        read_ahead: driver::ReadAhead::default(),
     };
     tokio::spawn(driver.run());
 }

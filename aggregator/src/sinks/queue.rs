@@ -26,7 +26,8 @@
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -445,7 +446,7 @@ impl Queue {
         Reader {
             queue: self,
             position: cursor,
-            file: None,
+            files: Vec::new(),
         }
     }
 
@@ -479,15 +480,79 @@ fn depth_of(state: &State) -> Depth {
 }
 
 /// Reads records in order, waiting for appends at the end.
+///
+/// A record can be read whole ([`Reader::next`]) or in two steps: its header first
+/// ([`Reader::next_header`], which moves past the record), and its payload later
+/// ([`Reader::payload`]). The sink driver uses the second form to pass over a record whose
+/// worker has no room yet without holding its bytes in memory.
 pub struct Reader<'a> {
     queue: &'a Queue,
     position: Position,
-    file: Option<(u64, File)>,
+    /// Open segment files, newest last. Payloads read later may sit in older segments than
+    /// the one being read; those cannot be deleted while records in them are uncommitted.
+    files: Vec<(u64, File)>,
 }
+
+/// A record's place and header, without its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub start: Position,
+    /// The cursor value that commits the record.
+    pub end: Position,
+    pub samples: u32,
+    pub shard_key: u64,
+    /// Payload bytes.
+    pub len: u32,
+}
+
+/// Segment files a reader keeps open: the one being read and a few older ones holding
+/// records whose payloads are read later.
+const OPEN_SEGMENTS: usize = 4;
 
 impl Reader<'_> {
     /// The next record, or `None` when everything appended so far has been read.
     pub fn try_next(&mut self) -> Result<Option<Record>, QueueError> {
+        let Some(header) = self.try_next_header()? else {
+            return Ok(None);
+        };
+        let payload = self.payload(&header)?;
+        Ok(Some(Record {
+            end: header.end,
+            samples: header.samples,
+            shard_key: header.shard_key,
+            payload,
+        }))
+    }
+
+    /// The next record, waiting for one to be appended.
+    pub async fn next(&mut self) -> Result<Record, QueueError> {
+        let header = self.next_header().await?;
+        let payload = self.payload(&header)?;
+        Ok(Record {
+            end: header.end,
+            samples: header.samples,
+            shard_key: header.shard_key,
+            payload,
+        })
+    }
+
+    /// The next record's header, waiting for one to be appended. The reader moves past the
+    /// record; its payload stays readable with [`Reader::payload`] until it is committed.
+    pub async fn next_header(&mut self) -> Result<RecordHeader, QueueError> {
+        loop {
+            let appended = self.queue.appended.notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            if let Some(header) = self.try_next_header()? {
+                return Ok(header);
+            }
+            appended.await;
+        }
+    }
+
+    /// The next record's header, or `None` when everything appended so far has been read.
+    /// On an error the reader stays where it was.
+    pub fn try_next_header(&mut self) -> Result<Option<RecordHeader>, QueueError> {
         let io = |source| QueueError::Io {
             dir: self.queue.dir.clone(),
             source,
@@ -510,8 +575,9 @@ impl Reader<'_> {
             };
             match readable {
                 Some(bytes) if self.position.offset < bytes => {
-                    let record = self.read_at(bytes).map_err(io)?;
-                    return Ok(Some(record));
+                    let header = self.header_at(bytes).map_err(io)?;
+                    self.position = header.end;
+                    return Ok(Some(header));
                 }
                 _ => match next_segment {
                     // This segment is done (or was dropped): move on.
@@ -520,7 +586,6 @@ impl Reader<'_> {
                             segment: next,
                             offset: 0,
                         };
-                        self.file = None;
                     }
                     None => return Ok(None),
                 },
@@ -528,48 +593,64 @@ impl Reader<'_> {
         }
     }
 
-    /// The next record, waiting for one to be appended.
-    pub async fn next(&mut self) -> Result<Record, QueueError> {
-        loop {
-            let appended = self.queue.appended.notified();
-            tokio::pin!(appended);
-            appended.as_mut().enable();
-            if let Some(record) = self.try_next()? {
-                return Ok(record);
-            }
-            appended.await;
-        }
+    /// The payload of a record this reader has passed and the queue has not committed.
+    pub fn payload(&mut self, header: &RecordHeader) -> Result<Vec<u8>, QueueError> {
+        let io = |source| QueueError::Io {
+            dir: self.queue.dir.clone(),
+            source,
+        };
+        let file = self.file(header.start.segment).map_err(io)?;
+        let mut payload = vec![0; header.len as usize];
+        file.read_exact_at(&mut payload, header.start.offset + HEADER_BYTES)
+            .map_err(io)?;
+        Ok(payload)
     }
 
-    fn read_at(&mut self, readable: u64) -> std::io::Result<Record> {
-        let segment = self.position.segment;
-        if self.file.as_ref().is_none_or(|(id, _)| *id != segment) {
-            let file = File::open(segment_path(&self.queue.dir, segment))?;
-            self.file = Some((segment, file));
-        }
-        let Some((_, file)) = self.file.as_mut() else {
-            return Err(std::io::Error::other("segment not open"));
-        };
-        file.seek(SeekFrom::Start(self.position.offset))?;
+    fn header_at(&mut self, readable: u64) -> std::io::Result<RecordHeader> {
+        let start = self.position;
+        let file = self.file(start.segment)?;
         let mut header = [0u8; HEADER_BYTES as usize];
-        file.read_exact(&mut header)?;
+        file.read_exact_at(&mut header, start.offset)?;
         let (len, samples, shard_key) = parse_header(&header);
-        let end = self.position.offset + HEADER_BYTES + u64::from(len);
+        let end = start.offset + HEADER_BYTES + u64::from(len);
         if end > readable {
             return Err(std::io::Error::other(format!(
                 "record at {}:{} runs past the segment's end",
-                segment, self.position.offset
+                start.segment, start.offset
             )));
         }
-        let mut payload = vec![0; len as usize];
-        file.read_exact(&mut payload)?;
-        self.position.offset = end;
-        Ok(Record {
-            end: self.position,
+        Ok(RecordHeader {
+            start,
+            end: Position {
+                segment: start.segment,
+                offset: end,
+            },
             samples,
             shard_key,
-            payload,
+            len,
         })
+    }
+
+    fn file(&mut self, segment: u64) -> std::io::Result<&File> {
+        let index = match self.files.iter().position(|(id, _)| *id == segment) {
+            Some(index) => index,
+            None => {
+                let file = File::open(segment_path(&self.queue.dir, segment))?;
+                let committed = self.queue.lock().cursor.segment;
+                // Segments before the cursor's are deleted or about to be.
+                self.files.retain(|(id, _)| *id >= committed);
+                if self.files.len() >= OPEN_SEGMENTS {
+                    self.files.remove(0);
+                }
+                self.files.push((segment, file));
+                self.files.sort_unstable_by_key(|(id, _)| *id);
+                self.files
+                    .iter()
+                    .position(|(id, _)| *id == segment)
+                    .unwrap_or_default()
+            }
+        };
+        Ok(&self.files[index].1)
     }
 }
 
@@ -827,6 +908,33 @@ mod tests {
             total,
             "every sample is delivered or counted"
         );
+    }
+
+    #[test]
+    fn a_passed_records_payload_stays_readable_until_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        // 60-byte records, two per segment, at most ten records.
+        let q = Queue::open(dir.path(), config(600, 120, WhenFull::DropOldest)).unwrap();
+        for i in 0..6u8 {
+            q.append(&[i; 40], 1, 0).unwrap();
+        }
+        let mut reader = q.reader();
+        let headers: Vec<RecordHeader> =
+            std::iter::from_fn(|| reader.try_next_header().unwrap()).collect();
+        assert_eq!(headers.len(), 6);
+        assert_eq!(headers[0].start.segment, 1);
+        assert_eq!(headers[5].start.segment, 3);
+        // Appends past the limit drop waiting segments, never those behind the reader.
+        for i in 6..12u8 {
+            q.append(&[i; 40], 1, 0).unwrap();
+        }
+        for (i, header) in headers.iter().enumerate() {
+            assert_eq!(reader.payload(header).unwrap(), vec![i as u8; 40]);
+        }
+        // More segments than the reader keeps open: the first one is opened again.
+        while reader.try_next_header().unwrap().is_some() {}
+        assert!(reader.files.len() <= OPEN_SEGMENTS);
+        assert_eq!(reader.payload(&headers[0]).unwrap(), vec![0; 40]);
     }
 
     #[tokio::test]
