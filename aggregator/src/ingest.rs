@@ -234,10 +234,17 @@ impl StreamSession {
                 )));
             }
             last_sequence = sequence;
-            // Dedup lookups, decoding and journal writes block (locks, disk): keep them off
-            // the async workers so a slow disk cannot stall other agents or keepalives.
-            let outcome =
-                tokio::task::block_in_place(|| self.accept(agent, session, &batch, &wire))?;
+            // Queue appends and journal writes without fsync land in the page cache and
+            // return in microseconds, so they run right here. `block_in_place` for every
+            // batch moved the runtime's worker role to another thread each time, which spread
+            // allocations over all of glibc's malloc arenas: 3-4x the relay's peak memory for
+            // no throughput (docs/performance.md). A file sink that fsyncs each batch does
+            // wait for the disk, and only then is the work moved off the async workers.
+            let outcome = if self.sinks.syncs_each_batch() {
+                tokio::task::block_in_place(|| self.accept(agent, session, &batch, &wire))?
+            } else {
+                self.accept(agent, session, &batch, &wire)?
+            };
             let ack = v1::Ack {
                 sequence,
                 outcome: Some(outcome),

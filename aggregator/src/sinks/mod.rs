@@ -61,6 +61,8 @@ struct NetworkSink {
 pub struct Sinks {
     pub latest: LatestStore,
     files: Vec<Mutex<FileSink>>,
+    /// A file sink fsyncs every batch, so delivering waits for the disk.
+    syncs_each_batch: bool,
     network: Vec<NetworkSink>,
     /// False while the last delivery failed; `/readyz` reports it.
     healthy: AtomicBool,
@@ -94,9 +96,13 @@ impl Sinks {
                 )?),
             }
         }
+        let syncs_each_batch = configs
+            .iter()
+            .any(|c| matches!(c, SinkConfig::File { fsync: true, .. }));
         Ok(Sinks {
             latest,
             files,
+            syncs_each_batch,
             network,
             healthy: AtomicBool::new(true),
         })
@@ -104,7 +110,8 @@ impl Sinks {
 
     /// True when this batch is already in every durable sink (it was written before an
     /// aggregator restart, and the agent resends it because the ack never reached it). Takes
-    /// the sinks' locks, which a slow disk can hold: call it from a blocking context.
+    /// the sinks' locks, which a slow disk can hold: with [`Sinks::syncs_each_batch`], call
+    /// it from a blocking context.
     ///
     /// Network sinks do not remember batches: a resend is queued again and overwrites the
     /// same points in the database (same timestamps), so only file journals answer here.
@@ -117,6 +124,13 @@ impl Sinks {
                 .all(|f| lock(f).has(agent, session, sequence))
     }
 
+    /// Whether delivering a batch waits for the disk (a `file` sink with `fsync = true`).
+    /// Otherwise it only writes into the page cache, which is too quick to be worth moving
+    /// off an async worker.
+    pub fn syncs_each_batch(&self) -> bool {
+        self.syncs_each_batch
+    }
+
     /// Whether delivering needs a batch's decoded families: for the latest store, a file
     /// sink or a sink's routing rules. When nothing does, ingest only validates a batch and
     /// hands its wire form to [`Sinks::deliver_wire`].
@@ -126,8 +140,8 @@ impl Sinks {
             || self.network.iter().any(|s| !s.routing.is_identity())
     }
 
-    /// Hands a batch to every sink; `Ok` means all of them have it. Blocking (file I/O): call
-    /// it from a blocking context.
+    /// Hands a batch to every sink; `Ok` means all of them have it. Writes files: with
+    /// [`Sinks::syncs_each_batch`] it waits for the disk, so call it from a blocking context.
     ///
     /// `wire` is the encoded `picket.v1.Batch` as the agent sent it, when `families` is
     /// exactly its decoding: a sink without routing rules then queues those bytes as they
@@ -396,6 +410,27 @@ mod tests {
             !sinks.already_delivered("pi", 1, 2),
             "a failed batch must be accepted again"
         );
+    }
+
+    #[test]
+    fn only_a_file_sink_that_fsyncs_makes_delivery_wait_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, fsync: bool| SinkConfig::File {
+            path: dir.path().join(name),
+            fsync,
+        };
+        let open = |configs: &[SinkConfig]| {
+            Sinks::open(
+                configs,
+                LatestStore::new(Duration::from_secs(60)),
+                dir.path(),
+            )
+            .unwrap()
+            .syncs_each_batch()
+        };
+        assert!(!open(&[]));
+        assert!(!open(&[file("a", false)]));
+        assert!(open(&[file("a", false), file("b", true)]));
     }
 
     #[tokio::test]
