@@ -238,9 +238,10 @@ impl StreamSession {
             // return in microseconds, so they run right here. `block_in_place` for every
             // batch moved the runtime's worker role to another thread each time, which spread
             // allocations over all of glibc's malloc arenas: 3-4x the relay's peak memory for
-            // no throughput (docs/performance.md). A file sink that fsyncs each batch does
-            // wait for the disk, and only then is the work moved off the async workers.
-            let outcome = if self.sinks.syncs_each_batch() {
+            // no throughput (docs/performance.md). When writes may wait for the disk (a file
+            // sink fsyncs each batch, or recent writes were slow), the work moves off the
+            // async workers so a slow disk cannot stall other agents or keepalives.
+            let outcome = if self.sinks.delivery_may_block() {
                 tokio::task::block_in_place(|| self.accept(agent, session, &batch, &wire))?
             } else {
                 self.accept(agent, session, &batch, &wire)?

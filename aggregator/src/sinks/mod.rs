@@ -20,8 +20,9 @@ pub mod routing;
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Labels, now_ms};
@@ -63,6 +64,7 @@ pub struct Sinks {
     files: Vec<Mutex<FileSink>>,
     /// A file sink fsyncs every batch, so delivering waits for the disk.
     syncs_each_batch: bool,
+    write_pace: WritePace,
     network: Vec<NetworkSink>,
     /// False while the last delivery failed; `/readyz` reports it.
     healthy: AtomicBool,
@@ -103,6 +105,7 @@ impl Sinks {
             latest,
             files,
             syncs_each_batch,
+            write_pace: WritePace::new(),
             network,
             healthy: AtomicBool::new(true),
         })
@@ -124,11 +127,17 @@ impl Sinks {
                 .all(|f| lock(f).has(agent, session, sequence))
     }
 
-    /// Whether delivering a batch waits for the disk (a `file` sink with `fsync = true`).
-    /// Otherwise it only writes into the page cache, which is too quick to be worth moving
-    /// off an async worker.
+    /// Whether delivering a batch waits for the disk: a `file` sink has `fsync = true`.
     pub fn syncs_each_batch(&self) -> bool {
         self.syncs_each_batch
+    }
+
+    /// Whether delivering a batch may wait for the disk now, so the caller should move it
+    /// off its async worker: a `file` sink fsyncs each batch, or a recent delivery's writes
+    /// were slow (the kernel throttles writers when the disk falls behind). Otherwise the
+    /// writes only reach the page cache, too quick to be worth moving.
+    pub fn delivery_may_block(&self) -> bool {
+        self.syncs_each_batch || self.write_pace.slow_at(Instant::now())
     }
 
     /// Whether delivering needs a batch's decoded families: for the latest store, a file
@@ -225,6 +234,27 @@ impl Sinks {
             }
             encoded.push((payload, samples));
         }
+        let writes_started = Instant::now();
+        let written = self.write(agent, session, sequence, content, encoded);
+        self.write_pace
+            .record_at(writes_started.elapsed(), Instant::now());
+        written?;
+        self.healthy.store(true, Ordering::Relaxed);
+        if let Content::Decoded { families, .. } = content {
+            self.latest.apply(families);
+        }
+        Ok(())
+    }
+
+    /// The disk part of [`Sinks::deliver_content`]: journals, then queues.
+    fn write(
+        &self,
+        agent: &str,
+        session: u64,
+        sequence: u64,
+        content: Content<'_>,
+        encoded: Vec<(Option<Cow<'_, [u8]>>, usize)>,
+    ) -> Result<(), SinkError> {
         if let Content::Decoded { families, .. } = content {
             for file in &self.files {
                 if let Err(e) = lock(file).write_batch(agent, session, sequence, families) {
@@ -250,10 +280,6 @@ impl Sinks {
                 }
             }
         }
-        self.healthy.store(true, Ordering::Relaxed);
-        if let Content::Decoded { families, .. } = content {
-            self.latest.apply(families);
-        }
         Ok(())
     }
 
@@ -269,6 +295,43 @@ impl Sinks {
             }
         }
         out
+    }
+}
+
+/// Writes slower than this mean the disk is falling behind: the kernel has started to
+/// throttle writers, or a lock is held across disk I/O.
+const SLOW_WRITES: Duration = Duration::from_millis(10);
+/// How long after slow writes deliveries stay off the async workers.
+const SLOW_WRITES_HOLD: Duration = Duration::from_secs(10);
+
+/// Remembers when the sinks' writes were last slow.
+struct WritePace {
+    since: Instant,
+    /// Milliseconds after `since` until which writes count as slow.
+    slow_until_ms: AtomicU64,
+}
+
+impl WritePace {
+    fn new() -> Self {
+        WritePace {
+            since: Instant::now(),
+            slow_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.since).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn record_at(&self, took: Duration, now: Instant) {
+        if took > SLOW_WRITES {
+            let until = self.millis(now + SLOW_WRITES_HOLD);
+            self.slow_until_ms.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+
+    fn slow_at(&self, now: Instant) -> bool {
+        self.millis(now) < self.slow_until_ms.load(Ordering::Relaxed)
     }
 }
 
@@ -410,6 +473,20 @@ mod tests {
             !sinks.already_delivered("pi", 1, 2),
             "a failed batch must be accepted again"
         );
+    }
+
+    #[test]
+    fn slow_writes_move_deliveries_off_the_workers_for_a_while() {
+        let pace = WritePace::new();
+        let start = Instant::now();
+        pace.record_at(Duration::from_millis(2), start);
+        assert!(!pace.slow_at(start), "fast writes stay on the worker");
+        pace.record_at(Duration::from_millis(80), start);
+        assert!(pace.slow_at(start + Duration::from_secs(9)));
+        // A fast write does not end the hold early; the hold ends by itself.
+        pace.record_at(Duration::from_millis(1), start + Duration::from_secs(5));
+        assert!(pace.slow_at(start + Duration::from_secs(9)));
+        assert!(!pace.slow_at(start + SLOW_WRITES_HOLD + Duration::from_secs(1)));
     }
 
     #[test]

@@ -127,6 +127,8 @@ struct State {
     /// The segment the reader is in; it and everything before it are never dropped.
     reading: u64,
     dirty: bool,
+    /// Segments finished since the last [`Queue::sync`], still to be fsynced by it.
+    finished: Vec<File>,
 }
 
 pub struct Queue {
@@ -222,6 +224,7 @@ impl Queue {
                 cursor_samples,
                 reading: cursor.segment,
                 dirty: false,
+                finished: Vec::new(),
             }),
             appended: tokio::sync::Notify::new(),
         };
@@ -310,9 +313,9 @@ impl Queue {
         {
             let id = last.id + 1;
             if let Some(old) = state.writer.take() {
-                // The finished segment is not written again: flush it now rather than
-                // waiting for the next interval.
-                let _ = old.sync_data();
+                // Appends run on the async workers, so the finished segment's fsync waits
+                // for the next `sync`, which runs on a blocking thread.
+                state.finished.push(old);
             }
             state.segments.push_back(Segment {
                 id,
@@ -392,14 +395,30 @@ impl Queue {
         dropped
     }
 
-    /// fsyncs the segment being written if anything was appended since the last call.
+    /// fsyncs what was appended since the last call: the segment being written and the
+    /// segments finished since. The fsyncs run on duplicated handles after the lock is
+    /// released, so appends (on the async workers) never wait for the disk here.
     pub fn sync(&self) {
-        let mut state = self.lock();
-        if state.dirty {
-            state.dirty = false;
-            if let Some(w) = state.writer.as_ref()
-                && let Err(e) = w.sync_data()
-            {
+        let (current, finished) = {
+            let mut state = self.lock();
+            let current = if std::mem::take(&mut state.dirty) {
+                state.writer.as_ref().map(File::try_clone)
+            } else {
+                None
+            };
+            (current, std::mem::take(&mut state.finished))
+        };
+        let current = match current {
+            Some(Ok(file)) => Some(file),
+            Some(Err(e)) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "sink queue: cannot fsync");
+                self.lock().dirty = true;
+                None
+            }
+            None => None,
+        };
+        for file in finished.iter().chain(current.as_ref()) {
+            if let Err(e) = file.sync_data() {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "sink queue: fsync failed");
             }
         }
@@ -410,34 +429,41 @@ impl Queue {
     }
 
     /// Marks records delivered (in order, by their end and sample count): saves the cursor
-    /// and deletes finished segments.
+    /// and deletes finished segments. The file work happens after the lock is released, so
+    /// appends do not wait for it. One caller at a time (the sink's dispatcher).
     pub fn commit(&self, delivered: &[(Position, u32)]) -> Result<(), QueueError> {
-        let io = |source| QueueError::Io {
+        let (position, done) = {
+            let mut state = self.lock();
+            for &(end, samples) in delivered {
+                if end <= state.cursor {
+                    continue;
+                }
+                if end.segment != state.cursor.segment {
+                    state.cursor_samples = 0;
+                }
+                state.cursor = end;
+                state.cursor_samples += u64::from(samples);
+            }
+            let position = state.cursor;
+            let mut done = Vec::new();
+            while state
+                .segments
+                .front()
+                .is_some_and(|s| s.id < position.segment)
+            {
+                if let Some(segment) = state.segments.pop_front() {
+                    done.push(segment.id);
+                }
+            }
+            (position, done)
+        };
+        for id in done {
+            let _ = fs::remove_file(segment_path(&self.dir, id));
+        }
+        write_cursor(&self.dir, position).map_err(|source| QueueError::Io {
             dir: self.dir.clone(),
             source,
-        };
-        let mut state = self.lock();
-        for &(end, samples) in delivered {
-            if end <= state.cursor {
-                continue;
-            }
-            if end.segment != state.cursor.segment {
-                state.cursor_samples = 0;
-            }
-            state.cursor = end;
-            state.cursor_samples += u64::from(samples);
-        }
-        let position = state.cursor;
-        while state
-            .segments
-            .front()
-            .is_some_and(|s| s.id < position.segment)
-        {
-            if let Some(done) = state.segments.pop_front() {
-                let _ = fs::remove_file(segment_path(&self.dir, done.id));
-            }
-        }
-        write_cursor(&self.dir, position).map_err(io)
+        })
     }
 
     /// A reader starting at the committed cursor. One per queue: the sink's dispatcher.
@@ -510,12 +536,15 @@ pub struct RecordHeader {
 const OPEN_SEGMENTS: usize = 4;
 
 impl Reader<'_> {
-    /// The next record, or `None` when everything appended so far has been read.
+    /// The next record, or `None` when everything appended so far has been read. On an error
+    /// the reader stays where it was.
     pub fn try_next(&mut self) -> Result<Option<Record>, QueueError> {
         let Some(header) = self.try_next_header()? else {
             return Ok(None);
         };
-        let payload = self.payload(&header)?;
+        let payload = self
+            .payload(&header)
+            .inspect_err(|_| self.position = header.start)?;
         Ok(Some(Record {
             end: header.end,
             samples: header.samples,
@@ -524,10 +553,13 @@ impl Reader<'_> {
         }))
     }
 
-    /// The next record, waiting for one to be appended.
+    /// The next record, waiting for one to be appended. On an error the reader stays where
+    /// it was.
     pub async fn next(&mut self) -> Result<Record, QueueError> {
         let header = self.next_header().await?;
-        let payload = self.payload(&header)?;
+        let payload = self
+            .payload(&header)
+            .inspect_err(|_| self.position = header.start)?;
         Ok(Record {
             end: header.end,
             samples: header.samples,
@@ -931,10 +963,40 @@ mod tests {
         for (i, header) in headers.iter().enumerate() {
             assert_eq!(reader.payload(header).unwrap(), vec![i as u8; 40]);
         }
-        // More segments than the reader keeps open: the first one is opened again.
-        while reader.try_next_header().unwrap().is_some() {}
-        assert!(reader.files.len() <= OPEN_SEGMENTS);
+    }
+
+    #[test]
+    fn a_reader_keeps_few_segments_open_and_reopens_older_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        // 60-byte records, two per segment: twelve records make six segments.
+        let q = Queue::open(dir.path(), config(1 << 20, 120, WhenFull::Block)).unwrap();
+        for i in 0..12u8 {
+            q.append(&[i; 40], 1, 0).unwrap();
+        }
+        let mut reader = q.reader();
+        let headers: Vec<RecordHeader> =
+            std::iter::from_fn(|| reader.try_next_header().unwrap()).collect();
+        assert_eq!(headers.last().map(|h| h.start.segment), Some(6));
+        let open: Vec<u64> = reader.files.iter().map(|(id, _)| *id).collect();
+        assert_eq!(open, [3, 4, 5, 6], "the oldest handles were closed");
         assert_eq!(reader.payload(&headers[0]).unwrap(), vec![0; 40]);
+        assert_eq!(reader.files.len(), OPEN_SEGMENTS);
+        assert!(reader.files.iter().any(|(id, _)| *id == 1), "reopened");
+    }
+
+    #[test]
+    fn finished_segments_are_fsynced_by_the_next_sync_not_by_the_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path(), config(1 << 20, 120, WhenFull::Block)).unwrap();
+        for i in 0..5u8 {
+            q.append(&[i; 40], 1, 0).unwrap();
+        }
+        // Five records, two per segment: two segments were finished by appends.
+        assert_eq!(q.lock().finished.len(), 2);
+        assert!(q.lock().dirty);
+        q.sync();
+        assert!(q.lock().finished.is_empty());
+        assert!(!q.lock().dirty);
     }
 
     #[tokio::test]
