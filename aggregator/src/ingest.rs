@@ -240,7 +240,8 @@ impl StreamSession {
             // allocations over all of glibc's malloc arenas: 3-4x the relay's peak memory for
             // no throughput (docs/performance.md). When writes may wait for the disk (a file
             // sink fsyncs each batch, or recent writes were slow), the work moves off the
-            // async workers so a slow disk cannot stall other agents or keepalives.
+            // async workers, so a slow disk stalls other agents and keepalives at most for
+            // the write that showed it.
             let outcome = if self.sinks.delivery_may_block() {
                 tokio::task::block_in_place(|| self.accept(agent, session, &batch, &wire))?
             } else {

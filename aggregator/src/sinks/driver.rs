@@ -183,8 +183,8 @@ struct Window<'q> {
     /// Id of `records[0]`.
     first_id: u64,
     bytes: usize,
-    /// Reading a parked record back failed; [`Window::retry_reads`] is due.
-    read_failed: bool,
+    /// Reading a parked record back failed: when [`Window::retry_reads`] is due.
+    retry_reads_at: Option<tokio::time::Instant>,
 }
 
 impl Window<'_> {
@@ -246,11 +246,12 @@ impl Window<'_> {
                     // The record's segment is kept until it is committed, so the error is
                     // the system's (out of file handles, a failing disk): the record was
                     // acked, so it stays parked and is read again in a second.
-                    if !self.read_failed {
+                    if self.retry_reads_at.is_none() {
                         tracing::error!(sink = %self.name, error = %e, "cannot read a record back from the sink queue; retrying in 1s");
+                        self.retry_reads_at =
+                            Some(tokio::time::Instant::now() + Duration::from_secs(1));
                     }
                     self.lanes[lane].parked.push_front(id);
-                    self.read_failed = true;
                     break;
                 }
             }
@@ -260,7 +261,7 @@ impl Window<'_> {
 
     /// Tries again to send every lane its parked records, after a failed read.
     fn retry_reads(&mut self) -> Result<(), Stopped> {
-        self.read_failed = false;
+        self.retry_reads_at = None;
         for lane in 0..self.concurrency() {
             self.refill(lane)?;
         }
@@ -350,7 +351,7 @@ impl<D: Destination> Driver<D> {
             records: VecDeque::new(),
             first_id: 0,
             bytes: 0,
-            read_failed: false,
+            retry_reads_at: None,
         };
         loop {
             let may_read = window.may_read();
@@ -372,7 +373,10 @@ impl<D: Destination> Driver<D> {
                         break;
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)), if window.read_failed => {
+                // The deadline is fixed when the read fails, so other events do not put
+                // the retry off.
+                _ = tokio::time::sleep_until(window.retry_reads_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if window.retry_reads_at.is_some() => {
                     if window.retry_reads().is_err() {
                         break;
                     }
@@ -777,7 +781,7 @@ mod tests {
             records: VecDeque::new(),
             first_id: 0,
             bytes: 0,
-            read_failed: false,
+            retry_reads_at: None,
         };
         (window, receivers)
     }
@@ -892,7 +896,7 @@ mod tests {
             .unwrap();
         let committed = window.finish(lane_0).ok().unwrap();
         assert_eq!(committed.len(), 4, "what was delivered commits");
-        assert!(window.read_failed);
+        assert!(window.retry_reads_at.is_some());
         assert!(payloads(&mut rx[0]).is_empty());
         assert_eq!(
             window.lanes[0].parked.front(),
@@ -905,7 +909,7 @@ mod tests {
         // Readable again: the retry sends the records in order.
         std::fs::write(&segment, bytes).unwrap();
         assert!(window.retry_reads().is_ok());
-        assert!(!window.read_failed);
+        assert!(window.retry_reads_at.is_none());
         let next: Vec<String> = payloads(&mut rx[0]).into_iter().map(|(_, p)| p).collect();
         assert_eq!(next, ["a000000004", "a000000006"]);
     }

@@ -38,6 +38,8 @@ const HEADER_BYTES: u64 = 20;
 /// A record larger than this is corrupt (the aggregator's own batches are bounded by
 /// `grpc.max_message_bytes`, far below).
 const MAX_RECORD_BYTES: u64 = 512 * 1024 * 1024;
+/// Finished segments left for [`Queue::sync`] to fsync; more only pile up if it stopped.
+const MAX_UNSYNCED_SEGMENTS: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -314,8 +316,14 @@ impl Queue {
             let id = last.id + 1;
             if let Some(old) = state.writer.take() {
                 // Appends run on the async workers, so the finished segment's fsync waits
-                // for the next `sync`, which runs on a blocking thread.
+                // for the next `sync`, which runs on a blocking thread. Should that stop
+                // running, the append syncs and closes the oldest itself rather than keep
+                // open (and undeletable) files without end.
                 state.finished.push(old);
+                if state.finished.len() > MAX_UNSYNCED_SEGMENTS {
+                    let oldest = state.finished.remove(0);
+                    let _ = oldest.sync_data();
+                }
             }
             state.segments.push_back(Segment {
                 id,
@@ -429,38 +437,45 @@ impl Queue {
     }
 
     /// Marks records delivered (in order, by their end and sample count): saves the cursor
-    /// and deletes finished segments. The file work happens after the lock is released, so
-    /// appends do not wait for it. One caller at a time (the sink's dispatcher).
+    /// and deletes finished segments. The file work happens outside the lock, so appends do
+    /// not wait for it; the new cursor is written before the queue reports it (in `depth`)
+    /// and before segments are deleted. One caller at a time (the sink's dispatcher).
     pub fn commit(&self, delivered: &[(Position, u32)]) -> Result<(), QueueError> {
-        let (position, done) = {
-            let mut state = self.lock();
-            for &(end, samples) in delivered {
-                if end <= state.cursor {
-                    continue;
-                }
-                if end.segment != state.cursor.segment {
-                    state.cursor_samples = 0;
-                }
-                state.cursor = end;
-                state.cursor_samples += u64::from(samples);
+        let (mut cursor, mut cursor_samples) = {
+            let state = self.lock();
+            (state.cursor, state.cursor_samples)
+        };
+        for &(end, samples) in delivered {
+            if end <= cursor {
+                continue;
             }
-            let position = state.cursor;
+            if end.segment != cursor.segment {
+                cursor_samples = 0;
+            }
+            cursor = end;
+            cursor_samples += u64::from(samples);
+        }
+        let written = write_cursor(&self.dir, cursor);
+        let done = {
+            let mut state = self.lock();
+            state.cursor = cursor;
+            state.cursor_samples = cursor_samples;
             let mut done = Vec::new();
             while state
                 .segments
                 .front()
-                .is_some_and(|s| s.id < position.segment)
+                .is_some_and(|s| s.id < cursor.segment)
             {
                 if let Some(segment) = state.segments.pop_front() {
                     done.push(segment.id);
                 }
             }
-            (position, done)
+            done
         };
         for id in done {
             let _ = fs::remove_file(segment_path(&self.dir, id));
         }
-        write_cursor(&self.dir, position).map_err(|source| QueueError::Io {
+        written.map_err(|source| QueueError::Io {
             dir: self.dir.clone(),
             source,
         })
@@ -997,6 +1012,11 @@ mod tests {
         q.sync();
         assert!(q.lock().finished.is_empty());
         assert!(!q.lock().dirty);
+        // Without syncs, appends close what exceeds the cap themselves.
+        for i in 0..12u8 {
+            q.append(&[i; 40], 1, 0).unwrap();
+        }
+        assert_eq!(q.lock().finished.len(), MAX_UNSYNCED_SEGMENTS);
     }
 
     #[tokio::test]
