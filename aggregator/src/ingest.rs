@@ -10,8 +10,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use picket_core::codec::{common_label, decode_batch, validate_batch};
-use picket_proto::v1::{self, ingest_server::Ingest, received_agent_message as received};
+use picket_core::codec::{common_label, decode_flat_batch, validate_flat_batch};
+use picket_proto::v1::{
+    self, FlatBatch, ingest_server::Ingest, received_agent_message as received,
+};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -222,7 +224,7 @@ impl StreamSession {
             // The batch arrives encoded (so it can be queued as sent). Bytes that are not a
             // Batch at all have no sequence to reject under: like any undecodable message,
             // they end the stream.
-            let batch = v1::decode_received_batch(&wire).map_err(|e| {
+            let batch = v1::read_received_batch(&wire).map_err(|e| {
                 Status::invalid_argument(format!(
                     "AgentMessage.batch is not a valid picket.v1.Batch: {e}"
                 ))
@@ -251,6 +253,9 @@ impl StreamSession {
                 sequence,
                 outcome: Some(outcome),
             };
+            // Done with the batch: not held while the peer takes its time reading acks.
+            drop(batch);
+            drop(wire);
             // A peer that stops reading acks fills its queue and then waits here; without a
             // bound it would hold its task and connection for ever.
             match tokio::time::timeout(self.idle_timeout, tx.send(Ok(ack))).await {
@@ -272,7 +277,7 @@ impl StreamSession {
         &self,
         agent: &str,
         session: u64,
-        batch: &v1::Batch,
+        batch: &FlatBatch,
         wire: &[u8],
     ) -> Result<v1::ack::Outcome, Status> {
         let sequence = batch.sequence;
@@ -299,7 +304,7 @@ impl StreamSession {
         // routing rules), the batch is only validated and queued as received: decoding it
         // into label sets was most of the aggregator's cost per relayed sample.
         if !self.sinks.needs_families() {
-            let samples = match validate_batch(batch) {
+            let samples = match validate_flat_batch(batch) {
                 Ok(samples) => samples,
                 Err(e) => return rejected(e),
             };
@@ -314,7 +319,7 @@ impl StreamSession {
             }
             // The series need the certificate's name: decoded below like any batch.
         }
-        let mut decoded = match decode_batch(batch) {
+        let mut decoded = match decode_flat_batch(batch) {
             Ok(d) => d,
             Err(e) => return rejected(e),
         };

@@ -1,7 +1,8 @@
 //! Picket's wire protocol: the `picket.v1` gRPC service between agents and aggregators.
 //!
 //! The schema lives in `picket/v1/ingest.proto`; how it may evolve is in `EVOLUTION.md`.
-//! This crate only holds generated code and the aggregator's reading of `AgentMessage`;
+//! This crate only holds generated code and the aggregator's readings of `AgentMessage`
+//! and of the batches in it (`received.rs`, `flat.rs`);
 //! converting between the wire form and Picket's metric model is `picket_core::codec`.
 
 /// Version 1 of the protocol.
@@ -11,11 +12,14 @@ pub mod v1 {
     // The server side of `Ingest`, reading `ReceivedAgentMessage` (see build.rs).
     include!(concat!(env!("OUT_DIR"), "/picket.v1.Ingest.rs"));
 
+    pub use crate::flat::{FlatBatch, FlatFamily, FlatPoint, FlatSeries, FlatValue, Span};
     pub use crate::received::{
-        ReceivedAgentMessage, ReceivedBatch, decode_received_batch, received_agent_message,
+        ReceivedAgentMessage, ReceivedBatch, decode_received_batch, read_received_batch,
+        received_agent_message,
     };
 }
 
+mod flat;
 mod received;
 
 /// The protocol revision this build speaks, sent in `Hello.protocol_revision`.

@@ -12,6 +12,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::encoding::{DecodeContext, WireType};
 use prost::{DecodeError, Message};
 
+use crate::flat::FlatBatch;
 use crate::v1::{Batch, Hello};
 
 /// `AgentMessage.hello`'s field number.
@@ -81,6 +82,17 @@ fn decode_nested(bytes: &[u8], ctx: DecodeContext) -> Result<Batch, DecodeError>
 /// have decoded the batch.
 pub fn decode_received_batch(bytes: &[u8]) -> Result<Batch, DecodeError> {
     decode_nested(bytes, DecodeContext::default())
+}
+
+/// Reads the bytes of [`ReceivedBatch::into_bytes`] as [`decode_received_batch`] does,
+/// in place where the encoding is the usual one ([`FlatBatch::parse`]) and through prost
+/// otherwise, so the same bytes are accepted, read the same way and refused with the same
+/// error.
+pub fn read_received_batch(bytes: &[u8]) -> Result<FlatBatch<'_>, DecodeError> {
+    match FlatBatch::parse(bytes) {
+        Some(batch) => Ok(batch),
+        None => decode_received_batch(bytes).map(FlatBatch::from_batch),
+    }
 }
 
 impl From<Bytes> for ReceivedBatch {

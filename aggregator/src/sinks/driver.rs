@@ -10,9 +10,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use picket_core::codec::DecodeError;
+use picket_core::codec::{DecodeError, decode_flat_batch};
+use picket_core::model::Family;
 use picket_proto::v1;
-use prost::Message;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
@@ -90,19 +90,36 @@ pub struct Retry {
 /// A database a sink writes to.
 pub trait Destination: Send + Sync + 'static {
     /// One queue record in the form this destination encodes from: decoded families for
-    /// InfluxDB, the wire batch itself for remote write (which transcodes it directly).
-    type Record: Send + Sync + 'static;
+    /// InfluxDB; for remote write, which transcodes it directly, the batch read in place
+    /// and borrowing the record's bytes.
+    type Record<'a>: Send + Sync;
 
-    /// Turns a batch read back from the queue into a record; an error drops the record
-    /// (logged and counted as corrupt).
-    fn read(&self, batch: v1::Batch) -> Result<Self::Record, DecodeError>;
+    /// Reads a record's payload (a `picket.v1.Batch` as the agent sent it, or as ingest
+    /// encoded it); an error drops the record (logged and counted as corrupt).
+    fn read<'a>(&self, payload: &'a [u8]) -> Result<Self::Record<'a>, RecordError>;
 
     /// Sends several queue records as one request (or more, when the destination has to
     /// split it).
     fn send(
         &self,
-        records: &[Self::Record],
+        records: &[Self::Record<'_>],
     ) -> impl Future<Output = Result<Delivered, Retry>> + Send;
+}
+
+/// Why a queue record could not be read back. The queue's checksum passed, so either is a
+/// bug or a disk that lies.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("not a picket.v1.Batch: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error(transparent)]
+    Invalid(#[from] DecodeError),
+}
+
+/// A record's payload decoded into families, for destinations that encode from the model.
+pub fn read_families(payload: &[u8]) -> Result<Vec<Family>, RecordError> {
+    let batch = v1::read_received_batch(payload)?;
+    Ok(decode_flat_batch(&batch)?.families)
 }
 
 pub struct Driver<D> {
@@ -415,7 +432,7 @@ impl<D: Destination> Worker<D> {
         while let Some(first) = rx.recv().await {
             let mut ids = vec![first.0];
             let mut samples = first.1.samples as usize;
-            let mut records = vec![first.1];
+            let mut payloads = vec![first.1];
             let deadline = tokio::time::Instant::now() + self.batch.max_delay;
             while samples < self.batch.max_samples {
                 let next = match rx.try_recv() {
@@ -433,23 +450,24 @@ impl<D: Destination> Worker<D> {
                 };
                 ids.push(next.0);
                 samples += next.1.samples as usize;
-                records.push(next.1);
+                payloads.push(next.1);
             }
-            let families = self.decode(records);
-            self.deliver(&families).await;
+            // Records may borrow from their payloads (remote write reads them in place), so
+            // the payloads stay until delivery ends, retries included. That is at most
+            // `max_samples` per worker, and for remote write it replaces the decoded batch
+            // that used to be held instead.
+            let records = self.read(&payloads);
+            self.deliver(&records).await;
             if self.done.send(ids).is_err() {
                 return;
             }
         }
     }
 
-    fn decode(&self, records: Vec<Record>) -> Vec<D::Record> {
+    fn read<'a>(&self, records: &'a [Record]) -> Vec<D::Record<'a>> {
         let mut out = Vec::with_capacity(records.len());
         for record in records {
-            let decoded = v1::Batch::decode(record.payload.as_slice())
-                .map_err(|e| e.to_string())
-                .and_then(|b| self.destination.read(b).map_err(|e| e.to_string()));
-            match decoded {
+            match self.destination.read(&record.payload) {
                 Ok(decoded) => out.push(decoded),
                 Err(e) => {
                     // The checksum passed, so this is a bug or a disk that lies; losing the
@@ -465,7 +483,7 @@ impl<D: Destination> Worker<D> {
 
     /// Sends until the database has answered for every sample; only the process ending
     /// stops it (the data stays queued on disk meanwhile).
-    async fn deliver(&self, records: &[D::Record]) {
+    async fn deliver(&self, records: &[D::Record<'_>]) {
         let mut backoff = self.retry.initial_backoff;
         let mut failing_since: Option<Instant> = None;
         loop {
@@ -510,8 +528,9 @@ fn jittered(d: Duration) -> Duration {
 mod tests {
     use super::*;
     use crate::sinks::queue::QueueConfig;
-    use picket_core::codec::{BatchEncoder, decode_batch};
-    use picket_core::model::{Family, Labels, MetricType};
+    use picket_core::codec::BatchEncoder;
+    use picket_core::model::{Labels, MetricType};
+    use prost::Message;
     use std::sync::Mutex;
 
     /// Fails the first `failures` sends with a `Retry-After`, then records what it gets.
@@ -521,13 +540,13 @@ mod tests {
     }
 
     impl Destination for Flaky {
-        type Record = Vec<Family>;
+        type Record<'a> = Vec<Family>;
 
-        fn read(&self, batch: v1::Batch) -> Result<Vec<Family>, DecodeError> {
-            Ok(decode_batch(&batch)?.families)
+        fn read(&self, payload: &[u8]) -> Result<Vec<Family>, RecordError> {
+            read_families(payload)
         }
 
-        async fn send(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
+        async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
             {
                 let mut failures = self.failures.lock().unwrap();
                 if *failures > 0 {
@@ -657,13 +676,13 @@ mod tests {
     }
 
     impl Destination for AgentAStuck {
-        type Record = Vec<Family>;
+        type Record<'a> = Vec<Family>;
 
-        fn read(&self, batch: v1::Batch) -> Result<Vec<Family>, DecodeError> {
-            Ok(decode_batch(&batch)?.families)
+        fn read(&self, payload: &[u8]) -> Result<Vec<Family>, RecordError> {
+            read_families(payload)
         }
 
-        async fn send(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
+        async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
             let points = || records.iter().flatten().flat_map(|f| &f.points);
             let released = self.released.load(std::sync::atomic::Ordering::SeqCst);
             if !released && points().any(|p| p.labels.get("instance") == Some("a")) {

@@ -6,9 +6,10 @@
 //! (symbol indices, label syntax, duplicate labels, quantile ranges, bucket order) and reports
 //! the first problem precisely; the aggregator turns that into a `Rejected` ack.
 
-use foldhash::HashMap;
+use std::borrow::Cow;
 
-use picket_proto::v1;
+use foldhash::HashMap;
+use picket_proto::v1::{self, FlatBatch, FlatFamily, FlatPoint, FlatValue};
 
 use crate::model::{
     Family, Histogram, Labels, MetricType, Point, Summary, Value, is_valid_label_name,
@@ -232,7 +233,12 @@ impl DecodedBatch {
 
 /// Decodes and validates a wire batch.
 pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
-    let symbols = &batch.symbols;
+    decode_flat_batch(&FlatBatch::of(batch))
+}
+
+/// Decodes and validates a batch read in place ([`v1::read_received_batch`]).
+pub fn decode_flat_batch(batch: &FlatBatch) -> Result<DecodedBatch, DecodeError> {
+    let symbols = batch.symbols();
     if symbols.first().is_some_and(|s| !s.is_empty()) {
         return Err(DecodeError::FirstSymbolNotEmpty);
     }
@@ -288,35 +294,35 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
     let mut common_labels = Labels::new();
     labels_of(
         &|| "common labels".to_owned(),
-        &batch.common_labels,
+        batch.common_labels(),
         &mut common_labels,
     )?;
 
     let mut decoded_label_bytes = 0usize;
-    let mut families = Vec::with_capacity(batch.families.len());
-    for (fi, wf) in batch.families.iter().enumerate() {
-        let (name, kind, help) = family_header(symbols, fi, wf)?;
+    let mut families = Vec::with_capacity(batch.families().len());
+    for (fi, wf) in batch.families().iter().enumerate() {
+        let (name, kind, help) = family_header(batch, fi, wf)?;
         let mut family = Family::new(name, kind, help);
-        for (si, ws) in wf.series.iter().enumerate() {
+        for (si, ws) in batch.series(wf).iter().enumerate() {
             let series_at = || format!("family {name:?} series #{si}");
+            let (pairs, points) = (batch.labels(ws), batch.points(ws));
             // Sized up front (one allocation each for text and offsets): the series' labels
             // are added one by one.
-            let series_bytes = ws
-                .labels
+            let series_bytes = pairs
                 .iter()
-                .map(|&i| symbols.get(i as usize).map_or(0, String::len))
+                .map(|&i| symbols.get(i as usize).map_or(0, |s| s.len()))
                 .fold(0usize, usize::saturating_add);
-            let mut labels = common_labels.clone_with_room(ws.labels.len() / 2, series_bytes);
-            labels_of(&series_at, &ws.labels, &mut labels)?;
+            let mut labels = common_labels.clone_with_room(pairs.len() / 2, series_bytes);
+            labels_of(&series_at, pairs, &mut labels)?;
             let label_bytes = labels.byte_len();
             decoded_label_bytes =
-                decoded_label_bytes.saturating_add(label_bytes.saturating_mul(ws.points.len()));
+                decoded_label_bytes.saturating_add(label_bytes.saturating_mul(points.len()));
             if decoded_label_bytes > MAX_DECODED_LABEL_BYTES {
                 return Err(DecodeError::TooLarge { at: series_at() });
             }
-            for (pi, wp) in ws.points.iter().enumerate() {
+            for (pi, wp) in points.iter().enumerate() {
                 // The last point takes the label set itself; most series have one point.
-                let labels = if pi + 1 == ws.points.len() {
+                let labels = if pi + 1 == points.len() {
                     std::mem::take(&mut labels)
                 } else {
                     labels.clone()
@@ -324,7 +330,7 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
                 family.points.push(Point {
                     labels,
                     timestamp_ms: wp.timestamp_ms,
-                    value: decode_value(&series_at, kind, wp)?,
+                    value: decode_value(&series_at, kind, batch, wp)?,
                 });
             }
         }
@@ -340,11 +346,16 @@ pub fn decode_batch(batch: &v1::Batch) -> Result<DecodedBatch, DecodeError> {
 /// Validates a wire batch exactly as [`decode_batch`] does — the same checks in the same
 /// order, so the same error for a bad batch — without building its families, and returns
 /// its sample count ([`DecodedBatch::sample_count`]).
+pub fn validate_batch(batch: &v1::Batch) -> Result<usize, DecodeError> {
+    validate_flat_batch(&FlatBatch::of(batch))
+}
+
+/// [`validate_batch`] for a batch read in place ([`v1::read_received_batch`]).
 ///
 /// For a receiver that passes batches on as they are (the aggregator relaying to remote write
 /// with nothing else needing the decoded samples), the decode's label sets are pure cost.
-pub fn validate_batch(batch: &v1::Batch) -> Result<usize, DecodeError> {
-    let symbols = &batch.symbols;
+pub fn validate_flat_batch(batch: &FlatBatch) -> Result<usize, DecodeError> {
+    let symbols = batch.symbols();
     if symbols.first().is_some_and(|s| !s.is_empty()) {
         return Err(DecodeError::FirstSymbolNotEmpty);
     }
@@ -358,7 +369,7 @@ pub fn validate_batch(batch: &v1::Batch) -> Result<usize, DecodeError> {
     let mut common_bytes = 0usize;
     label_check.check(
         &|| "common labels".to_owned(),
-        &batch.common_labels,
+        batch.common_labels(),
         &mut names,
         &mut common_bytes,
     )?;
@@ -366,20 +377,21 @@ pub fn validate_batch(batch: &v1::Batch) -> Result<usize, DecodeError> {
 
     let mut decoded_label_bytes = 0usize;
     let mut samples = 0usize;
-    for (fi, wf) in batch.families.iter().enumerate() {
-        let (name, kind, _) = family_header(symbols, fi, wf)?;
-        for (si, ws) in wf.series.iter().enumerate() {
+    for (fi, wf) in batch.families().iter().enumerate() {
+        let (name, kind, _) = family_header(batch, fi, wf)?;
+        for (si, ws) in batch.series(wf).iter().enumerate() {
             let series_at = || format!("family {name:?} series #{si}");
             names.truncate(common_count);
             let mut label_bytes = common_bytes;
-            label_check.check(&series_at, &ws.labels, &mut names, &mut label_bytes)?;
+            label_check.check(&series_at, batch.labels(ws), &mut names, &mut label_bytes)?;
+            let points = batch.points(ws);
             decoded_label_bytes =
-                decoded_label_bytes.saturating_add(label_bytes.saturating_mul(ws.points.len()));
+                decoded_label_bytes.saturating_add(label_bytes.saturating_mul(points.len()));
             if decoded_label_bytes > MAX_DECODED_LABEL_BYTES {
                 return Err(DecodeError::TooLarge { at: series_at() });
             }
-            for wp in &ws.points {
-                samples += decode_value(&series_at, kind, wp)?.sample_count();
+            for wp in points {
+                samples += check_value(&series_at, kind, batch, wp)?;
             }
         }
     }
@@ -388,10 +400,11 @@ pub fn validate_batch(batch: &v1::Batch) -> Result<usize, DecodeError> {
 
 /// A family's name, type and help, checked (`fi` is its position in the batch).
 fn family_header<'b>(
-    symbols: &'b [String],
+    batch: &'b FlatBatch,
     fi: usize,
-    wf: &v1::Family,
+    wf: &FlatFamily,
 ) -> Result<(&'b str, MetricType, &'b str), DecodeError> {
+    let symbols = batch.symbols();
     let name = symbol_at(symbols, &|| format!("family #{fi}"), wf.name)?;
     let family_at = || format!("family {name:?}");
     if !is_valid_metric_name(name) {
@@ -404,7 +417,7 @@ fn family_header<'b>(
         at: family_at(),
         value: wf.r#type,
     })?;
-    if wf.series.is_empty() {
+    if batch.series(wf).is_empty() {
         return Err(DecodeError::EmptyFamily { at: family_at() });
     }
     let help = symbol_at(symbols, &family_at, wf.help)?;
@@ -412,23 +425,23 @@ fn family_header<'b>(
 }
 
 /// The value of common label `name` in a wire batch, if it has one.
-pub fn common_label<'b>(batch: &'b v1::Batch, name: &str) -> Option<&'b str> {
-    let symbol = |index: u32| batch.symbols.get(index as usize).map(String::as_str);
+pub fn common_label<'b>(batch: &'b FlatBatch, name: &str) -> Option<&'b str> {
+    let symbol = |index: u32| batch.symbols().get(index as usize).map(|s| s.as_ref());
     batch
-        .common_labels
+        .common_labels()
         .chunks_exact(2)
         .find(|pair| symbol(pair[0]) == Some(name))
         .and_then(|pair| symbol(pair[1]))
 }
 
 fn symbol_at<'b>(
-    symbols: &'b [String],
+    symbols: &'b [Cow<'_, str>],
     at: &dyn Fn() -> String,
     index: u32,
 ) -> Result<&'b str, DecodeError> {
     symbols
         .get(index as usize)
-        .map(String::as_str)
+        .map(|s| s.as_ref())
         .ok_or_else(|| DecodeError::SymbolOutOfRange {
             at: at(),
             index,
@@ -438,13 +451,13 @@ fn symbol_at<'b>(
 
 /// [`validate_batch`]'s label checks: those of `decode_batch`'s `labels_of`, on names
 /// collected in a list instead of a label set.
-struct LabelCheck<'b> {
-    symbols: &'b [String],
+struct LabelCheck<'b, 'a> {
+    symbols: &'b [Cow<'a, str>],
     /// Whether each symbol is a valid label name, checked the first time it is used as one.
     name_checked: Vec<Option<bool>>,
 }
 
-impl<'b> LabelCheck<'b> {
+impl<'b> LabelCheck<'b, '_> {
     /// Checks `pairs` against the names already in `names` and adds them; `bytes` grows by
     /// the label text a decoded label set would hold.
     fn check(
@@ -504,12 +517,49 @@ fn metric_type(wire: i32) -> Option<MetricType> {
     }
 }
 
+/// A point's value, checked against its family's type. The checks are those of
+/// [`check_value`], which [`validate_flat_batch`] uses instead.
 fn decode_value(
     at: &dyn Fn() -> String,
     kind: MetricType,
-    point: &v1::Point,
+    batch: &FlatBatch,
+    point: &FlatPoint,
 ) -> Result<Value, DecodeError> {
-    use v1::point::Value as W;
+    check_value(at, kind, batch, point)?;
+    Ok(match point.value() {
+        // Refused by `check_value` above.
+        None => return Err(DecodeError::MissingValue { at: at() }),
+        Some(FlatValue::Stale) => Value::Stale,
+        Some(FlatValue::Number(v)) => Value::Number(v),
+        Some(FlatValue::Summary {
+            count,
+            sum,
+            quantiles,
+        }) => Value::Summary(Summary {
+            count,
+            sum,
+            quantiles: batch.quantiles(quantiles).collect(),
+        }),
+        Some(FlatValue::Histogram {
+            count,
+            sum,
+            buckets,
+        }) => Value::Histogram(Histogram {
+            count,
+            sum,
+            buckets: batch.buckets(buckets).collect(),
+        }),
+    })
+}
+
+/// Checks a point's timestamp and value against its family's type; returns the samples
+/// its value expands to ([`Value::sample_count`]).
+fn check_value(
+    at: &dyn Fn() -> String,
+    kind: MetricType,
+    batch: &FlatBatch,
+    point: &FlatPoint,
+) -> Result<usize, DecodeError> {
     if point.timestamp_ms <= 0 {
         return Err(DecodeError::BadTimestamp {
             at: at(),
@@ -521,54 +571,39 @@ fn decode_value(
         kind: kind.as_str(),
         value,
     };
-    match point.value.as_ref() {
+    match point.value() {
         None => Err(DecodeError::MissingValue { at: at() }),
-        Some(W::Stale(_)) => Ok(Value::Stale),
-        Some(W::Number(v)) => match kind {
+        Some(FlatValue::Stale) => Ok(Value::Stale.sample_count()),
+        Some(FlatValue::Number(v)) => match kind {
             MetricType::Summary | MetricType::Histogram => Err(mismatch("number")),
-            _ => Ok(Value::Number(*v)),
+            _ => Ok(Value::Number(v).sample_count()),
         },
-        Some(W::Summary(s)) => {
+        Some(FlatValue::Summary { quantiles, .. }) => {
             if kind != MetricType::Summary {
                 return Err(mismatch("summary"));
             }
-            let mut quantiles = Vec::with_capacity(s.quantiles.len());
-            for q in &s.quantiles {
-                if !(0.0..=1.0).contains(&q.quantile) {
-                    return Err(DecodeError::BadQuantile {
-                        at: at(),
-                        quantile: q.quantile,
-                    });
-                }
-                quantiles.push((q.quantile, q.value));
+            if let Some((quantile, _)) = batch
+                .quantiles(quantiles)
+                .find(|(q, _)| !(0.0..=1.0).contains(q))
+            {
+                return Err(DecodeError::BadQuantile { at: at(), quantile });
             }
-            Ok(Value::Summary(Summary {
-                count: s.count,
-                sum: s.sum,
-                quantiles,
-            }))
+            // As `Value::sample_count` counts them (the batch_decode fuzz target compares).
+            Ok(quantiles.len() + 2)
         }
-        Some(W::Histogram(h)) => {
+        Some(FlatValue::Histogram { count, buckets, .. }) => {
             if kind != MetricType::Histogram {
                 return Err(mismatch("histogram"));
             }
-            let ordered = h.buckets.windows(2).all(|w| {
-                w[0].upper_bound < w[1].upper_bound
-                    && w[0].cumulative_count <= w[1].cumulative_count
-            });
-            let within_count = h.buckets.iter().all(|b| b.cumulative_count <= h.count);
-            if !ordered || !within_count || h.buckets.iter().any(|b| b.upper_bound.is_nan()) {
-                return Err(DecodeError::BadBuckets { at: at() });
+            let mut previous: Option<(f64, u64)> = None;
+            for (bound, cumulative) in batch.buckets(buckets) {
+                let ordered = previous.is_none_or(|(b, c)| b < bound && c <= cumulative);
+                if !ordered || cumulative > count || bound.is_nan() {
+                    return Err(DecodeError::BadBuckets { at: at() });
+                }
+                previous = Some((bound, cumulative));
             }
-            Ok(Value::Histogram(Histogram {
-                count: h.count,
-                sum: h.sum,
-                buckets: h
-                    .buckets
-                    .iter()
-                    .map(|b| (b.upper_bound, b.cumulative_count))
-                    .collect(),
-            }))
+            Ok(buckets.len() + 3)
         }
     }
 }
@@ -946,7 +981,7 @@ mod tests {
     #[test]
     fn common_label_reads_the_wire_batch() {
         let batch = valid_batch();
-        assert_eq!(common_label(&batch, "instance"), Some("a"));
-        assert_eq!(common_label(&batch, "cpu"), None);
+        assert_eq!(common_label(&FlatBatch::of(&batch), "instance"), Some("a"));
+        assert_eq!(common_label(&FlatBatch::of(&batch), "cpu"), None);
     }
 }

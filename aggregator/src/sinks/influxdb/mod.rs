@@ -18,12 +18,12 @@ use std::time::Duration;
 use hyper::header::{
     AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT,
 };
-use picket_core::codec::{DecodeError, decode_batch};
 use picket_core::model::Family;
-use picket_proto::v1;
 use serde::Deserialize;
 
-use super::driver::{BatchConfig, Delivered, Destination, Retry, RetryConfig};
+use super::driver::{
+    BatchConfig, Delivered, Destination, RecordError, Retry, RetryConfig, read_families,
+};
 use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient};
 use super::metrics::{SinkMetrics, outcome};
 use super::queue::QueueConfig;
@@ -304,13 +304,13 @@ impl Influx {
 }
 
 impl Destination for Influx {
-    type Record = Vec<Family>;
+    type Record<'a> = Vec<Family>;
 
-    fn read(&self, batch: v1::Batch) -> Result<Vec<Family>, DecodeError> {
-        Ok(decode_batch(&batch)?.families)
+    fn read(&self, payload: &[u8]) -> Result<Vec<Family>, RecordError> {
+        read_families(payload)
     }
 
-    async fn send(&self, records: &[Vec<Family>]) -> Result<Delivered, Retry> {
+    async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
         let mut lines = Vec::with_capacity(64 * 1024);
         let stats = line_protocol::encode(records.iter().flatten(), &self.mapping, &mut lines);
         let mut dropped = Vec::new();

@@ -15,6 +15,7 @@
 //! timestamp order; a batch may carry the same series in several families or points, so
 //! samples are grouped per series and sorted before encoding.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
@@ -22,7 +23,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use foldhash::fast::RandomState;
 use picket_core::codec::DecodeError;
 use picket_core::exposition::format_float;
-use picket_proto::v1;
+use picket_proto::v1::{self, FlatBatch, FlatValue};
 
 /// Remote-write body ready to POST: snappy *block* format (not framed) of a protobuf WriteRequest.
 #[derive(Clone, Debug)]
@@ -90,15 +91,10 @@ pub struct Sample {
 /// must keep batches far below snappy's block limit (about 3.6 GiB of protobuf); a request
 /// over it cannot be encoded, is logged, and comes back as an empty body with `samples` and
 /// `series` 0.
-pub fn encode(batches: &[v1::Batch]) -> EncodedWrite {
+pub fn encode(batches: &[FlatBatch]) -> EncodedWrite {
     // Most batches hold one sample per series, so the point count is a good first size for
     // the series table and saves rehashing while it grows.
-    let expected = batches
-        .iter()
-        .flat_map(|b| &b.families)
-        .flat_map(|f| &f.series)
-        .map(|s| s.points.len())
-        .sum();
+    let expected = batches.iter().map(FlatBatch::point_count).sum();
     let mut table = SeriesTable::with_capacity(expected);
     let mut floats = FloatLabels::default();
     let mut name = String::new();
@@ -107,24 +103,24 @@ pub fn encode(batches: &[v1::Batch]) -> EncodedWrite {
     let mut labels: Vec<(&str, &str)> = Vec::new();
 
     for batch in batches {
-        let symbols = batch.symbols.as_slice();
+        let symbols = batch.symbols();
         common.clear();
-        common.extend(symbol_pairs(symbols, &batch.common_labels));
-        for family in &batch.families {
+        common.extend(symbol_pairs(symbols, batch.common_labels()));
+        for family in batch.families() {
             let base = symbol(symbols, family.name);
             let has_parts = matches!(
                 v1::MetricType::try_from(family.r#type),
                 Ok(v1::MetricType::Summary | v1::MetricType::Histogram)
             );
-            for series in &family.series {
+            for series in batch.series(family) {
                 labels.clear();
                 labels.extend_from_slice(&common);
-                labels.extend(symbol_pairs(symbols, &series.labels));
+                labels.extend(symbol_pairs(symbols, batch.labels(series)));
                 // Agents send a handful of labels per series, mostly in order already; the
                 // stable sort is an insertion sort at this size.
                 labels.sort_by(|a, b| a.0.cmp(b.0));
-                for point in &series.points {
-                    let Some(value) = &point.value else { continue };
+                for point in batch.points(series) {
+                    let Some(value) = point.value() else { continue };
                     let mut emit = PointSink {
                         table: &mut table,
                         floats: &mut floats,
@@ -133,7 +129,7 @@ pub fn encode(batches: &[v1::Batch]) -> EncodedWrite {
                         labels: &labels,
                         timestamp: point.timestamp_ms,
                     };
-                    emit.point(value, has_parts);
+                    emit.point(batch, value, has_parts);
                 }
             }
         }
@@ -164,13 +160,13 @@ pub fn encode(batches: &[v1::Batch]) -> EncodedWrite {
 }
 
 /// The symbol at `index`; [`check`] has made sure it exists.
-fn symbol(symbols: &[String], index: u32) -> &str {
-    symbols.get(index as usize).map_or("", String::as_str)
+fn symbol<'b>(symbols: &'b [Cow<'_, str>], index: u32) -> &'b str {
+    symbols.get(index as usize).map_or("", |s| s.as_ref())
 }
 
 /// Label (name, value) pairs from symbol index pairs.
 fn symbol_pairs<'b>(
-    symbols: &'b [String],
+    symbols: &'b [Cow<'_, str>],
     indices: &'b [u32],
 ) -> impl Iterator<Item = (&'b str, &'b str)> + 'b {
     indices
@@ -185,8 +181,8 @@ fn symbol_pairs<'b>(
 /// only for a record damaged in a way its checksum missed or written by a broken build. It
 /// is deliberately cheaper than that decode (no label sets are built); label names, quantiles,
 /// buckets and timestamps were validated at ingest.
-pub fn check(batch: &v1::Batch) -> Result<(), DecodeError> {
-    let len = batch.symbols.len();
+pub fn check(batch: &FlatBatch) -> Result<(), DecodeError> {
+    let len = batch.symbols().len();
     let in_range = |at: &dyn Fn() -> String, index: u32| {
         if (index as usize) < len {
             Ok(())
@@ -207,8 +203,8 @@ pub fn check(batch: &v1::Batch) -> Result<(), DecodeError> {
         }
         indices.iter().try_for_each(|&index| in_range(at, index))
     };
-    label_pairs(&|| "common labels".to_owned(), &batch.common_labels)?;
-    for (fi, family) in batch.families.iter().enumerate() {
+    label_pairs(&|| "common labels".to_owned(), batch.common_labels())?;
+    for (fi, family) in batch.families().iter().enumerate() {
         let at = || format!("family #{fi}");
         in_range(&at, family.name)?;
         let kind =
@@ -216,25 +212,25 @@ pub fn check(batch: &v1::Batch) -> Result<(), DecodeError> {
                 at: at(),
                 value: family.r#type,
             })?;
-        for (si, series) in family.series.iter().enumerate() {
+        for (si, series) in batch.series(family).iter().enumerate() {
             let at = || format!("family #{fi} series #{si}");
-            label_pairs(&at, &series.labels)?;
-            for point in &series.points {
-                use v1::point::Value as W;
-                let fits = match (&point.value, kind) {
+            label_pairs(&at, batch.labels(series))?;
+            for point in batch.points(series) {
+                let value = point.value();
+                let fits = match (value, kind) {
                     (None, _) => return Err(DecodeError::MissingValue { at: at() }),
-                    (Some(W::Stale(_)), _) => true,
-                    (Some(W::Number(_)), k) => {
+                    (Some(FlatValue::Stale), _) => true,
+                    (Some(FlatValue::Number(_)), k) => {
                         !matches!(k, v1::MetricType::Summary | v1::MetricType::Histogram)
                     }
-                    (Some(W::Summary(_)), k) => k == v1::MetricType::Summary,
-                    (Some(W::Histogram(_)), k) => k == v1::MetricType::Histogram,
+                    (Some(FlatValue::Summary { .. }), k) => k == v1::MetricType::Summary,
+                    (Some(FlatValue::Histogram { .. }), k) => k == v1::MetricType::Histogram,
                 };
                 if !fits {
                     return Err(DecodeError::TypeMismatch {
                         at: at(),
                         kind: kind_name(kind),
-                        value: value_kind(point.value.as_ref()),
+                        value: value_kind(value),
                     });
                 }
             }
@@ -253,14 +249,13 @@ fn kind_name(kind: v1::MetricType) -> &'static str {
     }
 }
 
-fn value_kind(value: Option<&v1::point::Value>) -> &'static str {
-    use v1::point::Value as W;
+fn value_kind(value: Option<FlatValue>) -> &'static str {
     match value {
         None => "no",
-        Some(W::Number(_)) => "number",
-        Some(W::Summary(_)) => "summary",
-        Some(W::Histogram(_)) => "histogram",
-        Some(W::Stale(_)) => "stale",
+        Some(FlatValue::Number(_)) => "number",
+        Some(FlatValue::Summary { .. }) => "summary",
+        Some(FlatValue::Histogram { .. }) => "histogram",
+        Some(FlatValue::Stale) => "stale",
     }
 }
 
@@ -279,35 +274,42 @@ impl PointSink<'_, '_> {
     /// Expands the point the way the text exposition format (and `/metrics`) does.
     /// `has_parts`: the family is a summary or histogram, whose stale markers go to `_sum`
     /// and `_count`.
-    fn point(&mut self, value: &v1::point::Value, has_parts: bool) {
-        use v1::point::Value as W;
+    fn point(&mut self, batch: &FlatBatch, value: FlatValue, has_parts: bool) {
         let (labels, ts, base) = (self.labels, self.timestamp, self.base);
         match value {
-            W::Number(v) => self.table.push(base, labels, None, ts, data(*v)),
-            W::Summary(s) => {
-                for q in &s.quantiles {
-                    let extra = Some(("quantile", self.floats.format(q.quantile)));
-                    self.table.push(base, labels, extra, ts, data(q.value));
+            FlatValue::Number(v) => self.table.push(base, labels, None, ts, data(v)),
+            FlatValue::Summary {
+                count,
+                sum,
+                quantiles,
+            } => {
+                for (quantile, value) in batch.quantiles(quantiles) {
+                    let extra = Some(("quantile", self.floats.format(quantile)));
+                    self.table.push(base, labels, extra, ts, data(value));
                 }
-                self.parts(ts, data(s.sum), s.count as f64);
+                self.parts(ts, data(sum), count as f64);
             }
-            W::Histogram(h) => {
+            FlatValue::Histogram {
+                count,
+                sum,
+                buckets,
+            } => {
                 let bucket = with_suffix(self.name, base, "_bucket");
                 let mut saw_inf = false;
-                for b in &h.buckets {
-                    saw_inf |= b.upper_bound == f64::INFINITY;
-                    let extra = Some(("le", self.floats.format(b.upper_bound)));
+                for (bound, cumulative) in batch.buckets(buckets) {
+                    saw_inf |= bound == f64::INFINITY;
+                    let extra = Some(("le", self.floats.format(bound)));
                     self.table
-                        .push(bucket, labels, extra, ts, b.cumulative_count as f64);
+                        .push(bucket, labels, extra, ts, cumulative as f64);
                 }
                 // Prometheus requires the +Inf bucket; it always equals the total count.
                 if !saw_inf {
                     let extra = Some(("le", self.floats.format(f64::INFINITY)));
-                    self.table.push(bucket, labels, extra, ts, h.count as f64);
+                    self.table.push(bucket, labels, extra, ts, count as f64);
                 }
-                self.parts(ts, data(h.sum), h.count as f64);
+                self.parts(ts, data(sum), count as f64);
             }
-            W::Stale(_) => {
+            FlatValue::Stale => {
                 let stale = f64::from_bits(STALE_NAN_BITS);
                 if has_parts {
                     // A stale point does not say which quantiles or buckets the series had,
@@ -641,15 +643,20 @@ mod tests {
     use picket_core::model::{Family, Histogram, Labels, MetricType, Point, Summary, Value};
     use prost::Message;
 
-    /// Encodes families the way they reach the sink: each as an agent's wire batch.
+    /// Encodes families the way they reach the sink: each as an agent's wire batch, read in
+    /// place from its bytes.
     fn encode_families<'a>(families: impl IntoIterator<Item = &'a Family>) -> EncodedWrite {
-        let batches: Vec<v1::Batch> = families
+        let wires: Vec<Vec<u8>> = families
             .into_iter()
             .map(|family| {
                 let mut encoder = BatchEncoder::new(&Labels::new());
                 encoder.push(family);
-                encoder.finish(0)
+                encoder.finish(0).encode_to_vec()
             })
+            .collect();
+        let batches: Vec<FlatBatch> = wires
+            .iter()
+            .map(|wire| FlatBatch::parse(wire).expect("an agent's batch is read in place"))
             .collect();
         encode(&batches)
     }
@@ -1052,6 +1059,7 @@ mod tests {
             &[2, 3, 4, 5],
             vec![gauge_family(1, &[6, 7, 8, 9], number)],
         );
+        let batch = FlatBatch::of(&batch);
         check(&batch).expect("well-formed batch");
         let request = decode(&encode(&[batch]));
         assert_eq!(
@@ -1103,7 +1111,7 @@ mod tests {
         let batches = [round(1_000), round(2_000)];
         let mut expected: Vec<Owned> = Vec::new();
         for batch in &batches {
-            check(batch).expect("the agent's own encoding passes the check");
+            check(&FlatBatch::of(batch)).expect("the agent's own encoding passes the check");
             for family in decode_batch(batch).expect("decodes").families {
                 for point in family.points {
                     let mut labels: Vec<(String, String)> = point
@@ -1123,7 +1131,7 @@ mod tests {
                 }
             }
         }
-        let write = encode(&batches);
+        let write = encode(&batches.each_ref().map(FlatBatch::of));
         let request = decode(&write);
         let got: Vec<Owned> = request
             .timeseries
@@ -1145,14 +1153,14 @@ mod tests {
         use v1::point::Value as W;
         let number = || Some(W::Number(1.0));
         let symbols = ["", "m", "a", "b"];
-        let error = |batch: v1::Batch| check(&batch).unwrap_err().to_string();
+        let error = |batch: v1::Batch| check(&FlatBatch::of(&batch)).unwrap_err().to_string();
 
         assert!(
-            check(&wire(
+            check(&FlatBatch::of(&wire(
                 &symbols,
                 &[2, 3],
                 vec![gauge_family(1, &[], number())]
-            ))
+            )))
             .is_ok()
         );
         let out_of_range = error(wire(

@@ -13,11 +13,10 @@ pub mod encode;
 use std::time::Duration;
 
 use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
-use picket_core::codec::DecodeError;
-use picket_proto::v1;
+use picket_proto::v1::{self, FlatBatch};
 use serde::Deserialize;
 
-use super::driver::{BatchConfig, Delivered, Destination, Retry, RetryConfig};
+use super::driver::{BatchConfig, Delivered, Destination, RecordError, Retry, RetryConfig};
 use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient};
 use super::metrics::{SinkMetrics, outcome};
 use super::queue::QueueConfig;
@@ -116,7 +115,7 @@ impl RemoteWrite {
         })
     }
 
-    async fn send_part(&self, records: &[v1::Batch]) -> Result<Delivered, Retry> {
+    async fn send_part(&self, records: &[FlatBatch<'_>]) -> Result<Delivered, Retry> {
         let encoded = encode::encode(records);
         if encoded.samples == 0 {
             return Ok(Delivered::default());
@@ -156,14 +155,15 @@ impl RemoteWrite {
 }
 
 impl Destination for RemoteWrite {
-    type Record = v1::Batch;
+    type Record<'a> = FlatBatch<'a>;
 
-    fn read(&self, batch: v1::Batch) -> Result<v1::Batch, DecodeError> {
+    fn read<'a>(&self, payload: &'a [u8]) -> Result<FlatBatch<'a>, RecordError> {
+        let batch = v1::read_received_batch(payload)?;
         encode::check(&batch)?;
         Ok(batch)
     }
 
-    async fn send(&self, records: &[v1::Batch]) -> Result<Delivered, Retry> {
+    async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
         self.send_part(records).await
     }
 }
@@ -183,12 +183,12 @@ mod tests {
         picket_core::config::parse("s.toml", &text).unwrap()
     }
 
-    fn record(instance: &str, ts: i64) -> v1::Batch {
+    fn record(instance: &str, ts: i64) -> FlatBatch<'static> {
         let mut f = Family::new("m", MetricType::Gauge, "");
         f.push(Labels::from_pairs([("instance", instance)]), ts, 1.0);
         let mut encoder = BatchEncoder::new(&Labels::new());
         encoder.push(&f);
-        encoder.finish(0)
+        FlatBatch::from_batch(encoder.finish(0))
     }
 
     fn sink(server: &MockServer) -> (RemoteWrite, Arc<SinkMetrics>) {

@@ -1,0 +1,783 @@
+//! `picket.v1.Batch` read in place: [`FlatBatch`] keeps the batch's nested lists (families,
+//! their series, their label indices and points, summaries' quantiles and histograms'
+//! buckets) in one array each and borrows its strings from the bytes it was read from.
+//!
+//! The aggregator reads every batch twice, at ingest to check it and in each queue-fed sink
+//! to encode it, and prost's [`v1::Batch`] costs an allocation per symbol, per series and per point
+//! list: most of the relay's allocator time. A `FlatBatch` costs a handful of allocations
+//! per batch, whatever its size.
+//!
+//! [`FlatBatch::parse`] reads the encoding agents write (any field order, packed or unpacked
+//! label lists, unknown fields skipped) and gives up, with `None`, on anything unusual: a
+//! group, a point whose value is set twice (which protobuf merges), a wrong wire type, a
+//! malformed varint. Whatever it accepts, prost reads the same way; the `flat_batch` fuzz
+//! target holds it to that. Callers fall back to prost for what it refuses
+//! ([`crate::v1::read_received_batch`]), so it never decides whether a batch is valid.
+//!
+//! Adding a field to `Batch` or a message inside it: [`FlatBatch::of`] stops compiling
+//! until the field is handled there, and [`FlatBatch::parse`] must read it too (it would
+//! otherwise skip it as unknown).
+
+use std::borrow::Cow;
+
+use crate::v1;
+
+// Protobuf wire types (`prost::encoding::WireType`, as the numbers in a key).
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const FIXED32: u8 = 5;
+
+/// A run of entries in one of a [`FlatBatch`]'s arrays. Only meaningful for the batch it
+/// came from: another batch's accessors would read other entries, or panic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    fn starting_at(start: usize) -> Self {
+        Span { start, end: start }
+    }
+
+    pub fn len(self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.start == self.end
+    }
+}
+
+/// A `picket.v1.Batch` with its lists flattened. Floats are kept as their bits, so two
+/// readings compare equal exactly when they hold the same values (NaNs included).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FlatBatch<'a> {
+    pub sequence: u64,
+    symbols: Vec<Cow<'a, str>>,
+    common_labels: Vec<u32>,
+    families: Vec<FlatFamily>,
+    series: Vec<FlatSeries>,
+    labels: Vec<u32>,
+    points: Vec<FlatPoint>,
+    /// Quantiles as (quantile, value) and buckets as (upper bound, cumulative count), as bits.
+    pairs: Vec<[u64; 2]>,
+}
+
+/// `picket.v1.Family`; its series are [`FlatBatch::series`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlatFamily {
+    /// Symbol index.
+    pub name: u32,
+    /// `MetricType` as sent (any value: the enum is open).
+    pub r#type: i32,
+    /// Symbol index; 0 means no help text.
+    pub help: u32,
+    series: Span,
+}
+
+/// `picket.v1.Series`; see [`FlatBatch::labels`] and [`FlatBatch::points`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlatSeries {
+    labels: Span,
+    points: Span,
+}
+
+/// `picket.v1.Point`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlatPoint {
+    pub timestamp_ms: i64,
+    value: Option<StoredValue>,
+}
+
+/// `Point.value` as stored: floats as bits, for exact comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StoredValue {
+    Number(u64),
+    Summary {
+        count: u64,
+        sum: u64,
+        quantiles: Span,
+    },
+    Histogram {
+        count: u64,
+        sum: u64,
+        buckets: Span,
+    },
+    Stale,
+}
+
+/// `Point.value`. Quantiles and buckets are read with [`FlatBatch::quantiles`] and
+/// [`FlatBatch::buckets`].
+#[derive(Clone, Copy, Debug)]
+pub enum FlatValue {
+    Number(f64),
+    Summary {
+        count: u64,
+        sum: f64,
+        quantiles: Span,
+    },
+    Histogram {
+        count: u64,
+        sum: f64,
+        buckets: Span,
+    },
+    Stale,
+}
+
+impl FlatPoint {
+    pub fn value(&self) -> Option<FlatValue> {
+        Some(match self.value? {
+            StoredValue::Number(bits) => FlatValue::Number(f64::from_bits(bits)),
+            StoredValue::Summary {
+                count,
+                sum,
+                quantiles,
+            } => FlatValue::Summary {
+                count,
+                sum: f64::from_bits(sum),
+                quantiles,
+            },
+            StoredValue::Histogram {
+                count,
+                sum,
+                buckets,
+            } => FlatValue::Histogram {
+                count,
+                sum: f64::from_bits(sum),
+                buckets,
+            },
+            StoredValue::Stale => FlatValue::Stale,
+        })
+    }
+}
+
+impl<'a> FlatBatch<'a> {
+    /// The symbol table.
+    pub fn symbols(&self) -> &[Cow<'a, str>] {
+        &self.symbols
+    }
+
+    /// Label index pairs common to every series.
+    pub fn common_labels(&self) -> &[u32] {
+        &self.common_labels
+    }
+
+    pub fn families(&self) -> &[FlatFamily] {
+        &self.families
+    }
+
+    pub fn series(&self, family: &FlatFamily) -> &[FlatSeries] {
+        &self.series[family.series.start..family.series.end]
+    }
+
+    /// The series' label index pairs.
+    pub fn labels(&self, series: &FlatSeries) -> &[u32] {
+        &self.labels[series.labels.start..series.labels.end]
+    }
+
+    /// Points in all series of all families.
+    pub fn point_count(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn points(&self, series: &FlatSeries) -> &[FlatPoint] {
+        &self.points[series.points.start..series.points.end]
+    }
+
+    /// A summary's (quantile, value) pairs.
+    pub fn quantiles(&self, quantiles: Span) -> impl ExactSizeIterator<Item = (f64, f64)> + '_ {
+        self.pairs[quantiles.start..quantiles.end]
+            .iter()
+            .map(|&[q, v]| (f64::from_bits(q), f64::from_bits(v)))
+    }
+
+    /// A histogram's (upper bound, cumulative count) pairs.
+    pub fn buckets(&self, buckets: Span) -> impl ExactSizeIterator<Item = (f64, u64)> + '_ {
+        self.pairs[buckets.start..buckets.end]
+            .iter()
+            .map(|&[bound, count]| (f64::from_bits(bound), count))
+    }
+
+    /// Reads a batch's encoding in place, or `None` where it is unusual enough to leave to
+    /// prost (see the module documentation): a `None` says nothing about validity.
+    pub fn parse(bytes: &'a [u8]) -> Option<FlatBatch<'a>> {
+        let mut batch = FlatBatch::default();
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, VARINT) => batch.sequence = input.varint()?,
+                (2, LEN) => {
+                    let text = std::str::from_utf8(input.delimited()?).ok()?;
+                    batch.symbols.push(Cow::Borrowed(text));
+                }
+                (3, LEN) => packed_u32(input.delimited()?, &mut batch.common_labels)?,
+                (3, VARINT) => batch.common_labels.push(input.varint()? as u32),
+                (4, LEN) => batch.parse_family(input.delimited()?)?,
+                (1..=4, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        Some(batch)
+    }
+
+    fn parse_family(&mut self, bytes: &[u8]) -> Option<()> {
+        let mut family = FlatFamily {
+            series: Span::starting_at(self.series.len()),
+            ..FlatFamily::default()
+        };
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, VARINT) => family.name = input.varint()? as u32,
+                (2, VARINT) => family.r#type = input.varint()? as i32,
+                (3, VARINT) => family.help = input.varint()? as u32,
+                (4, LEN) => self.parse_series(input.delimited()?)?,
+                (1..=4, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        // Series are read depth first, so this family's are the ones added since it began.
+        family.series.end = self.series.len();
+        self.families.push(family);
+        Some(())
+    }
+
+    fn parse_series(&mut self, bytes: &[u8]) -> Option<()> {
+        let mut series = FlatSeries {
+            labels: Span::starting_at(self.labels.len()),
+            points: Span::starting_at(self.points.len()),
+        };
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, LEN) => packed_u32(input.delimited()?, &mut self.labels)?,
+                (1, VARINT) => self.labels.push(input.varint()? as u32),
+                (2, LEN) => self.parse_point(input.delimited()?)?,
+                (1..=2, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        series.labels.end = self.labels.len();
+        series.points.end = self.points.len();
+        self.series.push(series);
+        Some(())
+    }
+
+    fn parse_point(&mut self, bytes: &[u8]) -> Option<()> {
+        let mut point = FlatPoint::default();
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            let value = match (tag, wire) {
+                (1, VARINT) => {
+                    point.timestamp_ms = input.varint()? as i64;
+                    continue;
+                }
+                (2, FIXED64) => StoredValue::Number(input.fixed64()?),
+                (3, LEN) => self.parse_summary(input.delimited()?)?,
+                (4, LEN) => self.parse_histogram(input.delimited()?)?,
+                (5, LEN) => {
+                    // `Stale` has no fields; anything in it is unknown and skipped.
+                    let mut stale = Input(input.delimited()?);
+                    while let Some((_, wire)) = stale.key()? {
+                        stale.skip(wire)?;
+                    }
+                    StoredValue::Stale
+                }
+                (1..=5, _) => return None,
+                _ => {
+                    input.skip(wire)?;
+                    continue;
+                }
+            };
+            // A second value merges into or replaces the first, depending on its kind;
+            // agents never send one, so that is left to prost.
+            if point.value.replace(value).is_some() {
+                return None;
+            }
+        }
+        self.points.push(point);
+        Some(())
+    }
+
+    fn parse_summary(&mut self, bytes: &[u8]) -> Option<StoredValue> {
+        let (mut count, mut sum) = (0, 0);
+        let mut quantiles = Span::starting_at(self.pairs.len());
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, VARINT) => count = input.varint()?,
+                (2, FIXED64) => sum = input.fixed64()?,
+                (3, LEN) => {
+                    let pair = parse_pair(input.delimited()?, FIXED64)?;
+                    self.pairs.push(pair);
+                }
+                (1..=3, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        quantiles.end = self.pairs.len();
+        Some(StoredValue::Summary {
+            count,
+            sum,
+            quantiles,
+        })
+    }
+
+    fn parse_histogram(&mut self, bytes: &[u8]) -> Option<StoredValue> {
+        let (mut count, mut sum) = (0, 0);
+        let mut buckets = Span::starting_at(self.pairs.len());
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, VARINT) => count = input.varint()?,
+                (2, FIXED64) => sum = input.fixed64()?,
+                (3, LEN) => {
+                    let pair = parse_pair(input.delimited()?, VARINT)?;
+                    self.pairs.push(pair);
+                }
+                (1..=3, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        buckets.end = self.pairs.len();
+        Some(StoredValue::Histogram {
+            count,
+            sum,
+            buckets,
+        })
+    }
+
+    /// A batch prost decoded, borrowing its strings.
+    pub fn of(batch: &'a v1::Batch) -> FlatBatch<'a> {
+        let v1::Batch {
+            sequence,
+            symbols,
+            common_labels,
+            families,
+        } = batch;
+        let symbols = symbols.iter().map(|s| Cow::Borrowed(s.as_str())).collect();
+        FlatBatch::flatten(*sequence, symbols, common_labels, families)
+    }
+
+    /// Flattens the lists under the symbol table. Every message is taken apart field by
+    /// field, so a field added to the schema does not compile until it is handled here.
+    fn flatten(
+        sequence: u64,
+        symbols: Vec<Cow<'a, str>>,
+        common_labels: &[u32],
+        families: &[v1::Family],
+    ) -> FlatBatch<'a> {
+        let mut flat = FlatBatch {
+            sequence,
+            symbols,
+            common_labels: common_labels.to_vec(),
+            ..FlatBatch::default()
+        };
+        for family in families {
+            let v1::Family {
+                name,
+                r#type,
+                help,
+                series,
+            } = family;
+            let start = flat.series.len();
+            for one in series {
+                let v1::Series { labels, points } = one;
+                let label_start = flat.labels.len();
+                flat.labels.extend_from_slice(labels);
+                let point_start = flat.points.len();
+                for point in points {
+                    let v1::Point {
+                        timestamp_ms,
+                        value,
+                    } = point;
+                    let value = value.as_ref().map(|value| flat.store_value(value));
+                    flat.points.push(FlatPoint {
+                        timestamp_ms: *timestamp_ms,
+                        value,
+                    });
+                }
+                flat.series.push(FlatSeries {
+                    labels: Span {
+                        start: label_start,
+                        end: flat.labels.len(),
+                    },
+                    points: Span {
+                        start: point_start,
+                        end: flat.points.len(),
+                    },
+                });
+            }
+            flat.families.push(FlatFamily {
+                name: *name,
+                r#type: *r#type,
+                help: *help,
+                series: Span {
+                    start,
+                    end: flat.series.len(),
+                },
+            });
+        }
+        flat
+    }
+
+    fn store_value(&mut self, value: &v1::point::Value) -> StoredValue {
+        use v1::point::Value as W;
+        match value {
+            W::Number(v) => StoredValue::Number(v.to_bits()),
+            W::Summary(v1::Summary {
+                count,
+                sum,
+                quantiles,
+            }) => {
+                let start = self.pairs.len();
+                for v1::Quantile { quantile, value } in quantiles {
+                    self.pairs.push([quantile.to_bits(), value.to_bits()]);
+                }
+                StoredValue::Summary {
+                    count: *count,
+                    sum: sum.to_bits(),
+                    quantiles: Span {
+                        start,
+                        end: self.pairs.len(),
+                    },
+                }
+            }
+            W::Histogram(v1::Histogram {
+                count,
+                sum,
+                buckets,
+            }) => {
+                let start = self.pairs.len();
+                for v1::Bucket {
+                    upper_bound,
+                    cumulative_count,
+                } in buckets
+                {
+                    self.pairs.push([upper_bound.to_bits(), *cumulative_count]);
+                }
+                StoredValue::Histogram {
+                    count: *count,
+                    sum: sum.to_bits(),
+                    buckets: Span {
+                        start,
+                        end: self.pairs.len(),
+                    },
+                }
+            }
+            W::Stale(v1::Stale {}) => StoredValue::Stale,
+        }
+    }
+}
+
+impl FlatBatch<'static> {
+    /// A batch prost decoded, taking its strings.
+    pub fn from_batch(batch: v1::Batch) -> FlatBatch<'static> {
+        let v1::Batch {
+            sequence,
+            symbols,
+            common_labels,
+            families,
+        } = batch;
+        let symbols = symbols.into_iter().map(Cow::Owned).collect();
+        FlatBatch::flatten(sequence, symbols, &common_labels, &families)
+    }
+}
+
+/// A `Quantile` (both fields doubles) or a `Bucket` (a double and a varint count), as bits.
+fn parse_pair(bytes: &[u8], second_wire: u8) -> Option<[u64; 2]> {
+    let mut pair = [0u64; 2];
+    let mut input = Input(bytes);
+    while let Some((tag, wire)) = input.key()? {
+        match (tag, wire) {
+            (1, FIXED64) => pair[0] = input.fixed64()?,
+            (2, w) if w == second_wire => {
+                pair[1] = if w == VARINT {
+                    input.varint()?
+                } else {
+                    input.fixed64()?
+                }
+            }
+            (1..=2, _) => return None,
+            _ => input.skip(wire)?,
+        }
+    }
+    Some(pair)
+}
+
+/// A packed `repeated uint32`: varints to the end of the field, each truncated to 32 bits
+/// as protobuf does.
+fn packed_u32(bytes: &[u8], into: &mut Vec<u32>) -> Option<()> {
+    let mut input = Input(bytes);
+    while !input.0.is_empty() {
+        into.push(input.varint()? as u32);
+    }
+    Some(())
+}
+
+/// The unread rest of one message's bytes.
+struct Input<'a>(&'a [u8]);
+
+impl<'a> Input<'a> {
+    /// The next field's number and wire type, `Some(None)` at the end of the message.
+    /// Field number 0, numbers past 32 bits and wire types 6 and 7 are errors.
+    fn key(&mut self) -> Option<Option<(u32, u8)>> {
+        if self.0.is_empty() {
+            return Some(None);
+        }
+        let key = u32::try_from(self.varint()?).ok()?;
+        let (tag, wire) = (key >> 3, (key & 7) as u8);
+        if tag == 0 || wire > FIXED32 {
+            return None;
+        }
+        Some(Some((tag, wire)))
+    }
+
+    /// A varint of at most 10 bytes whose value fits 64 bits (protobuf's limits).
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &byte) in self.0.iter().take(10).enumerate() {
+            if i == 9 && byte > 1 {
+                return None;
+            }
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte < 0x80 {
+                self.0 = &self.0[i + 1..];
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    fn fixed64(&mut self) -> Option<u64> {
+        let (bytes, rest) = self.0.split_first_chunk::<8>()?;
+        self.0 = rest;
+        Some(u64::from_le_bytes(*bytes))
+    }
+
+    fn delimited(&mut self) -> Option<&'a [u8]> {
+        let len = usize::try_from(self.varint()?).ok()?;
+        if len > self.0.len() {
+            return None;
+        }
+        let (field, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Some(field)
+    }
+
+    /// Skips an unknown field. Groups (wire types 3 and 4, deprecated) are left to prost.
+    fn skip(&mut self, wire: u8) -> Option<()> {
+        match wire {
+            VARINT => {
+                self.varint()?;
+            }
+            FIXED64 => {
+                self.fixed64()?;
+            }
+            LEN => {
+                self.delimited()?;
+            }
+            FIXED32 => {
+                self.0 = self.0.get(4..)?;
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+    use crate::v1::point::Value as W;
+
+    fn point(timestamp_ms: i64, value: W) -> v1::Point {
+        v1::Point {
+            timestamp_ms,
+            value: Some(value),
+        }
+    }
+
+    /// Every kind of value, several families and series, labels and common labels.
+    fn full_batch() -> v1::Batch {
+        v1::Batch {
+            sequence: 300,
+            symbols: ["", "up", "job", "flink", "lat", "q", "h", "ünïcode"]
+                .map(str::to_owned)
+                .to_vec(),
+            common_labels: vec![2, 3],
+            families: vec![
+                v1::Family {
+                    name: 1,
+                    r#type: v1::MetricType::Gauge as i32,
+                    help: 7,
+                    series: vec![
+                        v1::Series {
+                            labels: vec![5, 7, 300_000],
+                            points: vec![
+                                point(1_700_000_000_000, W::Number(f64::NAN)),
+                                point(-5, W::Number(f64::from_bits(0x7ff0_0000_0000_0002))),
+                                point(2, W::Stale(v1::Stale {})),
+                            ],
+                        },
+                        v1::Series {
+                            labels: vec![],
+                            points: vec![v1::Point {
+                                timestamp_ms: 3,
+                                value: None,
+                            }],
+                        },
+                    ],
+                },
+                v1::Family {
+                    name: 4,
+                    r#type: -3,
+                    help: 0,
+                    series: vec![v1::Series {
+                        labels: vec![u32::MAX],
+                        points: vec![
+                            point(
+                                9,
+                                W::Summary(v1::Summary {
+                                    count: u64::MAX,
+                                    sum: -0.0,
+                                    quantiles: vec![
+                                        v1::Quantile {
+                                            quantile: 0.5,
+                                            value: 1.5,
+                                        },
+                                        v1::Quantile {
+                                            quantile: 0.99,
+                                            value: f64::INFINITY,
+                                        },
+                                    ],
+                                }),
+                            ),
+                            point(
+                                10,
+                                W::Histogram(v1::Histogram {
+                                    count: 4,
+                                    sum: 2.5,
+                                    buckets: vec![v1::Bucket {
+                                        upper_bound: 0.1,
+                                        cumulative_count: 3,
+                                    }],
+                                }),
+                            ),
+                        ],
+                    }],
+                },
+                v1::Family::default(),
+            ],
+        }
+    }
+
+    #[test]
+    fn reads_what_prost_writes_exactly_as_prost_reads_it() {
+        let batch = full_batch();
+        let bytes = batch.encode_to_vec();
+        let parsed = FlatBatch::parse(&bytes).expect("prost's own encoding is not unusual");
+        // Compared with prost's reading of the bytes, not with `batch`: proto3 does not
+        // send a field at its default, and -0.0 counts as one (it comes back as 0.0).
+        let decoded = v1::Batch::decode(bytes.as_slice()).expect("prost reads its own encoding");
+        assert_eq!(parsed, FlatBatch::of(&decoded));
+        assert_eq!(parsed, FlatBatch::from_batch(decoded.clone()));
+
+        // And the accessors give back what was sent.
+        let family = &parsed.families()[1];
+        assert_eq!((family.name, family.r#type), (4, -3));
+        let series = &parsed.series(family)[0];
+        assert_eq!(parsed.labels(series), &[u32::MAX]);
+        let points = parsed.points(series);
+        match points[0].value() {
+            Some(FlatValue::Summary {
+                count,
+                sum,
+                quantiles,
+            }) => {
+                assert_eq!((count, sum.to_bits()), (u64::MAX, 0));
+                let got: Vec<_> = parsed.quantiles(quantiles).collect();
+                assert_eq!(got, [(0.5, 1.5), (0.99, f64::INFINITY)]);
+            }
+            other => panic!("summary read as {other:?}"),
+        }
+        match points[1].value() {
+            Some(FlatValue::Histogram { buckets, .. }) => {
+                assert_eq!(parsed.buckets(buckets).collect::<Vec<_>>(), [(0.1, 3)]);
+            }
+            other => panic!("histogram read as {other:?}"),
+        }
+        let first = &parsed.series(&parsed.families()[0])[0];
+        assert_eq!(parsed.points(first)[0].timestamp_ms, 1_700_000_000_000);
+        assert!(matches!(
+            parsed.points(first)[2].value(),
+            Some(FlatValue::Stale)
+        ));
+        assert_eq!(parsed.symbols()[7], "ünïcode");
+        assert_eq!(parsed.series(&parsed.families()[2]).len(), 0);
+    }
+
+    /// Encodings prost accepts that agents do not write: read the same way, or refused.
+    #[test]
+    fn unusual_encodings_read_as_prost_reads_them_or_are_left_to_it() {
+        let agrees = |bytes: &[u8]| {
+            let prost = v1::Batch::decode(bytes);
+            match FlatBatch::parse(bytes) {
+                Some(flat) => {
+                    let prost = prost.expect("flat reading accepted what prost refuses");
+                    assert_eq!(flat, FlatBatch::of(&prost));
+                    true
+                }
+                None => false,
+            }
+        };
+        // Labels unpacked, one varint field each, then packed again: concatenated.
+        let unpacked = [
+            0x22, 0x0c, // families (4), 12 bytes
+            0x22, 0x0a, // series (4), 10 bytes
+            0x08, 0x01, 0x08, 0x02, // labels 1, 2 unpacked
+            0x0a, 0x02, 0x03, 0x04, // labels 3, 4 packed
+            0x12, 0x00, // an empty point
+        ];
+        assert!(agrees(&unpacked));
+        // The sequence twice: the last one counts. Unknown fields of every wire type.
+        let repeated_scalar = [
+            0x08, 0x05, 0x08, 0x07, // sequence 5, then 7
+            0x78, 0x01, // field 15 varint
+            0x79, 1, 2, 3, 4, 5, 6, 7, 8, // field 15 fixed64
+            0x7a, 0x01, 0xff, // field 15, one byte of length-delimited
+            0x7d, 1, 2, 3, 4, // field 15 fixed32
+        ];
+        assert!(agrees(&repeated_scalar));
+        // A family split in two: two families, as in prost (repeated message fields append).
+        let two_families = [0x22, 0x02, 0x08, 0x01, 0x22, 0x02, 0x10, 0x02];
+        assert!(agrees(&two_families));
+
+        // A point whose value comes twice: prost merges the two (here two stale markers);
+        // the flat reading leaves that to it.
+        let twice = [0x22, 0x08, 0x22, 0x06, 0x12, 0x04, 0x2a, 0x00, 0x2a, 0x00];
+        assert!(v1::Batch::decode(twice.as_slice()).is_ok());
+        assert_eq!(FlatBatch::parse(&twice), None);
+
+        // Also left to prost, which accepts the first (groups) and refuses the others: a
+        // group, a wrong wire type, a varint past 64 bits, a length past the end, invalid
+        // UTF-8, field number 0.
+        let refused: [&[u8]; 6] = [
+            &[0x7b, 0x7c],
+            &[0x09, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[
+                0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02,
+            ],
+            &[0x12, 0x05, b'a'],
+            &[0x12, 0x01, 0xff],
+            &[0x00, 0x01],
+        ];
+        for bytes in refused {
+            assert_eq!(FlatBatch::parse(bytes), None, "{bytes:02x?}");
+        }
+    }
+}
