@@ -537,6 +537,13 @@ impl<'a> Input<'a> {
 
     /// A varint of at most 10 bytes whose value fits 64 bits (protobuf's limits).
     fn varint(&mut self) -> Option<u64> {
+        // Keys, symbol indices and most lengths are below 128: one byte.
+        if let Some((&byte, rest)) = self.0.split_first()
+            && byte < 0x80
+        {
+            self.0 = rest;
+            return Some(u64::from(byte));
+        }
         let mut value = 0u64;
         for (i, &byte) in self.0.iter().take(10).enumerate() {
             if i == 9 && byte > 1 {

@@ -418,18 +418,6 @@ impl<'s> SeriesLabels<'s> {
         }
     }
 
-    fn hash_with(self, keys: &RandomState) -> u64 {
-        let mut hasher = keys.build_hasher();
-        self.for_each(|name, value| {
-            // 0xff never occurs in UTF-8, so it separates the strings unambiguously.
-            hasher.write(name.as_bytes());
-            hasher.write_u8(0xff);
-            hasher.write(value.as_bytes());
-            hasher.write_u8(0xff);
-        });
-        hasher.finish()
-    }
-
     /// Appends the labels as `TimeSeries.labels` fields (each a `Label` message).
     fn encode_into(self, out: &mut Vec<u8>) {
         self.for_each(|name, value| {
@@ -486,35 +474,42 @@ struct SeriesEntry {
 /// The series of one request, in order of first appearance, found by a hash of their labels.
 ///
 /// Keying a map on owned label sets would cost a `Vec<Label>` per sample just to look it up;
-/// instead the map holds a 64-bit (randomly keyed, so not steerable by label values) hash of
-/// the label set and every hit is verified against the stored labels. Samples go into one
-/// list in arrival order and are grouped by series only when the request is written, so a
-/// series costs no allocation of its own.
-struct SeriesTable {
+/// instead each sample's labels are encoded (as they will be sent) at the end of the arena,
+/// the map holds a 64-bit hash of those bytes (randomly keyed, so not steerable by label
+/// values), and every hit is verified against the stored bytes; a sample of a known series
+/// takes its bytes back off the arena. Hashing the encoding in one pass costs less than
+/// hashing the labels one string at a time. Samples go into one list in arrival order and
+/// are grouped by series only when the request is written, so a series costs no allocation
+/// of its own.
+struct SeriesTable<S = RandomState> {
     series: Vec<SeriesEntry>,
     /// Every series' labels, encoded once as protobuf `Label` fields.
     arena: Vec<u8>,
-    /// The labels of a sample whose hash matched, encoded for comparison.
-    scratch: Vec<u8>,
     /// Label hash → the newest series with that hash.
     by_hash: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
     /// Per series, the previous series with the same hash. Real collisions are rare enough
     /// for a chain.
     collisions: Vec<Option<usize>>,
-    keys: RandomState,
+    keys: S,
     /// Every sample with the index of its series, in arrival order.
     samples: Vec<(usize, TableSample)>,
 }
 
 impl SeriesTable {
     fn with_capacity(capacity: usize) -> Self {
+        SeriesTable::with_keys(capacity, RandomState::default())
+    }
+}
+
+impl<S: BuildHasher> SeriesTable<S> {
+    /// A table hashing with `keys` (tests pass one under which everything collides).
+    fn with_keys(capacity: usize, keys: S) -> Self {
         SeriesTable {
             series: Vec::with_capacity(capacity),
             arena: Vec::new(),
-            scratch: Vec::new(),
             by_hash: HashMap::with_capacity_and_hasher(capacity, Default::default()),
             collisions: Vec::with_capacity(capacity),
-            keys: RandomState::default(),
+            keys,
             samples: Vec::with_capacity(capacity),
         }
     }
@@ -534,17 +529,19 @@ impl SeriesTable {
         };
         let sample = TableSample { value, timestamp };
         let index = self.series.len();
-        let previous = match self.by_hash.entry(key.hash_with(&self.keys)) {
+        let start = self.arena.len();
+        key.encode_into(&mut self.arena);
+        let hash = self.keys.hash_one(&self.arena[start..]);
+        let previous = match self.by_hash.entry(hash) {
             Entry::Vacant(slot) => {
                 slot.insert(index);
                 None
             }
             Entry::Occupied(mut slot) => {
-                self.scratch.clear();
-                key.encode_into(&mut self.scratch);
                 let mut candidate = Some(*slot.get());
                 while let Some(i) = candidate {
-                    if self.arena[self.series[i].labels.clone()] == self.scratch[..] {
+                    if self.arena[self.series[i].labels.clone()] == self.arena[start..] {
+                        self.arena.truncate(start);
                         self.series[i].samples += 1;
                         self.samples.push((i, sample));
                         return;
@@ -555,8 +552,6 @@ impl SeriesTable {
             }
         };
         self.collisions.push(previous);
-        let start = self.arena.len();
-        key.encode_into(&mut self.arena);
         self.series.push(SeriesEntry {
             labels: start..self.arena.len(),
             samples: 1,
@@ -566,30 +561,41 @@ impl SeriesTable {
 
     /// The `WriteRequest` protobuf, written straight from the table: labels were encoded
     /// once per series into the arena, so no `Label` strings are allocated per series.
-    fn write_request(self) -> Vec<u8> {
+    fn write_request(mut self) -> Vec<u8> {
         // Group the samples by series (a counting sort, so each series keeps arrival order),
-        // then put each series in timestamp order.
-        let mut next = Vec::with_capacity(self.series.len());
-        let mut offset = 0;
-        for s in &self.series {
-            next.push(offset);
-            offset += s.samples;
-        }
-        let starts = next.clone();
-        let unset = TableSample {
-            value: 0.0,
-            timestamp: 0,
-        };
-        let mut grouped = vec![unset; self.samples.len()];
-        for &(series, sample) in &self.samples {
-            grouped[next[series]] = sample;
-            next[series] += 1;
+        // then put each series in timestamp order. When every series has one sample (a
+        // request of one round per agent, the usual case), the k-th sample is the k-th
+        // series' and there is nothing to group.
+        let one_each = self.samples.len() == self.series.len();
+        let mut starts = Vec::new();
+        let mut grouped = Vec::new();
+        if !one_each {
+            starts.reserve(self.series.len());
+            let mut offset = 0;
+            for s in &self.series {
+                starts.push(offset);
+                offset += s.samples;
+            }
+            let mut next = starts.clone();
+            let unset = TableSample {
+                value: 0.0,
+                timestamp: 0,
+            };
+            grouped = vec![unset; self.samples.len()];
+            for &(series, sample) in &self.samples {
+                grouped[next[series]] = sample;
+                next[series] += 1;
+            }
         }
 
         let mut out =
             Vec::with_capacity(self.arena.len() + self.samples.len() * 24 + self.series.len() * 6);
-        for (s, start) in self.series.iter().zip(starts) {
-            let samples = &mut grouped[start..start + s.samples];
+        for (i, s) in self.series.iter().enumerate() {
+            let samples = if one_each {
+                std::slice::from_mut(&mut self.samples[i].1)
+            } else {
+                &mut grouped[starts[i]..starts[i] + s.samples]
+            };
             // Usually already in order (one sample, or points arriving in time order); the
             // check is cheaper than sorting. `sort_by_key` is stable, so equal timestamps
             // keep their input order.
@@ -1203,5 +1209,50 @@ mod tests {
             assert_eq!(write.body, EMPTY_BODY);
             assert_eq!(decode(&write), WriteRequest::default());
         }
+    }
+
+    /// Series are told apart by their labels, not their hash: under a hasher where every
+    /// label set collides, samples still land in their own series, in time order.
+    #[test]
+    fn series_whose_hashes_collide_stay_apart() {
+        #[derive(Default)]
+        struct Collide;
+        impl Hasher for Collide {
+            fn finish(&self) -> u64 {
+                7
+            }
+            fn write(&mut self, _: &[u8]) {}
+        }
+        let mut table = SeriesTable::with_keys(4, BuildHasherDefault::<Collide>::default());
+        let (a, b) = ([("job", "a")], [("job", "b")]);
+        table.push("m", &a, None, 20, 1.0);
+        table.push("m", &b, None, 10, 2.0);
+        table.push("m", &a, None, 10, 3.0);
+        table.push("m", &b, Some(("le", "1")), 10, 4.0);
+        table.push("m", &b, None, 30, 5.0);
+        let request =
+            WriteRequest::decode(table.write_request().as_slice()).expect("protobuf WriteRequest");
+        let got: Vec<_> = request
+            .timeseries
+            .iter()
+            .map(|s| (labels_of(s), samples_of(s)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    vec![("__name__", "m"), ("job", "a")],
+                    vec![(10, 3.0), (20, 1.0)]
+                ),
+                (
+                    vec![("__name__", "m"), ("job", "b")],
+                    vec![(10, 2.0), (30, 5.0)]
+                ),
+                (
+                    vec![("__name__", "m"), ("job", "b"), ("le", "1")],
+                    vec![(10, 4.0)]
+                ),
+            ]
+        );
     }
 }
