@@ -275,8 +275,22 @@ impl<'a> FlatBatch<'a> {
                     continue;
                 }
                 (2, FIXED64) => StoredValue::Number(input.fixed64()?),
-                (3, LEN) => self.parse_summary(input.delimited()?)?,
-                (4, LEN) => self.parse_histogram(input.delimited()?)?,
+                (3, LEN) => {
+                    let (count, sum, quantiles) = self.parse_parts(input.delimited()?, FIXED64)?;
+                    StoredValue::Summary {
+                        count,
+                        sum,
+                        quantiles,
+                    }
+                }
+                (4, LEN) => {
+                    let (count, sum, buckets) = self.parse_parts(input.delimited()?, VARINT)?;
+                    StoredValue::Histogram {
+                        count,
+                        sum,
+                        buckets,
+                    }
+                }
                 (5, LEN) => {
                     // `Stale` has no fields; anything in it is unknown and skipped.
                     let mut stale = Input(input.delimited()?);
@@ -301,52 +315,27 @@ impl<'a> FlatBatch<'a> {
         Some(())
     }
 
-    fn parse_summary(&mut self, bytes: &[u8]) -> Option<StoredValue> {
+    /// A `Summary` or `Histogram`, which share their layout: `count` (1), `sum` (2) and
+    /// repeated pairs (3) whose second field has wire type `second_wire`. Returns the count,
+    /// the sum's bits and the pairs' span.
+    fn parse_parts(&mut self, bytes: &[u8], second_wire: u8) -> Option<(u64, u64, Span)> {
         let (mut count, mut sum) = (0, 0);
-        let mut quantiles = Span::starting_at(self.pairs.len());
+        let mut pairs = Span::starting_at(self.pairs.len());
         let mut input = Input(bytes);
         while let Some((tag, wire)) = input.key()? {
             match (tag, wire) {
                 (1, VARINT) => count = input.varint()?,
                 (2, FIXED64) => sum = input.fixed64()?,
                 (3, LEN) => {
-                    let pair = parse_pair(input.delimited()?, FIXED64)?;
+                    let pair = parse_pair(input.delimited()?, second_wire)?;
                     self.pairs.push(pair);
                 }
                 (1..=3, _) => return None,
                 _ => input.skip(wire)?,
             }
         }
-        quantiles.end = self.pairs.len();
-        Some(StoredValue::Summary {
-            count,
-            sum,
-            quantiles,
-        })
-    }
-
-    fn parse_histogram(&mut self, bytes: &[u8]) -> Option<StoredValue> {
-        let (mut count, mut sum) = (0, 0);
-        let mut buckets = Span::starting_at(self.pairs.len());
-        let mut input = Input(bytes);
-        while let Some((tag, wire)) = input.key()? {
-            match (tag, wire) {
-                (1, VARINT) => count = input.varint()?,
-                (2, FIXED64) => sum = input.fixed64()?,
-                (3, LEN) => {
-                    let pair = parse_pair(input.delimited()?, VARINT)?;
-                    self.pairs.push(pair);
-                }
-                (1..=3, _) => return None,
-                _ => input.skip(wire)?,
-            }
-        }
-        buckets.end = self.pairs.len();
-        Some(StoredValue::Histogram {
-            count,
-            sum,
-            buckets,
-        })
+        pairs.end = self.pairs.len();
+        Some((count, sum, pairs))
     }
 
     /// A batch prost decoded, borrowing its strings.

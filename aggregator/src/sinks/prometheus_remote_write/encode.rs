@@ -365,9 +365,7 @@ impl FloatLabels {
 }
 
 /// The labels of one series, borrowed from the input: `__name__`, the series' labels and the
-/// optional `le`/`quantile` label. A sample finds its series through this view, so owned
-/// label strings are only built once per new series.
-#[derive(Clone, Copy)]
+/// optional `le`/`quantile` label, written out as the request sends them.
 struct SeriesLabels<'s> {
     name: &'s str,
     /// Sorted by name (byte order).
@@ -475,15 +473,16 @@ struct SeriesEntry {
 ///
 /// Keying a map on owned label sets would cost a `Vec<Label>` per sample just to look it up;
 /// instead each sample's labels are encoded (as they will be sent) at the end of the arena,
-/// the map holds a 64-bit hash of those bytes (randomly keyed, so not steerable by label
-/// values), and every hit is verified against the stored bytes; a sample of a known series
+/// the map holds a 64-bit hash of those bytes (randomly keyed per table, so hard to steer by
+/// label values; a collision only costs a comparison), and every hit is verified against the stored bytes; a sample of a known series
 /// takes its bytes back off the arena. Hashing the encoding in one pass costs less than
 /// hashing the labels one string at a time. Samples go into one list in arrival order and
 /// are grouped by series only when the request is written, so a series costs no allocation
 /// of its own.
 struct SeriesTable<S = RandomState> {
     series: Vec<SeriesEntry>,
-    /// Every series' labels, encoded once as protobuf `Label` fields.
+    /// Every series' labels, encoded once as protobuf `Label` fields; at its end, briefly,
+    /// the labels of the sample being added.
     arena: Vec<u8>,
     /// Label hash → the newest series with that hash.
     by_hash: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
@@ -559,8 +558,8 @@ impl<S: BuildHasher> SeriesTable<S> {
         self.samples.push((index, sample));
     }
 
-    /// The `WriteRequest` protobuf, written straight from the table: labels were encoded
-    /// once per series into the arena, so no `Label` strings are allocated per series.
+    /// The `WriteRequest` protobuf, written straight from the table: each series' labels are
+    /// kept encoded in the arena, so no `Label` strings are allocated per series.
     fn write_request(mut self) -> Vec<u8> {
         // Group the samples by series (a counting sort, so each series keeps arrival order),
         // then put each series in timestamp order. When every series has one sample (a
@@ -592,6 +591,7 @@ impl<S: BuildHasher> SeriesTable<S> {
             Vec::with_capacity(self.arena.len() + self.samples.len() * 24 + self.series.len() * 6);
         for (i, s) in self.series.iter().enumerate() {
             let samples = if one_each {
+                debug_assert_eq!(self.samples[i].0, i, "one sample per series, in order");
                 std::slice::from_mut(&mut self.samples[i].1)
             } else {
                 &mut grouped[starts[i]..starts[i] + s.samples]
