@@ -300,9 +300,10 @@ impl StreamSession {
             Status::unavailable(format!("aggregator cannot store the batch right now: {e}"))
         };
         let accepted = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: false });
-        // When nothing needs the samples themselves (no `/metrics` series, file sink or
-        // routing rules), the batch is only validated and queued as received: decoding it
-        // into label sets was most of the aggregator's cost per relayed sample.
+        // When nothing needs the samples as label sets (no file sink or routing rules), the
+        // batch is only validated, queued as received and applied to the `/metrics` store as
+        // read in place: decoding it into label sets was most of the aggregator's cost per
+        // relayed sample.
         if !self.sinks.needs_families() {
             let samples = match validate_flat_batch(batch) {
                 Ok(samples) => samples,
@@ -312,7 +313,7 @@ impl StreamSession {
                 self.cert_identity.is_some() && common_label(batch, "instance") != Some(agent);
             if !relabel {
                 self.sinks
-                    .deliver_wire(agent, session, sequence, wire, samples)
+                    .deliver_wire(agent, session, sequence, wire, batch, samples)
                     .map_err(cannot_store)?;
                 self.registry.accepted(agent, session, sequence, samples);
                 return Ok(accepted);

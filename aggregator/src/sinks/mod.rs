@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Labels, now_ms};
+use picket_proto::v1::FlatBatch;
 use prost::Message;
 
 use crate::config::{NetworkSettings, SinkConfig};
@@ -140,13 +141,11 @@ impl Sinks {
         self.syncs_each_batch || self.write_pace.slow_at(Instant::now())
     }
 
-    /// Whether delivering needs a batch's decoded families: for the latest store, a file
-    /// sink or a sink's routing rules. When nothing does, ingest only validates a batch and
-    /// hands its wire form to [`Sinks::deliver_wire`].
+    /// Whether delivering needs a batch's decoded families: for a file sink or a sink's
+    /// routing rules. When nothing does, ingest only validates a batch and hands it, read in
+    /// place, to [`Sinks::deliver_wire`]; the latest store reads it that way too.
     pub fn needs_families(&self) -> bool {
-        self.latest.is_enabled()
-            || !self.files.is_empty()
-            || self.network.iter().any(|s| !s.routing.is_identity())
+        !self.files.is_empty() || self.network.iter().any(|s| !s.routing.is_identity())
     }
 
     /// Hands a batch to every sink; `Ok` means all of them have it. Writes files: with
@@ -172,16 +171,17 @@ impl Sinks {
         )
     }
 
-    /// Like [`Sinks::deliver`] for a batch that was only validated: `batch` is the encoded
-    /// `picket.v1.Batch` as received and `samples` its sample count. Network sinks queue
-    /// those bytes as they are. Only for when [`Sinks::needs_families`]
-    /// is false; the latest store is skipped.
+    /// Like [`Sinks::deliver`] for a batch that was only validated: `wire` is the encoded
+    /// `picket.v1.Batch` as received, `batch` the same read in place and `samples` its
+    /// sample count. Network sinks queue the bytes as they are and the latest store applies
+    /// the batch as read. Only for when [`Sinks::needs_families`] is false.
     pub fn deliver_wire(
         &self,
         agent: &str,
         session: u64,
         sequence: u64,
-        batch: &[u8],
+        wire: &[u8],
+        batch: &FlatBatch,
         samples: usize,
     ) -> Result<(), SinkError> {
         if !self.files.is_empty() || self.network.iter().any(|s| !s.routing.is_identity()) {
@@ -189,7 +189,16 @@ impl Sinks {
                 "a batch reached the sinks undecoded although a file sink or routing rules need its samples".to_owned(),
             ));
         }
-        self.deliver_content(agent, session, sequence, Content::Wire { batch, samples })
+        self.deliver_content(
+            agent,
+            session,
+            sequence,
+            Content::Wire {
+                wire,
+                batch,
+                samples,
+            },
+        )
     }
 
     fn deliver_content(
@@ -205,7 +214,7 @@ impl Sinks {
             |wire, samples: usize| ((samples > 0).then_some(Cow::Borrowed(wire)), samples);
         for sink in &self.network {
             let (payload, samples) = match content {
-                Content::Wire { batch, samples } => queue_as_sent(batch, samples),
+                Content::Wire { wire, samples, .. } => queue_as_sent(wire, samples),
                 Content::Decoded { families, wire } => {
                     let (routed, filtered) = sink.routing.apply(families);
                     sink.metrics.samples(outcome::FILTERED, filtered as u64);
@@ -240,8 +249,9 @@ impl Sinks {
             .record_at(writes_started.elapsed(), Instant::now());
         written?;
         self.healthy.store(true, Ordering::Relaxed);
-        if let Content::Decoded { families, .. } = content {
-            self.latest.apply(families);
+        match content {
+            Content::Decoded { families, .. } => self.latest.apply(families),
+            Content::Wire { batch, .. } => self.latest.apply_flat(batch),
         }
         Ok(())
     }
@@ -345,8 +355,13 @@ enum Content<'a> {
         /// The encoded batch as received, when `families` is exactly its decoding.
         wire: Option<&'a [u8]>,
     },
-    /// An encoded batch as received, validated but not decoded.
-    Wire { batch: &'a [u8], samples: usize },
+    /// An encoded batch as received (`wire`), validated and read in place (`batch`) but not
+    /// decoded.
+    Wire {
+        wire: &'a [u8],
+        batch: &'a FlatBatch<'a>,
+        samples: usize,
+    },
 }
 
 /// Opens a network sink's queue, builds its destination and starts its driver.
@@ -513,7 +528,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_routing_rules_files_or_the_latest_store_need_decoded_batches() {
+    async fn only_routing_rules_or_files_need_decoded_batches() {
         let dir = tempfile::tempdir().unwrap();
         let remote_write = |extra: &str| {
             let text = format!(
@@ -528,7 +543,8 @@ mod tests {
         };
         let relay = open(&[remote_write("")], false, "relay");
         assert!(!relay.needs_families());
-        assert!(open(&[remote_write("")], true, "store").needs_families());
+        let stored = open(&[remote_write("")], true, "store");
+        assert!(!stored.needs_families());
         let routed = open(
             &[remote_write("[routing]\ndrop_metrics = [\"m\"]\n")],
             false,
@@ -540,14 +556,19 @@ mod tests {
         family.push(Labels::from_pairs([("instance", "pi")]), 1000, 1.0);
         let mut encoder = BatchEncoder::new(&Labels::new());
         encoder.push(&family);
-        let batch = encoder.finish(1).encode_to_vec();
-        relay.deliver_wire("pi", 1, 1, &batch, 1).unwrap();
+        let wire = encoder.finish(1).encode_to_vec();
+        let batch = picket_proto::v1::read_received_batch(&wire).unwrap();
+        relay.deliver_wire("pi", 1, 1, &wire, &batch, 1).unwrap();
         assert_eq!(relay.network[0].queue.depth().samples, 1);
         assert_eq!(relay.latest.series_count(), 0);
+        // The store reads the batch in place: same series as from its decoding.
+        stored.deliver_wire("pi", 1, 1, &wire, &batch, 1).unwrap();
+        assert_eq!(stored.network[0].queue.depth().samples, 1);
+        assert_eq!(stored.latest.snapshot(), vec![family.clone()]);
         // A sink that must see the samples refuses an undecoded batch instead of skipping
         // its rules.
         assert!(matches!(
-            routed.deliver_wire("pi", 1, 1, &batch, 1),
+            routed.deliver_wire("pi", 1, 1, &wire, &batch, 1),
             Err(SinkError::Internal(_))
         ));
         assert_eq!(routed.network[0].queue.depth().samples, 0);

@@ -507,7 +507,7 @@ impl<'b> LabelCheck<'b, '_> {
 }
 
 /// The model's type for a wire type number, `None` for one this build does not know.
-fn metric_type(wire: i32) -> Option<MetricType> {
+pub fn metric_type(wire: i32) -> Option<MetricType> {
     match v1::MetricType::try_from(wire).ok()? {
         v1::MetricType::Unspecified => Some(MetricType::Untyped),
         v1::MetricType::Gauge => Some(MetricType::Gauge),
@@ -515,6 +515,16 @@ fn metric_type(wire: i32) -> Option<MetricType> {
         v1::MetricType::Summary => Some(MetricType::Summary),
         v1::MetricType::Histogram => Some(MetricType::Histogram),
     }
+}
+
+/// A point's value as the model holds it, checked against its family's type (`kind`), for a
+/// reader that walks a batch in place instead of decoding it ([`decode_flat_batch`]).
+pub fn point_value(
+    batch: &FlatBatch,
+    kind: MetricType,
+    point: &FlatPoint,
+) -> Result<Value, DecodeError> {
+    decode_value(&|| "point".to_owned(), kind, batch, point)
 }
 
 /// A point's value, checked against its family's type. The checks are those of
