@@ -10,6 +10,7 @@ pub mod config;
 pub mod describe;
 pub mod plugin_stats;
 pub mod plugins;
+pub mod relocation_pages;
 pub mod shipper;
 pub mod sources;
 pub mod stats;

@@ -1,6 +1,7 @@
 //! Where accepted batches go. A batch is acknowledged to its agent only after every sink here
-//! has taken it: the latest-sample store behind `/metrics` (always on), `file` journals, and
-//! the durable queue of every network sink (`prometheus_remote_write`, `influxdb`).
+//! has taken it: the latest-sample store behind `/metrics` (unless `exposition.enabled =
+//! false`), `file` journals, and the durable queue of every network sink
+//! (`prometheus_remote_write`, `influxdb`).
 //!
 //! A network sink is three parts: its routing rules (applied before queueing), its disk
 //! queue ([`queue`]), and a [`driver`] task that drains the queue into the database. Taking a
@@ -172,7 +173,8 @@ impl Sinks {
     }
 
     /// Like [`Sinks::deliver`] for a batch that was only validated: `wire` is the encoded
-    /// `picket.v1.Batch` as received, `batch` the same read in place and `samples` its
+    /// `picket.v1.Batch` as received, `batch` the same read in place, which
+    /// `codec::validate_flat_batch` has accepted (the store relies on it), and `samples` its
     /// sample count. Network sinks queue the bytes as they are and the latest store applies
     /// the batch as read. Only for when [`Sinks::needs_families`] is false.
     pub fn deliver_wire(
