@@ -20,4 +20,6 @@ pub mod receivers;
 pub mod server;
 pub mod sinks;
 pub mod store;
+#[cfg(test)]
+mod test_support;
 pub mod tls_reload;

@@ -413,21 +413,12 @@ mod tests {
     }
 
     fn family(name: &str, kind: MetricType, points: Vec<(Labels, i64, Value)>) -> Family {
-        let mut family = Family::new(name, kind, format!("{name} help"));
-        family.points = points
-            .into_iter()
-            .map(|(labels, timestamp_ms, value)| Point {
-                labels,
-                timestamp_ms,
-                value,
-            })
-            .collect();
-        family
+        crate::test_support::family(name, kind, &format!("{name} help"), points)
     }
 
     #[test]
     fn a_batch_read_in_place_is_stored_as_its_decoding() {
-        let labels = |pairs: &[(&str, &str)]| Labels::from_pairs(pairs.iter().copied());
+        use crate::test_support::labels;
         let summary = Value::Summary(picket_core::model::Summary {
             count: 3,
             sum: 1.5,

@@ -600,23 +600,12 @@ fn write_escaped(out: &mut Vec<u8>, s: &str, part: Part) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use picket_core::model::{Histogram, MetricType, Point, Summary};
+    use picket_core::model::{Histogram, MetricType, Summary};
 
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        Labels::from_pairs(pairs.iter().copied())
-    }
+    use crate::test_support::labels;
 
     fn family(name: &str, kind: MetricType, points: Vec<(Labels, i64, Value)>) -> Family {
-        let mut f = Family::new(name, kind, "help");
-        f.points = points
-            .into_iter()
-            .map(|(labels, timestamp_ms, value)| Point {
-                labels,
-                timestamp_ms,
-                value,
-            })
-            .collect();
-        f
+        crate::test_support::family(name, kind, "help", points)
     }
 
     fn gauge(name: &str, pairs: &[(&str, &str)], ts: i64, v: f64) -> Family {
