@@ -3,7 +3,8 @@
 //! Module map: [`config`] reads `agent.toml`; [`plugins`] runs the sandboxed collectors (all
 //! collection but the agent's own metrics); [`collector`] reports those (`sources::internal`)
 //! on schedule; [`shipper`] batches, sends and resends until acknowledged; [`stats`] holds the
-//! agent's own counters. [`run`] wires them together with signal handling.
+//! agent's own counters. [`run`] wires them together with signal handling;
+//! [`relocation_pages`] gives back, at start, the memory the dynamic loader is done with.
 
 pub mod collector;
 pub mod config;

@@ -339,6 +339,8 @@ mod tests {
         );
         assert_eq!(present_pages(clear.0, clear.1), 0);
         // The memory still reads as the file: the loader would not notice.
+        // SAFETY: `inner.0` is in a read-only segment of this executable, mapped for the
+        // process's life; reading it faults the dropped page back in from the file.
         let first = unsafe { std::ptr::read_volatile(inner.0 as *const u8) };
         let mut exe = std::fs::File::open("/proc/self/exe").unwrap();
         let file_offset = image.file_offset(inner.0).expect("the page's file offset");
