@@ -4,14 +4,15 @@
 //! collection but the agent's own metrics); [`collector`] reports those (`sources::internal`)
 //! on schedule; [`shipper`] batches, sends and resends until acknowledged; [`stats`] holds the
 //! agent's own counters. [`run`] wires them together with signal handling;
-//! [`relocation_pages`] gives back, at start, the memory the dynamic loader is done with.
+//! [`image_pages`] gives back the pages of the binary that start-up read and the steady state
+//! does not use.
 
 pub mod collector;
 pub mod config;
 pub mod describe;
+pub mod image_pages;
 pub mod plugin_stats;
 pub mod plugins;
-pub mod relocation_pages;
 pub mod shipper;
 pub mod sources;
 pub mod stats;

@@ -143,8 +143,6 @@ fn main() -> ExitCode {
                 }
             };
             tracing::info!(config = %loaded.origin, version = env!("CARGO_PKG_VERSION"), "starting picket-agent");
-            let released = picket_agent::relocation_pages::release();
-            tracing::debug!(bytes = released, "released the relocation tables' pages");
             match runtime.block_on(picket_agent::run(
                 loaded.config,
                 cli.config,

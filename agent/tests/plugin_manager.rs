@@ -222,6 +222,42 @@ async fn plugins_follow_their_files_and_the_config() {
         .unwrap();
 }
 
+/// Once the started instances have collected, the manager drops the pages of the binary that
+/// start-up mapped (`image_pages`); the instances collect on, running code that maps back in.
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_start_up_mapped_are_given_back_and_collection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), &wasm("picket_plugin_probe"));
+    let stats = Arc::new(AgentStats::default());
+    let (rounds_tx, mut rounds) = mpsc::channel(64);
+    let (_config_tx, config_rx) = watch::channel(config(dir.path(), r#"{ mode = "ok" }"#));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let manager = PluginManager::new(Runtime::new(), stats.clone(), rounds_tx);
+    let task = tokio::spawn(manager.run(config_rx, stop_rx));
+
+    round_with(&mut rounds, "probe_up").await;
+    let released = || AgentStats::get(&stats.released_image_bytes);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while released() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pages given back within 30 s of the first round"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(100), rounds.recv()).await;
+    }
+    // The loader's relocation tables alone are larger than this in the test binary.
+    assert!(released() >= 64 * 1024, "{} bytes given back", released());
+    for _ in 0..3 {
+        round_with(&mut rounds, "probe_up").await;
+    }
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the manager stops")
+        .unwrap();
+}
+
 fn restarts(stats: &AgentStats) -> u64 {
     stats
         .plugins

@@ -162,6 +162,32 @@ fn emulated_pi_agents_stream_to_an_x86_aggregator() {
             },
         );
     }
+    // Once their plugins have collected, the agents drop the pages of their binary that
+    // start-up mapped (agent/src/image_pages.rs): the emulated agents must run on after it.
+    for (arch, agent) in ARCHES.iter().zip(&agents) {
+        let name = format!("pi-{}", arch.rust_arch);
+        wait_for(
+            &format!("{name} dropping its start-up pages"),
+            Duration::from_secs(120),
+            || {
+                agent
+                    .log_text()
+                    .contains("dropped the pages of the agent's binary that start-up mapped")
+                    .then_some(())
+            },
+        );
+        let collections = format!("picket_agent_collections_total{{instance=\"{name}\"}}");
+        let before = metric_value(&agg.metrics(), &collections).unwrap_or(0.0);
+        wait_for(
+            &format!("{name} collecting after dropping them"),
+            Duration::from_secs(60),
+            || {
+                metric_value(&agg.metrics(), &collections)
+                    .is_some_and(|n| n >= before + 3.0)
+                    .then_some(())
+            },
+        );
+    }
     for agent in &mut agents {
         assert!(
             agent.terminate(Duration::from_secs(60)).success(),

@@ -9,6 +9,10 @@
 //!   so), so a half-copied or broken upload never takes a working collector down.
 //!
 //! Components are compiled once per (code, stack cap) and shared by all instances of them.
+//!
+//! Once the instances it started have collected, it gives back the memory starting them used
+//! and the steady state does not: the pages of the agent's binary that only start-up ran
+//! ([`crate::image_pages`]) and the heap glibc keeps after compiling.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,7 +58,14 @@ pub struct PluginManager {
     compiler_backoff: Duration,
     /// `plugins.watch_interval` of the config applied last: the first retry's wait.
     watch_interval: Duration,
+    /// When to give back what starting instances left resident: after the instances started
+    /// last have collected at least once.
+    settle_at: Option<tokio::time::Instant>,
 }
+
+/// The longest wait, after instances start, before the memory starting them used is given
+/// back: an instance collecting every ten minutes has long collected once by then.
+const MAX_SETTLE_WAIT: Duration = Duration::from_secs(60);
 
 /// The longest wait between retries after the compiler failed.
 const MAX_COMPILER_BACKOFF: Duration = Duration::from_secs(300);
@@ -75,6 +86,7 @@ impl PluginManager {
             compiler_retry: None,
             compiler_backoff: Duration::ZERO,
             watch_interval: PluginsConfig::default().watch_interval,
+            settle_at: None,
         }
     }
 
@@ -87,12 +99,18 @@ impl PluginManager {
     ) {
         let current = Arc::clone(&config.borrow_and_update());
         self.apply(&current).await;
+        // Also with no instance at all: the loader's tables and the set-up code go either way.
+        self.settle_after(current.interval);
         let mut watch_interval = current.plugins.watch_interval;
         loop {
             tokio::select! {
                 // Mapped to (): the guard `wait_for` returns must not live across the awaits
                 // in the other branches.
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
+                _ = until(self.settle_at) => {
+                    self.settle_at = None;
+                    self.give_back_start_up_memory();
+                }
                 changed = config.changed() => {
                     if changed.is_err() {
                         break;
@@ -292,6 +310,26 @@ impl PluginManager {
         Ok(compiled)
     }
 
+    /// Schedules [`Self::give_back_start_up_memory`] for when instances collecting every
+    /// `interval` have collected once more after starting (they collect first right away).
+    fn settle_after(&mut self, interval: Duration) {
+        let at = tokio::time::Instant::now() + (interval + interval / 2).min(MAX_SETTLE_WAIT);
+        self.settle_at = Some(self.settle_at.map_or(at, |due| due.max(at)));
+    }
+
+    /// Drops the pages of the agent's binary that it mapped while starting (the steady state
+    /// maps back what it runs) and returns the heap compiling freed.
+    fn give_back_start_up_memory(&self) {
+        release_freed_memory();
+        let released = crate::image_pages::release();
+        AgentStats::add(&self.stats.released_image_bytes, released.bytes as u64);
+        tracing::info!(
+            bytes = released.bytes,
+            written_pages_kept = released.written_pages_kept,
+            "dropped the pages of the agent's binary that start-up mapped"
+        );
+    }
+
     /// Schedules another attempt after the compiler failed: after `watch_interval` first,
     /// then twice as long each time, up to [`MAX_COMPILER_BACKOFF`].
     fn retry_after_compiler_failure(&mut self) -> Duration {
@@ -360,6 +398,7 @@ impl PluginManager {
             staleness,
         };
         let handle = tokio::spawn(run_instance(task, self.rounds.clone(), stop_rx));
+        self.settle_after(interval);
         tracing::info!(instance = %instance.name, plugin = %instance.plugin, code = %code.origin, ?interval, "plugin instance started");
         self.running.insert(
             instance.name.clone(),
@@ -420,6 +459,14 @@ pub fn runtime_for(plugins: &PluginsConfig, compiler: Compiler) -> Arc<Runtime> 
         },
     };
     Runtime::with(cache, compiler)
+}
+
+/// Completes at `at`; never, without one.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Compiling a plugin in the agent's process makes Cranelift allocate and free many megabytes;

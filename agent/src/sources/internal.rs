@@ -145,6 +145,12 @@ pub fn collect(stats: &AgentStats, ts: i64) -> Vec<Family> {
             "Failed connection attempts and broken streams.",
             get(&stats.connection_failures),
         ),
+        one(
+            "picket_agent_released_image_bytes_total",
+            MetricType::Counter,
+            "Bytes of the agent's own binary (code, read-only data) dropped from its resident memory once started plugins had collected; what it runs again maps back in.",
+            get(&stats.released_image_bytes),
+        ),
         {
             let mut f = Family::new(
                 "picket_agent_collect_duration_seconds",
