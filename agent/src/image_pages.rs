@@ -23,7 +23,7 @@
 /// What [`release`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
-    /// Bytes of the executable's pages that were mapped and are not any more.
+    /// Bytes of read-only pages of the loaded objects that were mapped and are not any more.
     pub bytes: usize,
     /// Pages left alone because the process holds its own, written copy of them.
     pub written_pages_kept: usize,
@@ -32,9 +32,10 @@ pub struct Released {
 /// Drops the mapped, clean pages of the read-only segments of the running executable and
 /// the shared libraries it loaded (glibc's among them: their code is shared with other
 /// processes, but what is mapped into this one counts in its resident memory). An object
-/// where anything looks unexpected (text relocations, a file that cannot be read) is left
-/// alone, and without `/proc` nothing is dropped. Under qemu-user `/proc/self/pagemap` describes the emulator's memory, where the
-/// guest's pages may sit elsewhere, so the figures can be 0 although the pages were dropped.
+/// with text relocations is left alone. Nothing is dropped where `/proc/self/pagemap`
+/// cannot tell the process's own copies from file pages: without `/proc`, or under an
+/// emulator whose pagemap describes its own memory at other addresses than the guest's
+/// (qemu-user 10 passes the check: its guest addresses are the host's).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn release() -> Released {
     let mut released = Released::default();
@@ -42,33 +43,43 @@ pub fn release() -> Released {
         return released;
     };
     let page = page_size();
-    let clean_objects = loaded_images()
-        .into_iter()
-        .filter(|image| dynamic_section(image).is_some_and(|d| !d.text_relocations));
-    for (first, last) in clean_objects.flat_map(|image| image.read_only_pages(page)) {
-        let Some(entries) = pagemap_entries(&pagemap, first, last, page) else {
-            continue;
-        };
-        let runs = droppable_runs(&entries);
-        released.written_pages_kept += runs.written_pages_kept;
-        for &(index, count) in &runs.runs {
-            let start = first + index * page;
-            // SAFETY: [start, start + count pages) lies in a read-only segment of a loaded
-            // object, outside RELRO, in an object without text relocations, and pagemap
-            // showed none of its pages as a private copy: its mapped pages are clean pages of
-            // the file, which a later access maps again.
-            let done = unsafe {
-                libc::madvise(
-                    start as *mut libc::c_void,
-                    count * page,
-                    libc::MADV_DONTNEED,
-                )
+    if !pagemap_tells_copies_from_files(&pagemap, page) {
+        return released;
+    }
+    // Inside the loader's walk over its objects: it holds the lock `dlclose` takes, so no
+    // object goes away (and its addresses are not reused) between reading the state of its
+    // pages and dropping them.
+    for_each_loaded_image(&mut |image: Image| {
+        if image.text_relocations != Some(false) {
+            return;
+        }
+        for (first, last) in image.read_only_pages(page) {
+            let Some(entries) = pagemap_entries(&pagemap, first, last, page) else {
+                continue;
             };
-            if done == 0 {
-                released.bytes += runs.mapped_in(index, count) * page;
+            let runs = droppable_runs(&entries);
+            released.written_pages_kept += runs.written_pages_kept;
+            for &(index, count) in &runs.runs {
+                let start = first + index * page;
+                // SAFETY: [start, start + count pages) lies in a read-only segment of a
+                // loaded object, outside RELRO, in an object without text relocations, and
+                // pagemap (checked to tell them apart) showed none of its pages as a private
+                // copy: its mapped pages are clean pages of the file, which a later access
+                // maps again. A debugger's breakpoint or a uprobe written between the pagemap
+                // read and here would be lost; nothing in the agent writes there.
+                let done = unsafe {
+                    libc::madvise(
+                        start as *mut libc::c_void,
+                        count * page,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if done == 0 {
+                    released.bytes += runs.mapped_in(index, count) * page;
+                }
             }
         }
-    }
+    });
     released
 }
 
@@ -80,6 +91,7 @@ pub fn release() -> Released {
 
 /// `/proc/<pid>/pagemap` bits of a page's entry.
 const PAGE_PRESENT: u64 = 1 << 63;
+/// Swapped out, or (for a file page) being migrated: either way not a page to drop.
 const PAGE_SWAPPED: u64 = 1 << 62;
 /// A page of a file (or shared memory), as opposed to the process's own anonymous copy.
 const PAGE_FILE: u64 = 1 << 61;
@@ -89,8 +101,8 @@ const PAGE_FILE: u64 = 1 << 61;
 struct DroppableRuns {
     /// (first page, pages) of each stretch holding no page of the process's own.
     runs: Vec<(usize, usize)>,
-    /// For each page, whether it is mapped (1) or not (0), summed: `mapped[i]` counts the
-    /// mapped pages before page `i`.
+    /// `mapped_before[i]` counts the mapped pages before page `i` (one entry more than
+    /// there are pages).
     mapped_before: Vec<usize>,
     written_pages_kept: usize,
 }
@@ -102,9 +114,9 @@ impl DroppableRuns {
     }
 }
 
-/// Splits a range into stretches that hold only file pages or unmapped ones; a page that is
-/// the process's own copy (present and not a file page, or swapped out, which only anonymous
-/// pages can be) ends a stretch and is kept.
+/// Splits a range into stretches that hold only file pages or unmapped ones; a page that may
+/// be the process's own copy (present and not a file page, or swapped) ends a stretch and is
+/// kept.
 fn droppable_runs(entries: &[u64]) -> DroppableRuns {
     let mut out = DroppableRuns {
         mapped_before: Vec::with_capacity(entries.len() + 1),
@@ -142,6 +154,8 @@ use imp::*;
 mod imp {
     use std::os::unix::fs::FileExt;
 
+    use super::{PAGE_FILE, PAGE_PRESENT};
+
     #[cfg(target_pointer_width = "64")]
     type ProgramHeader = libc::Elf64_Phdr;
     #[cfg(target_pointer_width = "32")]
@@ -152,39 +166,35 @@ mod imp {
     const PT_GNU_RELRO: u32 = 0x6474_e552;
     const PF_W: u32 = 2;
     const DT_NULL: usize = 0;
-    const DT_PLTRELSZ: usize = 2;
-    const DT_RELA: usize = 7;
-    const DT_RELASZ: usize = 8;
-    const DT_REL: usize = 17;
-    const DT_RELSZ: usize = 18;
     const DT_TEXTREL: usize = 22;
-    const DT_JMPREL: usize = 23;
     const DT_FLAGS: usize = 30;
     const DF_TEXTREL: usize = 0x4;
 
-    /// A segment of the executable as mapped: [start, end) in this process.
+    /// A segment of a loaded object as mapped: [start, end) in this process.
     #[derive(Clone, Copy)]
-    struct Mapped {
-        start: usize,
-        end: usize,
-        writable: bool,
+    pub(super) struct Mapped {
+        pub start: usize,
+        pub end: usize,
+        pub writable: bool,
         /// Where `start` is in the file.
         #[cfg(test)]
-        file_offset: u64,
+        pub file_offset: u64,
     }
 
-    /// A loaded object (the executable or a shared library): where it is loaded, its
-    /// segments, and its file.
+    /// A loaded object (the executable or a shared library): where it is loaded and its
+    /// segments.
     pub struct Image {
-        /// Where to read the object's file: `None` for one that has none (the vDSO).
-        file: Option<std::path::PathBuf>,
         /// Load address minus link-time address.
         #[cfg_attr(not(test), allow(dead_code))]
         pub bias: usize,
-        loads: Vec<Mapped>,
-        relro: Vec<Mapped>,
+        pub(super) loads: Vec<Mapped>,
+        pub(super) relro: Vec<Mapped>,
+        /// Whether its dynamic section asks for text relocations (the loader then made its
+        /// read-only segments writable to apply them); `None` without a dynamic section.
+        pub text_relocations: Option<bool>,
         /// File offset and size of its dynamic section.
-        dynamic: Option<(u64, usize)>,
+        #[cfg(test)]
+        pub dynamic: Option<(u64, usize)>,
     }
 
     impl Image {
@@ -231,46 +241,29 @@ mod imp {
             Some(m.file_offset + (address - m.start) as u64)
         }
 
-        /// [start, end) of the loaded segment that holds code.
+        /// [start, end) of the loaded segment that holds `address`.
         #[cfg(test)]
-        pub fn code_segment(&self, code: usize) -> Option<(usize, usize)> {
+        pub fn segment_of(&self, address: usize) -> Option<(usize, usize)> {
             self.loads
                 .iter()
-                .find(|m| m.start <= code && code < m.end)
+                .find(|m| m.start <= address && address < m.end)
                 .map(|m| (m.start, m.end))
         }
     }
 
-    /// The executable's image: the first in the loader's list of loaded objects.
-    #[cfg(test)]
-    pub fn executable_image() -> Option<Image> {
-        loaded_images().into_iter().next()
-    }
-
-    /// Every loaded object, from the loader's list (the executable first).
-    pub fn loaded_images() -> Vec<Image> {
-        unsafe extern "C" fn each_object(
+    /// Calls `each` with every loaded object, the executable first, while the loader holds
+    /// the lock that keeps objects from being unloaded.
+    pub fn for_each_loaded_image(each: &mut dyn FnMut(Image)) {
+        unsafe extern "C" fn visit(
             info: *mut libc::dl_phdr_info,
             _size: libc::size_t,
             data: *mut libc::c_void,
         ) -> libc::c_int {
             // SAFETY: the loader passes a valid `dl_phdr_info` for the duration of the call, and
-            // `data` is the `Vec<Image>` that `loaded_images` lent for it.
-            let (info, out) = unsafe { (&*info, &mut *data.cast::<Vec<Image>>()) };
-            let file = if out.is_empty() {
-                Some(std::path::PathBuf::from("/proc/self/exe"))
-            } else if info.dlpi_name.is_null() {
-                None
-            } else {
-                // SAFETY: a non-null `dlpi_name` is a NUL-terminated string the loader keeps
-                // for the object's life.
-                let name = unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) };
-                use std::os::unix::ffi::OsStrExt;
-                let path = std::path::Path::new(std::ffi::OsStr::from_bytes(name.to_bytes()));
-                path.is_absolute().then(|| path.to_path_buf())
-            };
+            // `data` is the callback that `for_each_loaded_image` lent for it.
+            let (info, each) = unsafe { (&*info, &mut *data.cast::<&mut dyn FnMut(Image)>()) };
             // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers mapped for the life of
-            // the object (the executable's stay mapped until exit).
+            // the object, which cannot be unloaded during the walk.
             let headers: &[ProgramHeader] = if info.dlpi_phdr.is_null() {
                 &[]
             } else {
@@ -286,62 +279,122 @@ mod imp {
                 #[cfg(test)]
                 file_offset: widen(h.p_offset),
             };
-            out.push(Image {
-                file,
-                bias,
-                loads: headers
+            let loads: Vec<Mapped> = headers
+                .iter()
+                .filter(|h| h.p_type == PT_LOAD)
+                .map(mapped)
+                .collect();
+            let dynamic = headers.iter().find(|h| h.p_type == PT_DYNAMIC);
+            let text_relocations = dynamic.and_then(|h| {
+                let section = mapped(h);
+                // The dynamic section must lie in a loaded segment to be read in memory.
+                loads
                     .iter()
-                    .filter(|h| h.p_type == PT_LOAD)
-                    .map(mapped)
-                    .collect(),
+                    .any(|m| m.start <= section.start && section.end <= m.end)
+                    // SAFETY: it lies in a segment of the object, mapped while the walk lasts.
+                    .then(|| unsafe { asks_for_text_relocations(section.start, section.end) })
+            });
+            each(Image {
+                bias,
                 relro: headers
                     .iter()
                     .filter(|h| h.p_type == PT_GNU_RELRO)
                     .map(mapped)
                     .collect(),
-                dynamic: headers
-                    .iter()
-                    .find(|h| h.p_type == PT_DYNAMIC)
-                    .map(|h| (widen(h.p_offset), h.p_filesz as usize)),
+                loads,
+                text_relocations,
+                #[cfg(test)]
+                dynamic: dynamic.map(|h| (widen(h.p_offset), h.p_filesz as usize)),
             });
             0 // On to the next object.
         }
-        let mut images: Vec<Image> = Vec::new();
-        // SAFETY: the callback only reads what the loader hands it and pushes to `images`,
-        // which outlives the call.
+        let mut each = each;
+        // SAFETY: the callback only reads what the loader hands it and calls `each`, which
+        // outlives the walk.
         unsafe {
-            libc::dl_iterate_phdr(Some(each_object), (&raw mut images).cast());
+            libc::dl_iterate_phdr(Some(visit), (&raw mut each).cast());
         }
+    }
+
+    /// Whether the dynamic section in memory at [start, end) has `DT_TEXTREL` or
+    /// `DF_TEXTREL`. The loader rewrites some entries' addresses in place, never these tags'
+    /// values.
+    ///
+    /// # Safety
+    /// [start, end) must be mapped and readable.
+    unsafe fn asks_for_text_relocations(start: usize, end: usize) -> bool {
+        let word = size_of::<usize>();
+        let mut at = start;
+        while at + 2 * word <= end {
+            // SAFETY: [at, at + 2 words) is within [start, end), which the caller vouches for;
+            // unaligned reads, since nothing here promises alignment.
+            let (tag, value) = unsafe {
+                (
+                    std::ptr::read_unaligned(at as *const usize),
+                    std::ptr::read_unaligned((at + word) as *const usize),
+                )
+            };
+            match tag {
+                DT_NULL => return false,
+                DT_TEXTREL => return true,
+                DT_FLAGS if value & DF_TEXTREL != 0 => return true,
+                _ => {}
+            }
+            at += 2 * word;
+        }
+        false
+    }
+
+    /// Every loaded object, the executable first.
+    #[cfg(test)]
+    pub fn loaded_images() -> Vec<Image> {
+        let mut images = Vec::new();
+        for_each_loaded_image(&mut |image| images.push(image));
         images
     }
 
-    /// What an object's dynamic section says about relocations.
-    pub struct Dynamic {
-        /// The loader had to write into read-only segments to relocate them.
-        pub text_relocations: bool,
-        /// (link-time address, size) of each relocation table.
-        #[cfg_attr(not(test), allow(dead_code))]
-        pub tables: Vec<(usize, usize)>,
+    /// Whether pagemap shows this process's pages as they are: a page of its stack, just
+    /// written, as its own copy, and the page of code running now as a file page. Where an
+    /// emulator maps the guest's memory at other addresses than the guest sees, the entries
+    /// read belong to other memory and fail this.
+    pub fn pagemap_tells_copies_from_files(pagemap: &std::fs::File, page: usize) -> bool {
+        let mut written = [0u8; 1];
+        std::hint::black_box(&mut written)[0] = 1;
+        let stack = std::hint::black_box(&written).as_ptr() as usize / page * page;
+        let code = pagemap_tells_copies_from_files as fn(&std::fs::File, usize) -> bool as usize
+            / page
+            * page;
+        let entry = |address: usize| {
+            pagemap_entries(pagemap, address, address + page, page).and_then(|e| e.first().copied())
+        };
+        let own_copy = |e: u64| e & PAGE_PRESENT != 0 && e & PAGE_FILE == 0;
+        let file_page = |e: u64| e & PAGE_PRESENT != 0 && e & PAGE_FILE != 0;
+        entry(stack).is_some_and(own_copy) && entry(code).is_some_and(file_page)
     }
 
-    /// An object's dynamic section, read from its file: in memory the loader may have
-    /// rewritten addresses to run-time ones. `None` where it cannot be read.
-    pub fn dynamic_section(image: &Image) -> Option<Dynamic> {
+    /// (link-time address, size) of each relocation table the object's dynamic section names,
+    /// read from `file` (in memory the loader may have rewritten the addresses).
+    #[cfg(test)]
+    pub fn relocation_tables(image: &Image, file: &std::path::Path) -> Option<Vec<(usize, usize)>> {
+        const DT_PLTRELSZ: usize = 2;
+        const DT_RELA: usize = 7;
+        const DT_RELASZ: usize = 8;
+        const DT_REL: usize = 17;
+        const DT_RELSZ: usize = 18;
+        const DT_JMPREL: usize = 23;
         let (offset, size) = image.dynamic?;
         let word = size_of::<usize>();
-        if size > 64 * 1024 || !size.is_multiple_of(2 * word) {
-            return None;
-        }
-        let file = std::fs::File::open(image.file.as_ref()?).ok()?;
         let mut bytes = vec![0u8; size];
-        file.read_exact_at(&mut bytes, offset).ok()?;
+        std::fs::File::open(file)
+            .ok()?
+            .read_exact_at(&mut bytes, offset)
+            .ok()?;
         let mut entry = [0u8; size_of::<usize>()];
         let mut words = bytes.chunks_exact(word).map(|chunk| {
             entry.copy_from_slice(chunk);
             usize::from_ne_bytes(entry)
         });
         let (mut rela, mut rel, mut plt) = ((None, None), (None, None), (None, None));
-        let mut text_relocations = false;
         while let (Some(tag), Some(value)) = (words.next(), words.next()) {
             match tag {
                 DT_NULL => break,
@@ -351,22 +404,18 @@ mod imp {
                 DT_RELSZ => rel.1 = Some(value),
                 DT_JMPREL => plt.0 = Some(value),
                 DT_PLTRELSZ => plt.1 = Some(value),
-                DT_TEXTREL => text_relocations = true,
-                DT_FLAGS if value & DF_TEXTREL != 0 => text_relocations = true,
                 _ => {}
             }
         }
-        let tables = [rela, rel, plt]
-            .into_iter()
-            .filter_map(|table| match table {
-                (Some(address), Some(len)) if len > 0 => Some((address, len)),
-                _ => None,
-            })
-            .collect();
-        Some(Dynamic {
-            text_relocations,
-            tables,
-        })
+        Some(
+            [rela, rel, plt]
+                .into_iter()
+                .filter_map(|table| match table {
+                    (Some(address), Some(len)) if len > 0 => Some((address, len)),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 
     /// The pagemap entries of the pages in [first, last).
@@ -393,6 +442,7 @@ mod imp {
     }
 
     /// An ELF offset as `u64`, whether the headers are 32- or 64-bit.
+    #[cfg(test)]
     fn widen(offset: impl Into<u64>) -> u64 {
         offset.into()
     }
@@ -466,6 +516,46 @@ mod process_tests {
         assert_eq!(done, 0, "mprotect: {}", std::io::Error::last_os_error());
     }
 
+    fn segment(start: usize, end: usize, writable: bool) -> Mapped {
+        Mapped {
+            start,
+            end,
+            writable,
+            file_offset: 0,
+        }
+    }
+
+    #[test]
+    fn only_whole_pages_clear_of_writable_segments_and_relro_are_read_only() {
+        let page = 0x1000;
+        let image = Image {
+            bias: 0,
+            loads: vec![
+                // Read-only data and code, sharing no page with anything writable.
+                segment(0x0, 0x2800, false),
+                segment(0x2800, 0x9100, false),
+                // Read-only, but its last page holds the start of RELRO.
+                segment(0xa000, 0xd000, false),
+                segment(0xc800, 0xf000, true),
+                // Too small for a whole page.
+                segment(0x10100, 0x10f00, false),
+            ],
+            relro: vec![segment(0xc800, 0xe000, true)],
+            text_relocations: Some(false),
+            dynamic: None,
+        };
+        assert_eq!(
+            image.read_only_pages(page),
+            vec![(0x0, 0x2000), (0x3000, 0x9000)]
+        );
+    }
+
+    #[test]
+    fn this_process_pagemap_tells_copies_from_files() {
+        let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+        assert!(pagemap_tells_copies_from_files(&pagemap, page_size()));
+    }
+
     /// `release` acts on the whole process, and other tests running beside it map pages in
     /// while it is measured: the measuring runs in a test process of its own.
     #[test]
@@ -495,11 +585,14 @@ mod process_tests {
     fn measure_release_in_a_quiet_process() {
         // The test binary is a position-independent executable like the agent, and nothing
         // reads its relocation tables once the loader is done.
-        let image = executable_image().expect("the executable's program headers");
-        let dynamic = dynamic_section(&image).expect("the executable's dynamic section");
-        assert!(!dynamic.text_relocations);
-        let (start, len) = dynamic
-            .tables
+        let image = loaded_images()
+            .into_iter()
+            .next()
+            .expect("the executable's program headers");
+        assert_eq!(image.text_relocations, Some(false));
+        let tables = relocation_tables(&image, std::path::Path::new("/proc/self/exe"))
+            .expect("the executable's dynamic section");
+        let (start, len) = tables
             .iter()
             .copied()
             .max_by_key(|&(_, len)| len)
@@ -543,7 +636,7 @@ mod process_tests {
         assert!(entry & PAGE_PRESENT != 0 && entry & PAGE_FILE == 0);
 
         let code = image
-            .code_segment(measure_release_in_a_quiet_process as fn() as usize)
+            .segment_of(measure_release_in_a_quiet_process as fn() as usize)
             .expect("the segment holding this test's code");
         let code = (code.0.next_multiple_of(page), code.1 / page * page);
         let code_before = present(code.0, code.1);
@@ -551,7 +644,7 @@ mod process_tests {
         let libc_code = loaded_images()
             .iter()
             .find_map(|image| {
-                image.code_segment(libc::getpid as unsafe extern "C" fn() -> libc::pid_t as usize)
+                image.segment_of(libc::getpid as unsafe extern "C" fn() -> libc::pid_t as usize)
             })
             .expect("the segment holding getpid");
         let libc_code = (

@@ -245,8 +245,6 @@ async fn pages_start_up_mapped_are_given_back_and_collection_goes_on() {
         );
         let _ = tokio::time::timeout(Duration::from_millis(100), rounds.recv()).await;
     }
-    // The loader's relocation tables alone are larger than this in the test binary.
-    assert!(released() >= 64 * 1024, "{} bytes given back", released());
     for _ in 0..3 {
         round_with(&mut rounds, "probe_up").await;
     }

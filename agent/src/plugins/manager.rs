@@ -109,7 +109,7 @@ impl PluginManager {
                 _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
                 _ = until(self.settle_at) => {
                     self.settle_at = None;
-                    self.give_back_start_up_memory();
+                    self.give_back_start_up_memory().await;
                 }
                 changed = config.changed() => {
                     if changed.is_err() {
@@ -317,16 +317,23 @@ impl PluginManager {
         self.settle_at = Some(self.settle_at.map_or(at, |due| due.max(at)));
     }
 
-    /// Drops the pages of the agent's binary that it mapped while starting (the steady state
-    /// maps back what it runs) and returns the heap compiling freed.
-    fn give_back_start_up_memory(&self) {
-        release_freed_memory();
-        let released = crate::image_pages::release();
+    /// Drops the mapped read-only pages of the agent's binary and libraries, most of them
+    /// mapped by start-up (the steady state maps back what it runs), and returns the heap
+    /// compiling freed. On a blocking thread: it reads files and `/proc`.
+    async fn give_back_start_up_memory(&self) {
+        let released = tokio::task::spawn_blocking(|| {
+            release_freed_memory();
+            crate::image_pages::release()
+        })
+        .await
+        .unwrap_or_default();
         AgentStats::add(&self.stats.released_image_bytes, released.bytes as u64);
+        // picket-bench's symbol-order training waits for this message (START_UP_OVER in
+        // tests/bench/src/symbol_order.rs): change both together.
         tracing::info!(
             bytes = released.bytes,
             written_pages_kept = released.written_pages_kept,
-            "dropped the pages of the agent's binary that start-up mapped"
+            "dropped the mapped read-only pages of the agent's binary and libraries"
         );
     }
 

@@ -192,6 +192,11 @@ fn against_node_exporter(s: &mut Settings, env: &Env) -> Result<()> {
     let mut rows = Vec::new();
     let (mut rss_ratio, mut cached_ratio, mut cpu_ratio) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..s.runs {
+        start_cold(&measured_agent().0)?;
+        start_cold(&setup::require(
+            "prometheus-node-exporter",
+            "prometheus-node-exporter",
+        )?)?;
         let (mut node, node_addr) = setup::node_exporter(&env.dir)?;
         let start = |instance: &str, plugins: Plugins, cache: Option<&Path>| {
             let config = agent_config(env, instance, interval, plugins, cache);
@@ -403,6 +408,27 @@ fn startup(s: &mut Settings, env: &Env) -> Result<()> {
 }
 
 /// What was appended to `path` after `offset`.
+/// Drops what the page cache holds of `binary` (the pages no process maps), so that each run
+/// starts it as after a reboot. How much of a binary a page fault maps depends on how its
+/// pages sit in the cache (one written by `cp` measured 1.1 MiB more resident than one read
+/// on demand; docs/performance.md, "Agent memory"), and runs should not depend on what came
+/// before them.
+fn start_cold(binary: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let file =
+        std::fs::File::open(binary).map_err(|e| anyhow!("open {}: {e}", binary.display()))?;
+    // SAFETY: posix_fadvise only advises the kernel about an open descriptor's cached pages.
+    let done = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if done != 0 {
+        return Err(anyhow!(
+            "posix_fadvise({}): {}",
+            binary.display(),
+            std::io::Error::from_raw_os_error(done)
+        ));
+    }
+    Ok(())
+}
+
 fn read_from(path: &Path, offset: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let mut text = String::new();

@@ -126,8 +126,11 @@ pub fn run(agent: &Path, map: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What the agent logs when it drops the pages start-up mapped (`plugins/manager.rs`).
-const START_UP_OVER: &str = "dropped the pages of the agent's binary that start-up mapped";
+/// What the agent logs when it drops the pages start-up mapped
+/// (`PluginManager::give_back_start_up_memory` in `agent/src/plugins/manager.rs`: change both
+/// together).
+const START_UP_OVER: &str =
+    "dropped the mapped read-only pages of the agent's binary and libraries";
 
 /// The functions of the agent's binary that one training run executed, before and after it
 /// dropped the pages start-up mapped.
