@@ -27,6 +27,9 @@ pub struct Released {
     pub bytes: usize,
     /// Pages left alone because the process holds its own, written copy of them.
     pub written_pages_kept: usize,
+    /// Whether `/proc/self/pagemap` could tell the process's own copies from file pages;
+    /// nothing is dropped where it cannot.
+    pub pagemap_usable: bool,
 }
 
 /// Drops the mapped, clean pages of the read-only segments of the running executable and
@@ -46,9 +49,11 @@ pub fn release() -> Released {
     if !pagemap_tells_copies_from_files(&pagemap, page) {
         return released;
     }
+    released.pagemap_usable = true;
     // Inside the loader's walk over its objects: it holds the lock `dlclose` takes, so no
     // object goes away (and its addresses are not reused) between reading the state of its
-    // pages and dropping them.
+    // pages and dropping them. Other threads' `dlopen` (glibc's NSS modules, say) waits
+    // meanwhile: a few milliseconds of pagemap reads, once after start-up.
     for_each_loaded_image(&mut |image: Image| {
         if image.text_relocations != Some(false) {
             return;
@@ -198,10 +203,21 @@ mod imp {
     }
 
     impl Image {
-        /// [first, last) page ranges of each read-only segment: whole pages only, none that
-        /// also holds part of a writable segment or of RELRO (which the loader writes before
-        /// protecting it).
+        /// [first, last) page ranges of the read-only segments: whole pages only, leaving
+        /// out every page that also holds part of a writable segment or of RELRO (which the
+        /// loader writes before protecting it).
         pub fn read_only_pages(&self, page: usize) -> Vec<(usize, usize)> {
+            let mut written: Vec<(usize, usize)> = self
+                .loads
+                .iter()
+                .filter(|m| m.writable)
+                .chain(&self.relro)
+                .map(|w| {
+                    let end = w.end.checked_next_multiple_of(page).unwrap_or(usize::MAX);
+                    (w.start / page * page, end)
+                })
+                .collect();
+            written.sort_unstable();
             let mut ranges = Vec::new();
             for segment in self.loads.iter().filter(|m| !m.writable) {
                 let (Some(first), last) = (
@@ -210,14 +226,18 @@ mod imp {
                 ) else {
                     continue;
                 };
-                let written = self
-                    .loads
-                    .iter()
-                    .filter(|m| m.writable)
-                    .chain(&self.relro)
-                    .any(|w| first < w.end && w.start < last);
-                if first < last && !written {
-                    ranges.push((first, last));
+                let mut from = first;
+                for &(start, end) in &written {
+                    if end <= from || start >= last {
+                        continue;
+                    }
+                    if start > from {
+                        ranges.push((from, start));
+                    }
+                    from = from.max(end);
+                }
+                if from < last {
+                    ranges.push((from, last));
                 }
             }
             ranges
@@ -252,68 +272,94 @@ mod imp {
     }
 
     /// Calls `each` with every loaded object, the executable first, while the loader holds
-    /// the lock that keeps objects from being unloaded.
+    /// the lock that keeps objects from being unloaded. A panic in `each` ends the walk and
+    /// carries on once the loader is out of it (unwinding through the loader would abort).
     pub fn for_each_loaded_image(each: &mut dyn FnMut(Image)) {
+        struct Walk<'a> {
+            each: &'a mut dyn FnMut(Image),
+            panic: Option<Box<dyn std::any::Any + Send>>,
+        }
         unsafe extern "C" fn visit(
             info: *mut libc::dl_phdr_info,
             _size: libc::size_t,
             data: *mut libc::c_void,
         ) -> libc::c_int {
             // SAFETY: the loader passes a valid `dl_phdr_info` for the duration of the call, and
-            // `data` is the callback that `for_each_loaded_image` lent for it.
-            let (info, each) = unsafe { (&*info, &mut *data.cast::<&mut dyn FnMut(Image)>()) };
-            // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers mapped for the life of
-            // the object, which cannot be unloaded during the walk.
-            let headers: &[ProgramHeader] = if info.dlpi_phdr.is_null() {
-                &[]
-            } else {
-                unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
-            };
-            let bias = info.dlpi_addr as usize;
-            let mapped = |h: &ProgramHeader| Mapped {
-                start: bias.wrapping_add(h.p_vaddr as usize),
-                end: bias
-                    .wrapping_add(h.p_vaddr as usize)
-                    .wrapping_add(h.p_memsz as usize),
-                writable: h.p_flags & PF_W != 0,
-                #[cfg(test)]
-                file_offset: widen(h.p_offset),
-            };
-            let loads: Vec<Mapped> = headers
-                .iter()
-                .filter(|h| h.p_type == PT_LOAD)
-                .map(mapped)
-                .collect();
-            let dynamic = headers.iter().find(|h| h.p_type == PT_DYNAMIC);
-            let text_relocations = dynamic.and_then(|h| {
-                let section = mapped(h);
-                // The dynamic section must lie in a loaded segment to be read in memory.
-                loads
-                    .iter()
-                    .any(|m| m.start <= section.start && section.end <= m.end)
-                    // SAFETY: it lies in a segment of the object, mapped while the walk lasts.
-                    .then(|| unsafe { asks_for_text_relocations(section.start, section.end) })
-            });
-            each(Image {
-                bias,
-                relro: headers
-                    .iter()
-                    .filter(|h| h.p_type == PT_GNU_RELRO)
-                    .map(mapped)
-                    .collect(),
-                loads,
-                text_relocations,
-                #[cfg(test)]
-                dynamic: dynamic.map(|h| (widen(h.p_offset), h.p_filesz as usize)),
-            });
-            0 // On to the next object.
+            // `data` is the `Walk` that `for_each_loaded_image` lent for it.
+            let (info, walk) = unsafe { (&*info, &mut *data.cast::<Walk>()) };
+            let visited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: `info` is the loader's, for an object that stays loaded meanwhile.
+                unsafe { visit_object(info, &mut *walk.each) }
+            }));
+            match visited {
+                Ok(()) => 0, // On to the next object.
+                Err(payload) => {
+                    walk.panic = Some(payload);
+                    1
+                }
+            }
         }
-        let mut each = each;
+        let mut walk = Walk { each, panic: None };
         // SAFETY: the callback only reads what the loader hands it and calls `each`, which
-        // outlives the walk.
+        // outlives the walk; it unwinds no panic into the loader.
         unsafe {
-            libc::dl_iterate_phdr(Some(visit), (&raw mut each).cast());
+            libc::dl_iterate_phdr(Some(visit), (&raw mut walk).cast());
         }
+        if let Some(payload) = walk.panic {
+            std::panic::resume_unwind(payload);
+        }
+    }
+
+    /// Hands `each` the image of the object `info` describes.
+    ///
+    /// # Safety
+    /// `info` must be the loader's, during its walk over loaded objects (the object stays
+    /// loaded while `each` runs).
+    unsafe fn visit_object(info: &libc::dl_phdr_info, each: &mut dyn FnMut(Image)) {
+        // SAFETY: `dlpi_phdr` points to `dlpi_phnum` program headers mapped for the life of
+        // the object, which cannot be unloaded during the walk.
+        let headers: &[ProgramHeader] = if info.dlpi_phdr.is_null() {
+            &[]
+        } else {
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        let bias = info.dlpi_addr as usize;
+        let mapped = |h: &ProgramHeader| Mapped {
+            start: bias.wrapping_add(h.p_vaddr as usize),
+            end: bias
+                .wrapping_add(h.p_vaddr as usize)
+                .wrapping_add(h.p_memsz as usize),
+            writable: h.p_flags & PF_W != 0,
+            #[cfg(test)]
+            file_offset: widen(h.p_offset),
+        };
+        let loads: Vec<Mapped> = headers
+            .iter()
+            .filter(|h| h.p_type == PT_LOAD)
+            .map(mapped)
+            .collect();
+        let dynamic = headers.iter().find(|h| h.p_type == PT_DYNAMIC);
+        let text_relocations = dynamic.and_then(|h| {
+            let section = mapped(h);
+            // The dynamic section must lie in a loaded segment to be read in memory.
+            loads
+                .iter()
+                .any(|m| m.start <= section.start && section.end <= m.end)
+                // SAFETY: it lies in a segment of the object, mapped while the walk lasts.
+                .then(|| unsafe { asks_for_text_relocations(section.start, section.end) })
+        });
+        each(Image {
+            bias,
+            relro: headers
+                .iter()
+                .filter(|h| h.p_type == PT_GNU_RELRO)
+                .map(mapped)
+                .collect(),
+            loads,
+            text_relocations,
+            #[cfg(test)]
+            dynamic: dynamic.map(|h| (widen(h.p_offset), h.p_filesz as usize)),
+        });
     }
 
     /// Whether the dynamic section in memory at [start, end) has `DT_TEXTREL` or
@@ -325,7 +371,7 @@ mod imp {
     unsafe fn asks_for_text_relocations(start: usize, end: usize) -> bool {
         let word = size_of::<usize>();
         let mut at = start;
-        while at + 2 * word <= end {
+        while at.checked_add(2 * word).is_some_and(|next| next <= end) {
             // SAFETY: [at, at + 2 words) is within [start, end), which the caller vouches for;
             // unaligned reads, since nothing here promises alignment.
             let (tag, value) = unsafe {
@@ -357,6 +403,8 @@ mod imp {
     /// written, as its own copy, and the page of code running now as a file page. Where an
     /// emulator maps the guest's memory at other addresses than the guest sees, the entries
     /// read belong to other memory and fail this.
+    // Out of line: its own address must be code that runs.
+    #[inline(never)]
     pub fn pagemap_tells_copies_from_files(pagemap: &std::fs::File, page: usize) -> bool {
         let mut written = [0u8; 1];
         std::hint::black_box(&mut written)[0] = 1;
@@ -534,7 +582,7 @@ mod process_tests {
                 // Read-only data and code, sharing no page with anything writable.
                 segment(0x0, 0x2800, false),
                 segment(0x2800, 0x9100, false),
-                // Read-only, but its last page holds the start of RELRO.
+                // Read-only, but its last page holds the start of RELRO: that page is left out.
                 segment(0xa000, 0xd000, false),
                 segment(0xc800, 0xf000, true),
                 // Too small for a whole page.
@@ -546,8 +594,36 @@ mod process_tests {
         };
         assert_eq!(
             image.read_only_pages(page),
-            vec![(0x0, 0x2000), (0x3000, 0x9000)]
+            vec![(0x0, 0x2000), (0x3000, 0x9000), (0xa000, 0xc000)]
         );
+        // A writable stretch inside a read-only segment splits it.
+        let split = Image {
+            bias: 0,
+            loads: vec![
+                segment(0x20000, 0x30000, false),
+                segment(0x24800, 0x25100, true),
+            ],
+            relro: Vec::new(),
+            text_relocations: Some(false),
+            dynamic: None,
+        };
+        assert_eq!(
+            split.read_only_pages(page),
+            vec![(0x20000, 0x24000), (0x26000, 0x30000)]
+        );
+    }
+
+    #[test]
+    fn a_panic_while_walking_the_objects_reaches_the_caller() {
+        let mut visited = 0;
+        let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for_each_loaded_image(&mut |_| {
+                visited += 1;
+                panic!("inside the walk");
+            })
+        }));
+        assert!(walked.is_err());
+        assert_eq!(visited, 1, "the walk stops at the panic");
     }
 
     #[test]

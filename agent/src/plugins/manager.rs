@@ -333,6 +333,7 @@ impl PluginManager {
         tracing::info!(
             bytes = released.bytes,
             written_pages_kept = released.written_pages_kept,
+            pagemap_usable = released.pagemap_usable,
             "dropped the mapped read-only pages of the agent's binary and libraries"
         );
     }

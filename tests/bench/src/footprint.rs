@@ -407,16 +407,18 @@ fn startup(s: &mut Settings, env: &Env) -> Result<()> {
     Ok(())
 }
 
-/// What was appended to `path` after `offset`.
 /// Drops what the page cache holds of `binary` (the pages no process maps), so that each run
-/// starts it as after a reboot. How much of a binary a page fault maps depends on how its
-/// pages sit in the cache (one written by `cp` measured 1.1 MiB more resident than one read
-/// on demand; docs/performance.md, "Agent memory"), and runs should not depend on what came
-/// before them.
+/// starts it as after a reboot: the first agent reads it on demand, the others share what
+/// that one read. How much of a binary a page fault maps depends on how its pages sit in the
+/// cache (one just written by `cp` measured 1.1 MiB more resident than one read on demand;
+/// docs/performance.md, "Agent memory"), and runs should not depend on what came before them.
 fn start_cold(binary: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
     let file =
         std::fs::File::open(binary).map_err(|e| anyhow!("open {}: {e}", binary.display()))?;
+    // Dirty pages (a binary `cross/build.sh` just copied) are not dropped: write them first.
+    file.sync_data()
+        .map_err(|e| anyhow!("fsync {}: {e}", binary.display()))?;
     // SAFETY: posix_fadvise only advises the kernel about an open descriptor's cached pages.
     let done = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     if done != 0 {
@@ -429,6 +431,7 @@ fn start_cold(binary: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What was appended to `path` after `offset`.
 fn read_from(path: &Path, offset: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let mut text = String::new();
