@@ -11,8 +11,9 @@
 //! Components are compiled once per (code, stack cap) and shared by all instances of them.
 //!
 //! Once the instances it started have collected, it gives back the memory starting them used
-//! and the steady state does not: the pages of the agent's binary that only start-up ran
-//! ([`crate::image_pages`]) and the heap glibc keeps after compiling.
+//! and the steady state does not: it drops the mapped read-only pages of the agent's binary
+//! and libraries, so that only what runs afterwards maps back ([`crate::image_pages`]), and
+//! returns the heap glibc keeps after compiling.
 
 use std::collections::HashMap;
 use std::sync::Arc;
