@@ -59,33 +59,103 @@ pub fn release() -> Released {
             return;
         }
         for (first, last) in image.read_only_pages(page) {
-            let Some(entries) = pagemap_entries(&pagemap, first, last, page) else {
-                continue;
-            };
-            let runs = droppable_runs(&entries);
-            released.written_pages_kept += runs.written_pages_kept;
-            for &(index, count) in &runs.runs {
-                let start = first + index * page;
-                // SAFETY: [start, start + count pages) lies in a read-only segment of a
-                // loaded object, outside RELRO, in an object without text relocations, and
-                // pagemap (checked to tell them apart) showed none of its pages as a private
-                // copy: its mapped pages are clean pages of the file, which a later access
-                // maps again. A debugger's breakpoint or a uprobe written between the pagemap
-                // read and here would be lost; nothing in the agent writes there.
-                let done = unsafe {
-                    libc::madvise(
-                        start as *mut libc::c_void,
-                        count * page,
-                        libc::MADV_DONTNEED,
-                    )
-                };
-                if done == 0 {
-                    released.bytes += runs.mapped_in(index, count) * page;
-                }
-            }
+            // SAFETY: [first, last) is whole pages of a read-only segment of a loaded object,
+            // outside RELRO, in an object without text relocations; the loader's lock keeps
+            // it mapped.
+            unsafe { drop_clean_pages(&pagemap, first, last, page, &mut released) };
         }
     });
     released
+}
+
+/// Drops the mapped, clean pages of compiled plugin code that is mapped from a file
+/// (`plugins/code_file.rs`): what loading and instantiating the plugins touched, most of
+/// which they never run again. Code that is the process's own memory (compiled in the
+/// agent's process, or loaded from bytes where no file could be mapped) is anonymous and
+/// kept, by the same pagemap test as [`release`].
+///
+/// # Safety
+///
+/// Each range must be the image of a loaded component (`Component::image_range`), which
+/// wasmtime maps read-only and never writes, and must stay mapped for the whole call: the
+/// caller holds the components.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub unsafe fn release_mapped_code(images: &[std::ops::Range<usize>]) -> Released {
+    let mut released = Released::default();
+    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+        return released;
+    };
+    let page = page_size();
+    if !pagemap_tells_copies_from_files(&pagemap, page) {
+        return released;
+    }
+    released.pagemap_usable = true;
+    for range in images {
+        // A mapping starts on a page and covers its last page whole.
+        let (first, Some(last)) = (
+            range.start / page * page,
+            range.end.checked_next_multiple_of(page),
+        ) else {
+            continue;
+        };
+        if first >= last {
+            continue;
+        }
+        // SAFETY: the caller's contract: a read-only image, mapped during the call.
+        unsafe { drop_clean_pages(&pagemap, first, last, page, &mut released) };
+    }
+    released
+}
+
+/// Elsewhere there is nothing to release (or no way to tell clean pages from written ones).
+///
+/// # Safety
+///
+/// None needed; the signature matches the Linux one.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub unsafe fn release_mapped_code(_images: &[std::ops::Range<usize>]) -> Released {
+    Released::default()
+}
+
+/// Drops the pages in [first, last) that pagemap shows as clean file pages (or unmapped),
+/// and adds what it did to `released`.
+///
+/// # Safety
+///
+/// [first, last) must be whole pages of read-only mappings of files that nothing in the
+/// process writes, mapped for the whole call, and `pagemap` must have passed
+/// [`pagemap_tells_copies_from_files`].
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+unsafe fn drop_clean_pages(
+    pagemap: &std::fs::File,
+    first: usize,
+    last: usize,
+    page: usize,
+    released: &mut Released,
+) {
+    let Some(entries) = pagemap_entries(pagemap, first, last, page) else {
+        return;
+    };
+    let runs = droppable_runs(&entries);
+    released.written_pages_kept += runs.written_pages_kept;
+    for &(index, count) in &runs.runs {
+        let start = first + index * page;
+        // SAFETY: [start, start + count pages) is read-only file memory (the caller's
+        // contract), and pagemap (checked to tell them apart) showed none of its pages as a
+        // private copy: its mapped pages are clean pages of the file, which a later access
+        // maps again. A debugger's breakpoint or a uprobe written between the pagemap read
+        // and here would be lost; nothing in the agent writes there.
+        let done = unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                count * page,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if done == 0 {
+            released.bytes += runs.mapped_in(index, count) * page;
+        }
+    }
 }
 
 /// Elsewhere there is nothing to release (or no way to tell clean pages from written ones).

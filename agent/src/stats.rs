@@ -35,8 +35,8 @@ pub struct AgentStats {
     pub connected: AtomicU64,
     pub connects: AtomicU64,
     pub connection_failures: AtomicU64,
-    /// Bytes of mapped read-only pages of the agent's binary and libraries dropped once
-    /// started plugins had collected (`image_pages`).
+    /// Bytes of mapped read-only pages of the agent's binary and libraries, and of plugins'
+    /// file-mapped compiled code, dropped once started plugins had collected (`image_pages`).
     pub released_image_bytes: AtomicU64,
     /// Microseconds spent in the last collection round.
     pub last_collect_micros: AtomicU64,

@@ -98,11 +98,53 @@ async fn probe_up(compiled: &Compiled) -> Option<f64> {
     }
 }
 
+/// The line of `/proc/self/maps` whose mapping holds `compiled`'s code.
+fn mapping_of(compiled: &Compiled) -> String {
+    let inside = compiled.code_range().start as usize;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines()
+        .find(|line| {
+            let range = line.split(' ').next().unwrap_or_default();
+            let Some((start, end)) = range.split_once('-') else {
+                return false;
+            };
+            let parse = |hex| usize::from_str_radix(hex, 16).unwrap();
+            (parse(start)..parse(end)).contains(&inside)
+        })
+        .unwrap_or_else(|| panic!("no mapping holds {inside:#x}"))
+        .to_owned()
+}
+
+/// Without a compile cache, the child's output is mapped from an unnamed file in the scratch
+/// directory (plugins/code_file.rs), not copied into the agent's memory.
 #[tokio::test(flavor = "multi_thread")]
-async fn code_compiled_by_the_agent_binary_in_a_child_runs() {
+async fn code_compiled_by_the_agent_binary_in_a_child_runs_from_a_file() {
+    let scratch = Path::new(picket_agent::plugins::code_file::SCRATCH_DIRECTORY);
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let on_tmpfs = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let _device = fields.next()?;
+            Some((fields.next()?, fields.next()?))
+        })
+        .filter(|(point, _)| scratch.starts_with(point))
+        .max_by_key(|(point, _)| point.len())
+        .is_some_and(|(_, kind)| kind == "tmpfs" || kind == "ramfs");
+    assert!(
+        !on_tmpfs,
+        "{} is memory-backed here; this test needs it on disk, as on a Pi",
+        scratch.display()
+    );
     let runtime = Runtime::with(None, agent_compiler());
     let compiled = runtime.compile_async(probe_wasm(), STACK).await.unwrap();
     assert!(runtime.compiles_in_child(), "the child compiler worked");
+    let mapping = mapping_of(&compiled);
+    assert!(
+        mapping.contains(&format!("{}/", scratch.display())) && mapping.ends_with("(deleted)"),
+        "the code is not mapped from an unnamed file in {}: {mapping}",
+        scratch.display()
+    );
     assert_eq!(probe_up(&compiled).await, Some(1.0));
 }
 
@@ -202,6 +244,58 @@ async fn without_a_child_compiler_the_runtime_compiles_in_process() {
     }
 }
 
+/// The page release drops the pages of code mapped from a file, which then runs on (its
+/// pages map back), and keeps code that is the process's own memory (compiled here).
+#[tokio::test(flavor = "multi_thread")]
+async fn mapped_code_pages_are_released_and_code_in_memory_is_kept() {
+    let release = |compiled: &Compiled| {
+        let range = compiled.code_range();
+        // SAFETY: the image of a loaded component, kept mapped by `compiled` meanwhile.
+        unsafe {
+            picket_agent::image_pages::release_mapped_code(&[
+                range.start as usize..range.end as usize
+            ])
+        }
+    };
+
+    let mapped = Runtime::with(None, agent_compiler())
+        .compile_async(probe_wasm(), STACK)
+        .await
+        .unwrap();
+    assert!(
+        mapping_of(&mapped).ends_with("(deleted)"),
+        "{}",
+        mapping_of(&mapped)
+    );
+    assert_eq!(probe_up(&mapped).await, Some(1.0));
+    let released = release(&mapped);
+    assert!(
+        released.pagemap_usable,
+        "this test needs /proc/self/pagemap"
+    );
+    assert!(
+        released.bytes > 0,
+        "nothing of the mapped code was dropped: {released:?}"
+    );
+    assert_eq!(released.written_pages_kept, 0, "{released:?}");
+    assert_eq!(
+        probe_up(&mapped).await,
+        Some(1.0),
+        "runs on after the release"
+    );
+
+    let in_memory = Runtime::new().compile(&probe_wasm(), STACK).unwrap();
+    assert!(
+        !mapping_of(&in_memory).contains('/'),
+        "{}",
+        mapping_of(&in_memory)
+    );
+    let kept = release(&in_memory);
+    assert_eq!(kept.bytes, 0, "code in memory was dropped: {kept:?}");
+    assert!(kept.written_pages_kept > 0, "{kept:?}");
+    assert_eq!(probe_up(&in_memory).await, Some(1.0));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_child_output_fills_the_compile_cache() {
     let cache_dir = tempfile::tempdir().unwrap();
@@ -209,14 +303,22 @@ async fn the_child_output_fills_the_compile_cache() {
         Some(CompileCache::open(cache_dir.path()).unwrap()),
         agent_compiler(),
     );
-    first.compile_async(probe_wasm(), STACK).await.unwrap();
+    let compiled = first.compile_async(probe_wasm(), STACK).await.unwrap();
     assert!(first.compiles_in_child());
-    let entries = std::fs::read_dir(cache_dir.path())
+    let entries: Vec<PathBuf> = std::fs::read_dir(cache_dir.path())
         .unwrap()
         .filter_map(Result::ok)
-        .filter(|e| e.path().extension().is_some_and(|x| x == "cwasm"))
-        .count();
-    assert_eq!(entries, 1, "one cached compilation");
+        .map(|e| e.path())
+        .filter(|path| path.extension().is_some_and(|x| x == "cwasm"))
+        .collect();
+    assert_eq!(entries.len(), 1, "one cached compilation");
+    // The code runs from the entry just written, mapped (plugins/code_file.rs).
+    let entry = entries[0].display().to_string();
+    assert!(
+        mapping_of(&compiled).ends_with(&entry),
+        "{}",
+        mapping_of(&compiled)
+    );
 
     // A second agent whose compiler would die: it never runs, the cache answers.
     let programs = tempfile::tempdir().unwrap();
@@ -225,6 +327,11 @@ async fn the_child_output_fills_the_compile_cache() {
         script(programs.path(), "dies", "kill -KILL $$"),
     );
     let compiled = second.compile_async(probe_wasm(), STACK).await.unwrap();
+    assert!(
+        mapping_of(&compiled).ends_with(&entry),
+        "{}",
+        mapping_of(&compiled)
+    );
     assert_eq!(probe_up(&compiled).await, Some(1.0));
 }
 

@@ -9,12 +9,20 @@
 //! whose tag does not verify (written by anyone else, truncated by a power cut, produced by
 //! another agent build, or moved from another entry's name: the tag covers the name too) is
 //! discarded and the plugin compiled afresh. Entries are named by the SHA-256 of the plugin's
-//! code, the engine's compatibility hash (wasmtime version, target, settings) and the agent's
-//! version.
+//! code, the engine's compatibility hash (wasmtime version, target, settings), the agent's
+//! version and the entry format.
+//!
+//! An entry is the serialised component followed by its tag, so that once verified it can be
+//! mapped as it is ([`super::code_file`]): only the pages the plugin runs then stay resident.
+//! The agent verifies and maps the same open file, and never writes an entry in place (a new
+//! one is renamed over the old), so what runs is what was verified. Editing or truncating an
+//! entry in place while an agent maps it would crash that agent (`SIGBUS`), as it would for
+//! any program's executable; removing entries, or the whole directory, is safe at any time.
 
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Read as _;
+use std::io::Seek as _;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -24,9 +32,14 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use super::catalog::{hex, sha256};
+use super::code_file::{self, MapError};
 
 const KEY_FILE: &str = "key";
 const TAG_LEN: usize = 32;
+
+/// Part of every entry's name: entries of an earlier layout (the tag in front, before
+/// 2026-12-04) are then never looked up, instead of being discarded one warning at a time.
+const ENTRY_FORMAT: &[u8] = b"code, then tag";
 
 pub struct CompileCache {
     dir: PathBuf,
@@ -74,7 +87,8 @@ impl CompileCache {
                 let mut key = [0u8; 32];
                 ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
                     .map_err(|_| error("no randomness for a key", std::io::Error::other("ring")))?;
-                write_atomically(&key_path, &key).map_err(|e| error("cannot write the key", e))?;
+                write_atomically(&key_path, &[&key])
+                    .map_err(|e| error("cannot write the key", e))?;
                 key.to_vec()
             }
         };
@@ -100,6 +114,7 @@ impl CompileCache {
         let mut id = sha256(wasm).to_vec();
         id.extend_from_slice(&engine_hash.finish().to_le_bytes());
         id.extend_from_slice(env!("CARGO_PKG_VERSION").as_bytes());
+        id.extend_from_slice(ENTRY_FORMAT);
         self.dir.join(format!("{}.cwasm", hex(&sha256(&id))))
     }
 
@@ -108,37 +123,54 @@ impl CompileCache {
         self.load(engine, &self.entry_path(engine, wasm))
     }
 
-    /// Caches `code`, the serialised compilation of `wasm` for `engine`. A failure only costs
-    /// a compilation on the next start, so it is logged, not returned. Not public: whatever
-    /// is stored here is later loaded as native code, so only the runtime (with code it
-    /// compiled or got from its trusted child compiler) may store.
-    pub(super) fn store(&self, engine: &Engine, wasm: &[u8], code: &[u8]) {
+    /// Caches `code`, the serialised compilation of `wasm` for `engine`, and returns the
+    /// entry's file, open, for [`code_file::load`]. A failure only costs a compilation on the
+    /// next start, so it is logged, not returned. Not public: whatever is stored here is
+    /// later loaded as native code, so only the runtime (with code it compiled or got from
+    /// its trusted child compiler) may store.
+    pub(super) fn store(&self, engine: &Engine, wasm: &[u8], code: &[u8]) -> Option<fs::File> {
         let path = self.entry_path(engine, wasm);
         let tag = self.tag(&path, code);
-        let mut entry = Vec::with_capacity(TAG_LEN + code.len());
-        entry.extend_from_slice(tag.as_ref());
-        entry.extend_from_slice(code);
-        if let Err(e) = write_atomically(&path, &entry) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled plugin");
+        match write_atomically(&path, &[code, tag.as_ref()]) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot cache the compiled plugin");
+                None
+            }
         }
     }
 
     fn load(&self, engine: &Engine, path: &Path) -> Option<Component> {
-        let entry = fs::read(path).ok()?;
-        let verified = entry.len() > TAG_LEN
-            && equal_in_constant_time(
-                self.tag(path, &entry[TAG_LEN..]).as_ref(),
-                &entry[..TAG_LEN],
-            );
-        if !verified {
-            tracing::warn!(path = %path.display(), "discarding a cached plugin the agent did not write (its tag does not verify)");
-            let _ = fs::remove_file(path);
-            return None;
-        }
-        // SAFETY: the bytes carry a valid tag under the key only this agent holds, so they
-        // are exactly what this agent stored: `Component::serialize` output from its own
-        // compilation or its own child compiler, for this engine's settings.
-        match unsafe { Component::deserialize(engine, &entry[TAG_LEN..]) } {
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .ok()?;
+        let code_len = match self.verified_code_len(path, &mut file) {
+            Ok(Some(len)) => len,
+            Ok(None) => {
+                tracing::warn!(path = %path.display(), "discarding a cached plugin the agent did not write (its tag does not verify)");
+                let _ = fs::remove_file(path);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read a cached plugin; compiling it afresh");
+                return None;
+            }
+        };
+        // SAFETY: the file's bytes carry a valid tag under the key only this agent holds, so
+        // they are exactly what this agent stored: `Component::serialize` output from its own
+        // compilation or its own child compiler, for this engine's settings. The mapping is
+        // of this same open file, and agents never write entries in place.
+        let loaded = match unsafe { code_file::load(engine, &file) } {
+            Ok(component) => Ok(component),
+            Err(MapError::NoProc) => read_code(&mut file, code_len).and_then(|code| {
+                // SAFETY: as above; these are the verified bytes, read again.
+                unsafe { Component::deserialize(engine, &code) }.map_err(|e| format!("{e:#}"))
+            }),
+            Err(e) => Err(e.to_string()),
+        };
+        match loaded {
             Ok(component) => Some(component),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "discarding an unusable cached plugin");
@@ -147,6 +179,43 @@ impl CompileCache {
             }
         }
     }
+
+    /// Reads the entry through once: the length of its code if its tag verifies, `None` if it
+    /// does not (or the file is too short to hold one).
+    fn verified_code_len(
+        &self,
+        path: &Path,
+        file: &mut fs::File,
+    ) -> std::io::Result<Option<usize>> {
+        let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+        let Some(code_len) = len.checked_sub(TAG_LEN).filter(|&n| n > 0) else {
+            return Ok(None);
+        };
+        let mut context = hmac::Context::with_key(&self.key);
+        context.update(path.file_name().map_or(&[][..], |n| n.as_encoded_bytes()));
+        // In pieces: reading the whole entry into the heap would leave the allocator holding
+        // its size, which is what mapping the entry is there to avoid.
+        let mut piece = vec![0u8; 64 * 1024];
+        let mut left = code_len;
+        while left > 0 {
+            let n = left.min(piece.len());
+            file.read_exact(&mut piece[..n])?;
+            context.update(&piece[..n]);
+            left -= n;
+        }
+        let mut tag = [0u8; TAG_LEN];
+        file.read_exact(&mut tag)?;
+        Ok(equal_in_constant_time(context.sign().as_ref(), &tag).then_some(code_len))
+    }
+}
+
+/// The first `len` bytes of `file`.
+fn read_code(file: &mut fs::File, len: usize) -> Result<Vec<u8>, String> {
+    let mut code = vec![0u8; len];
+    file.rewind()
+        .and_then(|()| file.read_exact(&mut code))
+        .map_err(|e| format!("cannot read it again: {e}"))?;
+    Ok(code)
 }
 
 /// Compares two tags without stopping at the first difference, so timing says nothing
@@ -192,8 +261,9 @@ fn read_private(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 /// Writes through a fresh temporary file (never an existing one, never through a symlink)
-/// and a rename, so a power cut leaves the old file or the new one, never half of it.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// and a rename, so a power cut leaves the old file or the new one, never half of it. Returns
+/// the written file (`parts` one after the other), open.
+fn write_atomically(path: &Path, parts: &[&[u8]]) -> std::io::Result<fs::File> {
     let tmp = path.with_extension(format!(
         "tmp-{}-{:016x}",
         std::process::id(),
@@ -205,9 +275,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&tmp)?;
-    file.write_all(bytes)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
     file.sync_all()?;
-    fs::rename(&tmp, path)
+    fs::rename(&tmp, path)?;
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -240,13 +313,30 @@ mod tests {
         let path = cache.entry_path(&engine, EMPTY_COMPONENT);
         assert!(cache.load(&engine, &path).is_some(), "a fresh entry loads");
 
-        // Tampering with one byte of the code breaks the tag: discarded, not loaded.
-        let mut entry = fs::read(&path).unwrap();
-        let last = entry.len() - 1;
-        entry[last] ^= 1;
-        fs::write(&path, &entry).unwrap();
-        assert!(cache.load(&engine, &path).is_none());
-        assert!(!path.exists(), "the bad entry is removed");
+        // Tampering with one byte of the code, or of the tag after it, or cutting the entry
+        // short breaks the tag: discarded, not loaded.
+        let good = fs::read(&path).unwrap();
+        let tampered_code = {
+            let mut entry = good.clone();
+            entry[good.len() / 3] ^= 1;
+            entry
+        };
+        let tampered_tag = {
+            let mut entry = good.clone();
+            entry[good.len() - 1] ^= 1;
+            entry
+        };
+        let cut = good[..good.len() - 1].to_vec();
+        for (what, entry) in [
+            ("code", tampered_code),
+            ("tag", tampered_tag),
+            ("cut", cut),
+            ("tag only", good[good.len() - TAG_LEN..].to_vec()),
+        ] {
+            fs::write(&path, &entry).unwrap();
+            assert!(cache.load(&engine, &path).is_none(), "{what}");
+            assert!(!path.exists(), "{what}: the bad entry is removed");
+        }
 
         // An entry from another agent (another key) is refused too.
         fill(&cache, &engine);
@@ -262,6 +352,53 @@ mod tests {
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
             0o600
+        );
+    }
+
+    /// A loaded entry is the entry's file mapped (code and tag), not a copy of its code; the
+    /// file the store hands back maps the same way.
+    #[test]
+    fn entries_are_mapped_not_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CompileCache::open(dir.path()).unwrap();
+        let engine = engine();
+        let code = Component::new(&engine, EMPTY_COMPONENT)
+            .and_then(|c| c.serialize())
+            .unwrap();
+        let stored = cache.store(&engine, EMPTY_COMPONENT, &code).unwrap();
+        let path = cache.entry_path(&engine, EMPTY_COMPONENT);
+        let entry_len = fs::metadata(&path).unwrap().len() as usize;
+        assert_eq!(entry_len, code.len() + TAG_LEN);
+        let image_len = |component: &Component| {
+            let range = component.image_range();
+            range.end as usize - range.start as usize
+        };
+        let loaded = cache.load(&engine, &path).unwrap();
+        assert_eq!(image_len(&loaded), entry_len, "loaded from the cache");
+        // SAFETY: the file holds this engine's own serialisation and its tag.
+        let from_store = unsafe { code_file::load(&engine, &stored) }.unwrap();
+        assert_eq!(image_len(&from_store), entry_len, "the file store returned");
+        // Anything the agent maps is the file's: an address inside the image is in a
+        // mapping of the entry, per /proc/self/maps.
+        let maps = fs::read_to_string("/proc/self/maps").unwrap();
+        let inside = loaded.image_range().start as usize;
+        let mapping = maps
+            .lines()
+            .find(|line| {
+                let Some((range, _)) = line.split_once(' ') else {
+                    return false;
+                };
+                let Some((start, end)) = range.split_once('-') else {
+                    return false;
+                };
+                let start = usize::from_str_radix(start, 16).unwrap();
+                let end = usize::from_str_radix(end, 16).unwrap();
+                (start..end).contains(&inside)
+            })
+            .unwrap();
+        assert!(
+            mapping.ends_with(path.to_str().unwrap()),
+            "the image is not a mapping of the entry: {mapping}"
         );
     }
 }

@@ -12,8 +12,9 @@
 //!
 //! Once the instances it started have collected, it gives back the memory starting them used
 //! and the steady state does not: it drops the mapped read-only pages of the agent's binary
-//! and libraries, so that only what runs afterwards maps back ([`crate::image_pages`]), and
-//! returns the heap glibc keeps after compiling.
+//! and libraries, and of the plugins' compiled code where that is mapped from a file
+//! (`code_file.rs`), so that only what runs afterwards maps back ([`crate::image_pages`]),
+//! and returns the heap glibc keeps after compiling.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -318,21 +319,42 @@ impl PluginManager {
         self.settle_at = Some(self.settle_at.map_or(at, |due| due.max(at)));
     }
 
-    /// Drops the mapped read-only pages of the agent's binary and libraries, most of them
-    /// mapped by start-up (the steady state maps back what it runs), and returns the heap
-    /// compiling freed. On a blocking thread: it reads files and `/proc`.
+    /// Drops the mapped read-only pages of the agent's binary and libraries, and of the
+    /// plugins' compiled code where it is mapped from a file, most of them mapped by
+    /// start-up (the steady state maps back what it runs), and returns the heap compiling
+    /// freed. On a blocking thread: it reads files and `/proc`.
     async fn give_back_start_up_memory(&self) {
-        let released = tokio::task::spawn_blocking(|| {
+        // Held until the release is done, so that no image goes away (and its addresses get
+        // reused) meanwhile.
+        let compiled: Vec<Compiled> = self.compiled.values().cloned().collect();
+        let released = tokio::task::spawn_blocking(move || {
             release_freed_memory();
-            crate::image_pages::release()
+            let loaded_objects = crate::image_pages::release();
+            let images: Vec<_> = compiled
+                .iter()
+                .map(|c| {
+                    let range = c.code_range();
+                    range.start as usize..range.end as usize
+                })
+                .collect();
+            // SAFETY: each range is a loaded component's image, which wasmtime maps
+            // read-only, and `compiled` keeps them all mapped until this returns.
+            let code = unsafe { crate::image_pages::release_mapped_code(&images) };
+            drop(compiled);
+            (loaded_objects, code)
         })
         .await
         .unwrap_or_default();
-        AgentStats::add(&self.stats.released_image_bytes, released.bytes as u64);
+        let (released, code) = released;
+        AgentStats::add(
+            &self.stats.released_image_bytes,
+            (released.bytes + code.bytes) as u64,
+        );
         // picket-bench's symbol-order training waits for this message (START_UP_OVER in
         // tests/bench/src/symbol_order.rs): change both together.
         tracing::info!(
             bytes = released.bytes,
+            plugin_code_bytes = code.bytes,
             written_pages_kept = released.written_pages_kept,
             pagemap_usable = released.pagemap_usable,
             "dropped the mapped read-only pages of the agent's binary and libraries"

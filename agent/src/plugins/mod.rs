@@ -19,6 +19,7 @@
 
 pub mod cache;
 pub mod catalog;
+pub mod code_file;
 pub mod compiler;
 pub mod config;
 pub mod convert;

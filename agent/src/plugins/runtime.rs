@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use picket_core::model::Family;
 use super::bindings::Plugin;
 use super::bindings::picket::plugin::types::Description;
 use super::cache::CompileCache;
+use super::code_file;
 use super::compiler::{ChildError, Compiler, compile_in_child};
 use super::convert::{self, OutputLimits};
 use super::grants::Grants;
@@ -94,6 +95,8 @@ pub struct Runtime {
     /// Where to compile; falls back to [`Compiler::in_process`] for good once a child
     /// compiler turns out to be unavailable.
     compiler: Mutex<Compiler>,
+    /// Whether [`Runtime::note_code_in_memory`] has spoken.
+    said_code_in_memory: AtomicBool,
 }
 
 /// An engine with the linker that provides the host functions.
@@ -116,6 +119,14 @@ pub struct Compiled {
     engines: Arc<EngineSet>,
 }
 
+impl Compiled {
+    /// Where the compiled code lies in this process's memory (tests check what it is a
+    /// mapping of; see [`super::code_file`]).
+    pub fn code_range(&self) -> std::ops::Range<*const u8> {
+        self.component.image_range()
+    }
+}
+
 impl Runtime {
     /// A runtime that compiles in this process and keeps nothing on disk.
     pub fn new() -> Arc<Self> {
@@ -128,6 +139,7 @@ impl Runtime {
             engines: Mutex::new(HashMap::new()),
             cache,
             compiler: Mutex::new(compiler),
+            said_code_in_memory: AtomicBool::new(false),
         })
     }
 
@@ -212,7 +224,9 @@ impl Runtime {
             .map_err(|e| PluginError::Compile(format!("{e:#}")))?;
         if let Some(cache) = &self.cache {
             match component.serialize() {
-                Ok(code) => cache.store(&engines.engine, wasm, &code),
+                // The component compiled here is already in memory: the entry is for the
+                // next start.
+                Ok(code) => drop(cache.store(&engines.engine, wasm, &code)),
                 Err(e) => tracing::warn!(error = %e, "cannot serialise the compiled plugin"),
             }
         }
@@ -241,22 +255,48 @@ impl Runtime {
 
     /// Loads what a child compiler produced, and caches it when the runtime has a cache. An
     /// error says why the child's code is unusable here.
+    ///
+    /// The code is mapped from a file where one can be had (the cache entry just written, or
+    /// an unnamed file in [`code_file::SCRATCH_DIRECTORY`]; see [`super::code_file`] for why),
+    /// and loaded from memory otherwise.
     fn load_child_output(
         &self,
         engines: &EngineSet,
         wasm: &[u8],
         code: &[u8],
     ) -> Result<Component, String> {
-        // SAFETY: `code` followed the MAGIC line of a program the runtime was told to trust
-        // (`Compiler::trusted_program`: the agent's own executable, `/proc/self/exe`), read
-        // from a pipe only this process holds; wasmtime also refuses code built for other
-        // engine settings or wasmtime versions.
-        let component = unsafe { Component::deserialize(&engines.engine, code) }
-            .map_err(|e| format!("the child compiler's output does not load: {e:#}"))?;
-        if let Some(cache) = &self.cache {
-            cache.store(&engines.engine, wasm, code);
+        let file = match &self.cache {
+            // A failed store has been logged; the code then stays in memory.
+            Some(cache) => cache.store(&engines.engine, wasm, code).ok_or(None),
+            None => {
+                code_file::unnamed_file(Path::new(code_file::SCRATCH_DIRECTORY), code).map_err(Some)
+            }
+        };
+        // SAFETY (both loads): `code` followed the MAGIC line of a program the runtime was
+        // told to trust (`Compiler::trusted_program`: the agent's own executable,
+        // `/proc/self/exe`), read from a pipe only this process holds; the file holds exactly
+        // those bytes (and, for a cache entry, the tag after them), written by this process
+        // and never again; wasmtime also refuses code built for other engine settings or
+        // wasmtime versions.
+        let mapped =
+            file.and_then(|file| unsafe { code_file::load(&engines.engine, &file) }.map_err(Some));
+        match mapped {
+            Ok(component) => return Ok(component),
+            Err(Some(why @ code_file::MapError::Load(_))) => {
+                return Err(format!("the child compiler's output does not load: {why}"));
+            }
+            Err(Some(why)) => self.note_code_in_memory(&why),
+            Err(None) => {}
         }
-        Ok(component)
+        unsafe { Component::deserialize(&engines.engine, code) }
+            .map_err(|e| format!("the child compiler's output does not load: {e:#}"))
+    }
+
+    /// Says once per runtime why compiled code is kept in memory rather than mapped.
+    fn note_code_in_memory(&self, why: &code_file::MapError) {
+        if !self.said_code_in_memory.swap(true, Ordering::Relaxed) {
+            tracing::info!(reason = %why, "keeping compiled plugin code in memory, where all of it stays resident");
+        }
     }
 
     /// Compiles a component for an engine with the given stack cap, or loads it from the

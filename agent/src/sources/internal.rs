@@ -148,7 +148,7 @@ pub fn collect(stats: &AgentStats, ts: i64) -> Vec<Family> {
         one(
             "picket_agent_released_image_bytes_total",
             MetricType::Counter,
-            "Bytes of mapped read-only pages (code, read-only data) of the agent's binary and libraries dropped from its resident memory once started plugins had collected; what it runs again maps back in.",
+            "Bytes of mapped read-only pages (code, read-only data) of the agent's binary and libraries, and of plugins' compiled code mapped from a file, dropped from its resident memory once started plugins had collected; what it runs again maps back in.",
             get(&stats.released_image_bytes),
         ),
         {
