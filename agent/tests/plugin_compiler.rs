@@ -250,12 +250,9 @@ async fn without_a_child_compiler_the_runtime_compiles_in_process() {
 async fn mapped_code_pages_are_released_and_code_in_memory_is_kept() {
     let release = |compiled: &Compiled| {
         let range = compiled.code_range();
+        let image = range.start as usize..range.end as usize;
         // SAFETY: the image of a loaded component, kept mapped by `compiled` meanwhile.
-        unsafe {
-            picket_agent::image_pages::release_mapped_code(&[
-                range.start as usize..range.end as usize
-            ])
-        }
+        unsafe { picket_agent::image_pages::release_mapped_code(std::slice::from_ref(&image)) }
     };
 
     let mapped = Runtime::with(None, agent_compiler())
