@@ -42,13 +42,9 @@ pub struct Released {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn release() -> Released {
     let mut released = Released::default();
-    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+    let Some((pagemap, page)) = usable_pagemap() else {
         return released;
     };
-    let page = page_size();
-    if !pagemap_tells_copies_from_files(&pagemap, page) {
-        return released;
-    }
     released.pagemap_usable = true;
     // Inside the loader's walk over its objects: it holds the lock `dlclose` takes, so no
     // object goes away (and its addresses are not reused) between reading the state of its
@@ -82,13 +78,9 @@ pub fn release() -> Released {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub unsafe fn release_mapped_code(images: &[std::ops::Range<usize>]) -> Released {
     let mut released = Released::default();
-    let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+    let Some((pagemap, page)) = usable_pagemap() else {
         return released;
     };
-    let page = page_size();
-    if !pagemap_tells_copies_from_files(&pagemap, page) {
-        return released;
-    }
     released.pagemap_usable = true;
     for range in images {
         // A mapping starts on a page and covers its last page whole.
@@ -115,6 +107,15 @@ pub unsafe fn release_mapped_code(images: &[std::ops::Range<usize>]) -> Released
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub unsafe fn release_mapped_code(_images: &[std::ops::Range<usize>]) -> Released {
     Released::default()
+}
+
+/// `/proc/self/pagemap` and the page size, where pagemap tells the process's own copies
+/// from file pages (see [`pagemap_tells_copies_from_files`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn usable_pagemap() -> Option<(std::fs::File, usize)> {
+    let pagemap = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let page = page_size();
+    pagemap_tells_copies_from_files(&pagemap, page).then_some((pagemap, page))
 }
 
 /// Drops the pages in [first, last) that pagemap shows as clean file pages (or unmapped),

@@ -244,6 +244,31 @@ async fn without_a_child_compiler_the_runtime_compiles_in_process() {
     }
 }
 
+/// Where no file can be had for the child's output (a tmpfs scratch directory, whose pages
+/// stay in memory anyway, or a missing one), the code is loaded into memory and the child
+/// compiler stays in use: that is the file's problem, not the compiler's.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_usable_scratch_directory_the_code_stays_in_memory() {
+    let missing = tempfile::tempdir().unwrap().path().join("gone");
+    for scratch in [PathBuf::from("/dev/shm"), missing] {
+        let runtime = Runtime::with_scratch_directory(None, agent_compiler(), scratch.clone());
+        let compiled = runtime.compile_async(probe_wasm(), STACK).await.unwrap();
+        assert!(
+            runtime.compiles_in_child(),
+            "{}: the child compiler was given up",
+            scratch.display()
+        );
+        let mapping = mapping_of(&compiled);
+        assert!(!mapping.contains('/'), "{}: {mapping}", scratch.display());
+        assert_eq!(
+            probe_up(&compiled).await,
+            Some(1.0),
+            "{}",
+            scratch.display()
+        );
+    }
+}
+
 /// The page release drops the pages of code mapped from a file, which then runs on (its
 /// pages map back), and keeps code that is the process's own memory (compiled here).
 #[tokio::test(flavor = "multi_thread")]

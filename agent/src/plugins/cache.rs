@@ -26,6 +26,7 @@ use std::io::Seek as _;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ring::hmac;
 use wasmtime::Engine;
@@ -44,6 +45,8 @@ const ENTRY_FORMAT: &[u8] = b"code, then tag";
 pub struct CompileCache {
     dir: PathBuf,
     key: hmac::Key,
+    /// Whether [`CompileCache::note_in_memory`] has spoken.
+    said_in_memory: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +98,7 @@ impl CompileCache {
         Ok(CompileCache {
             dir: dir.to_owned(),
             key: hmac::Key::new(hmac::HMAC_SHA256, &key),
+            said_in_memory: AtomicBool::new(false),
         })
     }
 
@@ -140,13 +144,27 @@ impl CompileCache {
         }
     }
 
+    /// Removes the entry for `wasm`: its code, stored moments ago, turned out not to load.
+    pub(super) fn discard(&self, engine: &Engine, wasm: &[u8]) {
+        let _ = fs::remove_file(self.entry_path(engine, wasm));
+    }
+
     fn load(&self, engine: &Engine, path: &Path) -> Option<Component> {
         let mut file = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            // O_NONBLOCK: a FIFO under an entry's name must not hang the agent.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
             .ok()?;
-        let code_len = match self.verified_code_len(path, &mut file) {
+        // The mapping reads the file again for every page not in memory, at any time: whoever
+        // else could write the entry could change the code after its tag was checked.
+        let meta = file.metadata().ok()?;
+        if let Err(why) = entry_is_ours(&meta) {
+            tracing::warn!(path = %path.display(), reason = %why, "discarding a cached plugin the agent cannot trust");
+            let _ = fs::remove_file(path);
+            return None;
+        }
+        let code_len = match self.verified_code_len(path, &mut file, meta.len()) {
             Ok(Some(len)) => len,
             Ok(None) => {
                 tracing::warn!(path = %path.display(), "discarding a cached plugin the agent did not write (its tag does not verify)");
@@ -161,15 +179,18 @@ impl CompileCache {
         // SAFETY: the file's bytes carry a valid tag under the key only this agent holds, so
         // they are exactly what this agent stored: `Component::serialize` output from its own
         // compilation or its own child compiler, for this engine's settings. The mapping is
-        // of this same open file, and agents never write entries in place.
-        let loaded = match unsafe { code_file::load(engine, &file) } {
-            Ok(component) => Ok(component),
-            Err(MapError::NoProc) => read_code(&mut file, code_len).and_then(|code| {
+        // of this same open file, which only this agent's user can write, and agents never
+        // write entries in place.
+        let mapped = unsafe { code_file::load(engine, &file, meta.len()) };
+        let loaded = mapped.or_else(|why| {
+            if !matches!(why, MapError::NoProc) {
+                self.note_in_memory(path, &why);
+            }
+            read_code(&mut file, code_len).and_then(|code| {
                 // SAFETY: as above; these are the verified bytes, read again.
                 unsafe { Component::deserialize(engine, &code) }.map_err(|e| format!("{e:#}"))
-            }),
-            Err(e) => Err(e.to_string()),
-        };
+            })
+        });
         match loaded {
             Ok(component) => Some(component),
             Err(e) => {
@@ -180,14 +201,22 @@ impl CompileCache {
         }
     }
 
+    /// Says once why cached code is loaded into memory rather than mapped.
+    fn note_in_memory(&self, path: &Path, why: &MapError) {
+        if !self.said_in_memory.swap(true, Ordering::Relaxed) {
+            tracing::warn!(path = %path.display(), reason = %why, "cannot map cached plugins; loading them into memory, where all of their code stays resident");
+        }
+    }
+
     /// Reads the entry through once: the length of its code if its tag verifies, `None` if it
     /// does not (or the file is too short to hold one).
     fn verified_code_len(
         &self,
         path: &Path,
         file: &mut fs::File,
+        len: u64,
     ) -> std::io::Result<Option<usize>> {
-        let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
         let Some(code_len) = len.checked_sub(TAG_LEN).filter(|&n| n > 0) else {
             return Ok(None);
         };
@@ -246,6 +275,21 @@ fn private_to_us(meta: &fs::Metadata, mask: u32) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Whether a cache entry is a regular file of this agent's user, with one name, that no one
+/// else can write.
+fn entry_is_ours(meta: &fs::Metadata) -> Result<(), String> {
+    if !meta.file_type().is_file() {
+        return Err("it is not a regular file".into());
+    }
+    if meta.nlink() != 1 {
+        return Err(format!(
+            "it has {} names (hard links), so it can be written through another",
+            meta.nlink()
+        ));
+    }
+    private_to_us(meta, 0o022)
 }
 
 /// Reads a file that must be ours and private (not a symlink, owner only).
@@ -338,6 +382,20 @@ mod tests {
             assert!(!path.exists(), "{what}: the bad entry is removed");
         }
 
+        // An entry others could write, through its mode or another name, is refused: the
+        // mapped code is read from the file again long after the tag was checked.
+        fill(&cache, &engine);
+        let mut permissions = fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o620);
+        fs::set_permissions(&path, permissions).unwrap();
+        assert!(cache.load(&engine, &path).is_none(), "group-writable");
+        assert!(!path.exists(), "group-writable: removed");
+        fill(&cache, &engine);
+        let other_name = dir.path().join("elsewhere");
+        fs::hard_link(&path, &other_name).unwrap();
+        assert!(cache.load(&engine, &path).is_none(), "two names");
+        fs::remove_file(&other_name).unwrap();
+
         // An entry from another agent (another key) is refused too.
         fill(&cache, &engine);
         let other = tempfile::tempdir().unwrap();
@@ -376,7 +434,7 @@ mod tests {
         let loaded = cache.load(&engine, &path).unwrap();
         assert_eq!(image_len(&loaded), entry_len, "loaded from the cache");
         // SAFETY: the file holds this engine's own serialisation and its tag.
-        let from_store = unsafe { code_file::load(&engine, &stored) }.unwrap();
+        let from_store = unsafe { code_file::load(&engine, &stored, entry_len as u64) }.unwrap();
         assert_eq!(image_len(&from_store), entry_len, "the file store returned");
         // Anything the agent maps is the file's: an address inside the image is in a
         // mapping of the entry, per /proc/self/maps.

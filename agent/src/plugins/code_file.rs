@@ -12,8 +12,10 @@
 //! (`O_TMPFILE`) in [`SCRATCH_DIRECTORY`], which no other process can open and which
 //! disappears once the agent stops mapping it. A file system that lives in memory (tmpfs) is
 //! not used: its pages would stay in RAM whether the agent maps them or not, so nothing would
-//! be gained but a smaller figure. Where no file can be mapped (no `/proc`, a read-only or
-//! memory-backed scratch directory) the caller loads the bytes as before.
+//! be gained but a smaller figure. Where no file can be mapped (no `/proc`, a read-only,
+//! `noexec` or memory-backed scratch directory, or wasmtime failing to map it) the caller
+//! loads the bytes as before. The plugins' linear memories take their initial data from the
+//! same files (wasmtime maps it copy-on-write), one more reason the files must never change.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -45,10 +47,14 @@ pub enum MapError {
     /// without a window in which the name could point elsewhere.
     #[error("/proc is not mounted")]
     NoProc,
-    /// wasmtime refused the mapped file.
+    /// wasmtime could not map or load the file (the caller then tries the bytes in memory).
     #[error("{0}")]
     Load(String),
 }
+
+/// Whether the engine runs plugins as native code, which must be mapped executable; Pulley
+/// (armv7, `runtime.rs`'s `engine_config`) interprets it and maps nothing executable.
+pub(super) const CODE_IS_NATIVE: bool = !cfg!(target_arch = "arm");
 
 /// Maps `file`, which must hold exactly what `Component::serialize` produced for `engine`,
 /// possibly followed by bytes wasmtime does not read (the cache's tag).
@@ -63,19 +69,32 @@ pub enum MapError {
 /// nothing may write to or truncate the file while the component lives. The agent only ever
 /// replaces files by renaming new ones over them, and writes its unnamed files before
 /// mapping them and never after.
-pub unsafe fn load(engine: &Engine, file: &File) -> Result<Component, MapError> {
+/// `len` is the file's length as the caller verified it: wasmtime measures the file again
+/// when it maps it, and a different length means it changed in between.
+pub unsafe fn load(engine: &Engine, file: &File, len: u64) -> Result<Component, MapError> {
     let fds = Path::new("/proc/self/fd");
     if !fds.is_dir() {
         return Err(MapError::NoProc);
     }
     let path = fds.join(file.as_raw_fd().to_string());
     // SAFETY: the caller vouches for the contents and for their not changing.
-    unsafe { Component::deserialize_file(engine, &path) }
-        .map_err(|e| MapError::Load(format!("{e:#}")))
+    let component = unsafe { Component::deserialize_file(engine, &path) }
+        .map_err(|e| MapError::Load(format!("{e:#}")))?;
+    let range = component.image_range();
+    let mapped = (range.end as usize).saturating_sub(range.start as usize);
+    if u64::try_from(mapped).ok() != Some(len) {
+        return Err(MapError::Load(format!(
+            "the file changed while it was mapped: {mapped} bytes mapped, {len} verified"
+        )));
+    }
+    Ok(component)
 }
 
 /// Writes `code` to a new unnamed file in `dir` (`O_TMPFILE`, mode 0600), refusing file
-/// systems whose pages live in memory.
+/// systems whose pages live in memory and, for native code, `noexec` mounts (where wasmtime
+/// could not make the code executable). The data is synced, so that pages dropped from the
+/// agent's memory come back from the disk as written, and so that the kernel may reclaim
+/// them at once.
 pub fn unnamed_file(dir: &Path, code: &[u8]) -> Result<File, MapError> {
     let no_file = |why: String| MapError::NoFile {
         dir: dir.to_owned(),
@@ -94,9 +113,26 @@ pub fn unnamed_file(dir: &Path, code: &[u8]) -> Result<File, MapError> {
             "it is {kind}, whose pages stay in memory anyway"
         )));
     }
+    if CODE_IS_NATIVE && mounted_noexec(&file) {
+        return Err(no_file(
+            "it is mounted noexec, so code mapped from it cannot run".into(),
+        ));
+    }
     file.write_all(code)
+        .and_then(|()| file.sync_data())
         .map_err(|e| no_file(format!("cannot write the compiled code: {e}")))?;
     Ok(file)
+}
+
+/// Whether `file` is on a file system mounted `noexec`.
+fn mounted_noexec(file: &File) -> bool {
+    // SAFETY: an all-zero statvfs is a valid value for fstatvfs to fill in.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the call's duration and `stats` is writable.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut stats) } != 0 {
+        return false;
+    }
+    stats.f_flag & libc::ST_NOEXEC != 0
 }
 
 /// The kind of file system `file` is on, if its pages live in memory.
@@ -146,13 +182,27 @@ mod tests {
         let dir = disk_dir();
         let file = unnamed_file(dir.path(), &code).unwrap();
         // SAFETY: `code` is this engine's own serialisation, and nothing writes the file.
-        let component = unsafe { load(&engine, &file) }.unwrap();
-        let range = component.image_range();
-        assert_eq!(
-            range.end as usize - range.start as usize,
-            code.len(),
-            "the component's image is the mapped file"
+        let component = unsafe { load(&engine, &file, code.len() as u64) }.unwrap();
+        let start = component.image_range().start as usize;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mapping = maps
+            .lines()
+            .find(|line| {
+                let range = line.split(' ').next().unwrap_or_default();
+                let (from, to) = range.split_once('-').unwrap();
+                let parse = |hex| usize::from_str_radix(hex, 16).unwrap();
+                (parse(from)..parse(to)).contains(&start)
+            })
+            .unwrap();
+        assert!(
+            mapping.contains(&format!("{}/", dir.path().display()))
+                && mapping.ends_with("(deleted)"),
+            "the component's image is not the unnamed file: {mapping}"
         );
+        // A length other than the one verified is refused.
+        // SAFETY: as above.
+        let changed = unsafe { load(&engine, &file, code.len() as u64 + 1) };
+        assert!(matches!(changed, Err(MapError::Load(_))), "{changed:?}");
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             0,
@@ -182,7 +232,7 @@ mod tests {
         let dir = disk_dir();
         let file = unnamed_file(dir.path(), b"not an ELF file at all").unwrap();
         // SAFETY: wasmtime rejects these bytes before running anything (not an ELF image).
-        let refused = unsafe { load(&engine(), &file) };
+        let refused = unsafe { load(&engine(), &file, 22) };
         assert!(matches!(refused, Err(MapError::Load(_))), "{refused:?}");
     }
 }

@@ -12,7 +12,7 @@
 //!   wasmtime sets that cap per engine, so there is one engine per distinct cap.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -95,6 +95,9 @@ pub struct Runtime {
     /// Where to compile; falls back to [`Compiler::in_process`] for good once a child
     /// compiler turns out to be unavailable.
     compiler: Mutex<Compiler>,
+    /// Where the child compiler's output is mapped from when there is no cache
+    /// ([`code_file::SCRATCH_DIRECTORY`] but in tests).
+    scratch_directory: PathBuf,
     /// Whether [`Runtime::note_code_in_memory`] has spoken.
     said_code_in_memory: AtomicBool,
 }
@@ -135,10 +138,21 @@ impl Runtime {
 
     /// A runtime with an optional compile cache that compiles where `compiler` says.
     pub fn with(cache: Option<CompileCache>, compiler: Compiler) -> Arc<Self> {
+        Self::with_scratch_directory(cache, compiler, code_file::SCRATCH_DIRECTORY.into())
+    }
+
+    /// As [`Runtime::with`], with the child compiler's output mapped from unnamed files in
+    /// `scratch` when there is no cache (tests use a directory of their own).
+    pub fn with_scratch_directory(
+        cache: Option<CompileCache>,
+        compiler: Compiler,
+        scratch: PathBuf,
+    ) -> Arc<Self> {
         Arc::new(Runtime {
             engines: Mutex::new(HashMap::new()),
             cache,
             compiler: Mutex::new(compiler),
+            scratch_directory: scratch,
             said_code_in_memory: AtomicBool::new(false),
         })
     }
@@ -268,28 +282,34 @@ impl Runtime {
         let file = match &self.cache {
             // A failed store has been logged; the code then stays in memory.
             Some(cache) => cache.store(&engines.engine, wasm, code).ok_or(None),
-            None => {
-                code_file::unnamed_file(Path::new(code_file::SCRATCH_DIRECTORY), code).map_err(Some)
-            }
+            None => code_file::unnamed_file(&self.scratch_directory, code).map_err(Some),
         };
-        // SAFETY (both loads): `code` followed the MAGIC line of a program the runtime was
-        // told to trust (`Compiler::trusted_program`: the agent's own executable,
-        // `/proc/self/exe`), read from a pipe only this process holds; the file holds exactly
-        // those bytes (and, for a cache entry, the tag after them), written by this process
-        // and never again; wasmtime also refuses code built for other engine settings or
-        // wasmtime versions.
-        let mapped =
-            file.and_then(|file| unsafe { code_file::load(&engines.engine, &file) }.map_err(Some));
+        // SAFETY: `code` followed the MAGIC line of a program the runtime was told to trust
+        // (`Compiler::trusted_program`: the agent's own executable, `/proc/self/exe`), read
+        // from a pipe only this process holds; the file holds exactly those bytes (and, for a
+        // cache entry, the tag after them), written by this process and never again; wasmtime
+        // also refuses code built for other engine settings or wasmtime versions.
+        let mapped = file.and_then(|file| {
+            let len = file
+                .metadata()
+                .map_err(|e| Some(code_file::MapError::Load(e.to_string())))?
+                .len();
+            unsafe { code_file::load(&engines.engine, &file, len) }.map_err(Some)
+        });
         match mapped {
             Ok(component) => return Ok(component),
-            Err(Some(why @ code_file::MapError::Load(_))) => {
-                return Err(format!("the child compiler's output does not load: {why}"));
-            }
             Err(Some(why)) => self.note_code_in_memory(&why),
             Err(None) => {}
         }
-        unsafe { Component::deserialize(&engines.engine, code) }
-            .map_err(|e| format!("the child compiler's output does not load: {e:#}"))
+        // SAFETY: as above, for the bytes themselves.
+        let loaded = unsafe { Component::deserialize(&engines.engine, code) }
+            .map_err(|e| format!("the child compiler's output does not load: {e:#}"));
+        if loaded.is_err()
+            && let Some(cache) = &self.cache
+        {
+            cache.discard(&engines.engine, wasm);
+        }
+        loaded
     }
 
     /// Says once per runtime why compiled code is kept in memory rather than mapped.
