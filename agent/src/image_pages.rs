@@ -66,15 +66,16 @@ pub fn release() -> Released {
 
 /// Drops the mapped, clean pages of compiled plugin code that is mapped from a file
 /// (`plugins/code_file.rs`): what loading and instantiating the plugins touched, most of
-/// which they never run again. Code that is the process's own memory (compiled in the
-/// agent's process, or loaded from bytes where no file could be mapped) is anonymous and
-/// kept, by the same pagemap test as [`release`].
+/// which they never run again.
 ///
 /// # Safety
 ///
-/// Each range must be the image of a loaded component (`Component::image_range`), which
-/// wasmtime maps read-only and never writes, and must stay mapped for the whole call: the
-/// caller holds the components.
+/// Each range must be the image of a loaded component (`Component::image_range`) that
+/// wasmtime mapped from a file, read-only and never written, and must stay mapped for the
+/// whole call: the caller holds the components. Never code in anonymous memory (compiled in
+/// the agent's process, or loaded from bytes): dropping its pages would destroy it, and the
+/// pagemap check cannot be trusted to keep them everywhere (under qemu-user's armv7 guests
+/// it did not: the agent crashed).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub unsafe fn release_mapped_code(images: &[std::ops::Range<usize>]) -> Released {
     let mut released = Released::default();

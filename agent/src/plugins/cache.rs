@@ -33,7 +33,7 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use super::catalog::{hex, sha256};
-use super::code_file::{self, MapError};
+use super::code_file::{self, Loaded, MapError};
 
 const KEY_FILE: &str = "key";
 const TAG_LEN: usize = 32;
@@ -123,7 +123,7 @@ impl CompileCache {
     }
 
     /// The cached compilation of `wasm` for `engine`, if there is a valid one.
-    pub fn load_entry(&self, engine: &Engine, wasm: &[u8]) -> Option<Component> {
+    pub fn load_entry(&self, engine: &Engine, wasm: &[u8]) -> Option<Loaded> {
         self.load(engine, &self.entry_path(engine, wasm))
     }
 
@@ -149,7 +149,7 @@ impl CompileCache {
         let _ = fs::remove_file(self.entry_path(engine, wasm));
     }
 
-    fn load(&self, engine: &Engine, path: &Path) -> Option<Component> {
+    fn load(&self, engine: &Engine, path: &Path) -> Option<Loaded> {
         let mut file = fs::OpenOptions::new()
             .read(true)
             // O_NONBLOCK: a FIFO under an entry's name must not hang the agent.
@@ -181,18 +181,20 @@ impl CompileCache {
         // compilation or its own child compiler, for this engine's settings. The mapping is
         // of this same open file, which only this agent's user can write, and agents never
         // write entries in place.
-        let mapped = unsafe { code_file::load(engine, &file, meta.len()) };
+        let mapped = unsafe { code_file::load(engine, &file, meta.len()) }.map(Loaded::mapped);
         let loaded = mapped.or_else(|why| {
             if !matches!(why, MapError::NoProc) {
                 self.note_in_memory(path, &why);
             }
             read_code(&mut file, code_len).and_then(|code| {
                 // SAFETY: as above; these are the verified bytes, read again.
-                unsafe { Component::deserialize(engine, &code) }.map_err(|e| format!("{e:#}"))
+                unsafe { Component::deserialize(engine, &code) }
+                    .map(Loaded::in_memory)
+                    .map_err(|e| format!("{e:#}"))
             })
         });
         match loaded {
-            Ok(component) => Some(component),
+            Ok(loaded) => Some(loaded),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "discarding an unusable cached plugin");
                 let _ = fs::remove_file(path);
@@ -355,7 +357,10 @@ mod tests {
         let engine = engine();
         fill(&cache, &engine);
         let path = cache.entry_path(&engine, EMPTY_COMPONENT);
-        assert!(cache.load(&engine, &path).is_some(), "a fresh entry loads");
+        assert!(
+            cache.load(&engine, &path).is_some_and(|l| l.mapped),
+            "a fresh entry loads, mapped"
+        );
 
         // Tampering with one byte of the code, or of the tag after it, or cutting the entry
         // short breaks the tag: discarded, not loaded.
@@ -431,7 +436,7 @@ mod tests {
             let range = component.image_range();
             range.end as usize - range.start as usize
         };
-        let loaded = cache.load(&engine, &path).unwrap();
+        let loaded = cache.load(&engine, &path).unwrap().component;
         assert_eq!(image_len(&loaded), entry_len, "loaded from the cache");
         // SAFETY: the file holds this engine's own serialisation and its tag.
         let from_store = unsafe { code_file::load(&engine, &stored, entry_len as u64) }.unwrap();

@@ -35,6 +35,30 @@ pub const SCRATCH_DIRECTORY: &str = "/var/tmp";
 const TMPFS_MAGIC: u32 = 0x0102_1994;
 const RAMFS_MAGIC: u32 = 0x8584_58f6;
 
+/// A loaded component, and whether its code is mapped from a file: only such code may have
+/// its pages dropped (`image_pages::release_mapped_code`), since dropping pages of code in
+/// anonymous memory would destroy it.
+pub struct Loaded {
+    pub component: Component,
+    pub mapped: bool,
+}
+
+impl Loaded {
+    pub fn mapped(component: Component) -> Self {
+        Loaded {
+            component,
+            mapped: true,
+        }
+    }
+
+    pub fn in_memory(component: Component) -> Self {
+        Loaded {
+            component,
+            mapped: false,
+        }
+    }
+}
+
 /// Why code could not be mapped from a file; the caller then keeps it in memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {

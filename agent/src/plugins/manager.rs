@@ -326,7 +326,15 @@ impl PluginManager {
     async fn give_back_start_up_memory(&self) {
         // Held until the release is done, so that no image goes away (and its addresses get
         // reused) meanwhile.
-        let compiled: Vec<Compiled> = self.compiled.values().cloned().collect();
+        // Only code mapped from a file: dropping pages of code in anonymous memory would
+        // destroy it (and under qemu-user, where the agent compiles in its own process,
+        // pagemap cannot be relied on to show it as the process's own).
+        let compiled: Vec<Compiled> = self
+            .compiled
+            .values()
+            .filter(|c| c.is_mapped())
+            .cloned()
+            .collect();
         let released = tokio::task::spawn_blocking(move || {
             release_freed_memory();
             let loaded_objects = crate::image_pages::release();

@@ -120,9 +120,25 @@ impl Drop for EngineSet {
 pub struct Compiled {
     component: Component,
     engines: Arc<EngineSet>,
+    /// Whether the code is mapped from a file ([`super::code_file`]), not in memory.
+    mapped: bool,
 }
 
 impl Compiled {
+    fn new(loaded: code_file::Loaded, engines: Arc<EngineSet>) -> Self {
+        Compiled {
+            component: loaded.component,
+            engines,
+            mapped: loaded.mapped,
+        }
+    }
+
+    /// Whether the code is mapped from a file; only then may its pages be dropped
+    /// (`image_pages::release_mapped_code`).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
+    }
+
     /// Where the compiled code lies in this process's memory (tests check what it is a
     /// mapping of; see [`super::code_file`]).
     pub fn code_range(&self) -> std::ops::Range<*const u8> {
@@ -194,8 +210,8 @@ impl Runtime {
                 Ok::<_, PluginError>((engines, cached))
             })
             .await??;
-        if let Some(component) = cached {
-            return Ok(Compiled { component, engines });
+        if let Some(loaded) = cached {
+            return Ok(Compiled::new(loaded, engines));
         }
         if let Some(program) = program {
             let why_not_in_child = match compile_in_child(&program, &wasm, max_stack_bytes).await {
@@ -208,9 +224,9 @@ impl Runtime {
                         })
                         .await?;
                     match loaded {
-                        Ok(component) => {
+                        Ok(loaded) => {
                             log_compiled("child-process", started);
-                            return Ok(Compiled { component, engines });
+                            return Ok(Compiled::new(loaded, engines));
                         }
                         Err(why) => why,
                     }
@@ -229,7 +245,10 @@ impl Runtime {
             .blocking(move || runtime.compile_here(&compiling_engines, &wasm))
             .await??;
         log_compiled("agent-process", started);
-        Ok(Compiled { component, engines })
+        Ok(Compiled::new(
+            code_file::Loaded::in_memory(component),
+            engines,
+        ))
     }
 
     /// Compiles in this process, and caches the result when the runtime has a cache.
@@ -278,7 +297,7 @@ impl Runtime {
         engines: &EngineSet,
         wasm: &[u8],
         code: &[u8],
-    ) -> Result<Component, String> {
+    ) -> Result<code_file::Loaded, String> {
         let file = match &self.cache {
             // A failed store has been logged; the code then stays in memory.
             Some(cache) => cache.store(&engines.engine, wasm, code).ok_or(None),
@@ -297,12 +316,13 @@ impl Runtime {
             unsafe { code_file::load(&engines.engine, &file, len) }.map_err(Some)
         });
         match mapped {
-            Ok(component) => return Ok(component),
+            Ok(component) => return Ok(code_file::Loaded::mapped(component)),
             Err(Some(why)) => self.note_code_in_memory(&why),
             Err(None) => {}
         }
         // SAFETY: as above, for the bytes themselves.
         let loaded = unsafe { Component::deserialize(&engines.engine, code) }
+            .map(code_file::Loaded::in_memory)
             .map_err(|e| format!("the child compiler's output does not load: {e:#}"));
         if loaded.is_err()
             && let Some(cache) = &self.cache
@@ -327,11 +347,11 @@ impl Runtime {
             .cache
             .as_ref()
             .and_then(|cache| cache.load_entry(&engines.engine, wasm));
-        let component = match cached {
-            Some(component) => component,
-            None => self.compile_here(&engines, wasm)?,
+        let loaded = match cached {
+            Some(loaded) => loaded,
+            None => code_file::Loaded::in_memory(self.compile_here(&engines, wasm)?),
         };
-        Ok(Compiled { component, engines })
+        Ok(Compiled::new(loaded, engines))
     }
 }
 
