@@ -99,9 +99,12 @@ pub trait Destination: Send + Sync + 'static {
     fn read<'a>(&self, payload: &'a [u8]) -> Result<Self::Record<'a>, RecordError>;
 
     /// Sends several queue records as one request (or more, when the destination has to
-    /// split it).
+    /// split it). `lane` is the worker's (`0..concurrency`): an agent's records always go
+    /// through the same lane, one request at a time, so per-lane state sees each agent's
+    /// batches in order and needs no sharing.
     fn send(
         &self,
+        lane: usize,
         records: &[Self::Record<'_>],
     ) -> impl Future<Output = Result<Delivered, Retry>> + Send;
 }
@@ -331,7 +334,7 @@ impl<D: Destination> Driver<D> {
         let concurrency = self.concurrency.max(1);
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<u64>>();
         let mut lanes = Vec::with_capacity(concurrency);
-        for _ in 0..concurrency {
+        for lane in 0..concurrency {
             let (tx, rx) = mpsc::unbounded_channel::<(u64, Record)>();
             lanes.push(Lane {
                 tx,
@@ -339,6 +342,7 @@ impl<D: Destination> Driver<D> {
                 parked: VecDeque::new(),
             });
             let worker = Worker {
+                lane,
                 name: self.name.clone(),
                 metrics: self.metrics.clone(),
                 destination: self.destination.clone(),
@@ -419,6 +423,7 @@ impl<D: Destination> Driver<D> {
 }
 
 struct Worker<D> {
+    lane: usize,
     name: String,
     metrics: Arc<SinkMetrics>,
     destination: Arc<D>,
@@ -487,7 +492,7 @@ impl<D: Destination> Worker<D> {
         let mut backoff = self.retry.initial_backoff;
         let mut failing_since: Option<Instant> = None;
         loop {
-            match self.destination.send(records).await {
+            match self.destination.send(self.lane, records).await {
                 Ok(delivered) => {
                     self.metrics.samples(outcome::SENT, delivered.sent);
                     for (why, n) in delivered.dropped {
@@ -546,7 +551,11 @@ mod tests {
             read_families(payload)
         }
 
-        async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
+        async fn send(
+            &self,
+            _lane: usize,
+            records: &[Self::Record<'_>],
+        ) -> Result<Delivered, Retry> {
             {
                 let mut failures = self.failures.lock().unwrap();
                 if *failures > 0 {
@@ -682,7 +691,11 @@ mod tests {
             read_families(payload)
         }
 
-        async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
+        async fn send(
+            &self,
+            _lane: usize,
+            records: &[Self::Record<'_>],
+        ) -> Result<Delivered, Retry> {
             let points = || records.iter().flatten().flat_map(|f| &f.points);
             let released = self.released.load(std::sync::atomic::Ordering::SeqCst);
             if !released && points().any(|p| p.labels.get("instance") == Some("a")) {

@@ -22,6 +22,18 @@ struct Counts {
     latency_buckets: [u64; LATENCY_BOUNDS.len()],
     latency_count: u64,
     latency_sum: f64,
+    /// Remote write's label cache: batches whose shape was found, not found, or encoded
+    /// without the cache because another request held it; and its size. `None` until used.
+    label_cache: Option<LabelCacheCounts>,
+}
+
+#[derive(Default)]
+struct LabelCacheCounts {
+    hits: u64,
+    misses: u64,
+    busy: u64,
+    /// Per lane (each has its own cache).
+    bytes: Vec<usize>,
 }
 
 pub struct SinkMetrics {
@@ -83,6 +95,29 @@ impl SinkMetrics {
 
     pub fn read_ahead_bytes(&self) -> i64 {
         self.read_ahead_bytes.load(Ordering::Relaxed)
+    }
+
+    /// One request's use of lane `lane`'s remote-write label cache; `bytes` is that cache's
+    /// size after it (`None` when the request could not use the cache: `busy`).
+    pub fn label_cache(
+        &self,
+        lane: usize,
+        hits: u64,
+        misses: u64,
+        busy: u64,
+        bytes: Option<usize>,
+    ) {
+        let mut c = self.lock();
+        let cache = c.label_cache.get_or_insert_with(Default::default);
+        cache.hits += hits;
+        cache.misses += misses;
+        cache.busy += busy;
+        if let Some(bytes) = bytes {
+            if cache.bytes.len() <= lane {
+                cache.bytes.resize(lane + 1, 0);
+            }
+            cache.bytes[lane] = bytes;
+        }
     }
 
     pub fn retry(&self, reason: &str) {
@@ -159,7 +194,7 @@ impl SinkMetrics {
             "Time from sending a request to its response.",
         );
         latency.points.push(Point {
-            labels: base,
+            labels: base.clone(),
             timestamp_ms: ts,
             value: Value::Histogram(Histogram {
                 count: c.latency_count,
@@ -171,7 +206,7 @@ impl SinkMetrics {
                     .collect(),
             }),
         });
-        vec![
+        let mut families = vec![
             samples,
             retries,
             requests,
@@ -179,6 +214,29 @@ impl SinkMetrics {
             queue_samples,
             read_ahead,
             latency,
-        ]
+        ];
+        if let Some(cache) = &c.label_cache {
+            let mut batches = Family::new(
+                "picket_sink_label_cache_batches_total",
+                MetricType::Counter,
+                "Batches encoded with labels from the label cache (hit), built and cached (miss), or built while another request held the cache (busy).",
+            );
+            for (result, n) in [
+                ("hit", cache.hits),
+                ("miss", cache.misses),
+                ("busy", cache.busy),
+            ] {
+                batches.push(with("result", result), ts, n as f64);
+            }
+            let mut bytes = Family::new(
+                "picket_sink_label_cache_bytes",
+                MetricType::Gauge,
+                "Memory held by the label cache's batch shapes.",
+            );
+            let held: usize = cache.bytes.iter().sum();
+            bytes.push(base.clone(), ts, held as f64);
+            families.extend([batches, bytes]);
+        }
+        families
     }
 }

@@ -48,6 +48,7 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     let mut rows = Vec::new();
     let (mut ours, mut relay_only, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ratios, mut relay_only_ratios) = (Vec::new(), Vec::new());
+    let mut label_caches = Vec::new();
     for run in 0..s.runs {
         let run_dir = dir.path().join(format!("run-{run}"));
         let mut picket = Vec::new();
@@ -61,6 +62,7 @@ pub async fn run(s: &mut Settings) -> Result<()> {
             );
         }
         let vm = relay_through_vmagent(&run_dir, &pki, &sizes, total).await?;
+        label_caches.extend(picket.iter().filter_map(|cost| cost.label_cache));
         let per_cpu_s = |cost: &Cost| total as f64 / cost.cpu_s;
         let (p, o, v) = (per_cpu_s(&picket[0]), per_cpu_s(&picket[1]), per_cpu_s(&vm));
         ours.push(p);
@@ -112,6 +114,20 @@ pub async fn run(s: &mut Settings) -> Result<()> {
         ],
         &rows,
     );
+    let hit_rates: Vec<f64> = label_caches
+        .iter()
+        .map(|c| c.hits / (c.hits + c.misses).max(1.0))
+        .collect();
+    let cache_bytes: Vec<f64> = label_caches.iter().map(|c| c.bytes).collect();
+    let busy: f64 = label_caches.iter().map(|c| c.busy).sum();
+    if !label_caches.is_empty() {
+        s.report.text(&format!(
+            "Remote-write label cache, median over the aggregator's runs: {:.1} % of batches \
+             replayed their labels, {} held at the end; {busy} batches found it busy.\n",
+            median(&hit_rates) * 100.0,
+            mib(median(&cache_bytes)),
+        ));
+    }
     // What a queue record costs on the aggregator's disk per sample: the wire batch as sent.
     let shape = SeriesShape {
         series: sizes.series,
@@ -128,6 +144,49 @@ pub async fn run(s: &mut Settings) -> Result<()> {
 struct Cost {
     cpu_s: f64,
     peak_rss: u64,
+    /// `None` for vmagent, and for aggregator builds without the cache (comparing builds).
+    label_cache: Option<LabelCacheUse>,
+}
+
+/// The remote-write sink's label cache at the end of a run, from the aggregator's `/metrics`.
+#[derive(Clone, Copy, Default)]
+struct LabelCacheUse {
+    hits: f64,
+    misses: f64,
+    busy: f64,
+    bytes: f64,
+}
+
+impl LabelCacheUse {
+    fn scrape(http: SocketAddr) -> Result<Option<LabelCacheUse>> {
+        let (status, body) = picket_tests::http_get(http, "/metrics")
+            .context("reading the aggregator's /metrics")?;
+        if status != 200 {
+            return Err(anyhow!("aggregator /metrics answered {status}"));
+        }
+        let mut found = LabelCacheUse::default();
+        let mut seen = false;
+        for line in body.lines() {
+            let value = || -> Result<f64> {
+                let text = line.rsplit(' ').next().unwrap_or("");
+                text.parse()
+                    .with_context(|| format!("value of {line:?} in /metrics"))
+            };
+            if line.starts_with("picket_sink_label_cache_batches_total{") {
+                seen = true;
+                if line.contains("result=\"hit\"") {
+                    found.hits = value()?;
+                } else if line.contains("result=\"miss\"") {
+                    found.misses = value()?;
+                } else if line.contains("result=\"busy\"") {
+                    found.busy = value()?;
+                }
+            } else if line.starts_with("picket_sink_label_cache_bytes{") {
+                found.bytes = value()?;
+            }
+        }
+        Ok(seen.then_some(found))
+    }
 }
 
 async fn relay_through_aggregator(
@@ -170,6 +229,7 @@ async fn relay_through_aggregator(
     .await?;
     let after = usage(pid)?;
     profiler.finish();
+    let label_cache = LabelCacheUse::scrape(agg.http)?;
     let stats = load.stop().await?;
     let acked = stats
         .acked_samples
@@ -182,6 +242,7 @@ async fn relay_through_aggregator(
     Ok(Cost {
         cpu_s: after.cpu_s - before.cpu_s,
         peak_rss: after.peak_rss,
+        label_cache,
     })
 }
 
@@ -237,6 +298,7 @@ async fn relay_through_vmagent(
     Ok(Cost {
         cpu_s: after.cpu_s - before.cpu_s,
         peak_rss: after.peak_rss,
+        label_cache: None,
     })
 }
 

@@ -177,7 +177,9 @@ impl Profiler {
         std::fs::create_dir_all(dir)?;
         let perf = require("perf", "linux-perf")?;
         let mut cmd = Command::new(perf);
-        cmd.args(["record", "-F", "499", "-g", "-o"])
+        // DWARF unwinding: release builds keep no frame pointers, so `-g` alone gives
+        // call chains of garbage and no way to tell who calls `memmove` or the allocator.
+        cmd.args(["record", "-F", "499", "--call-graph", "dwarf,16384", "-o"])
             .arg(dir.join(format!("{name}.perf.data")))
             .args(["-p", &pid.to_string()]);
         Ok(Profiler(Some(spawn(

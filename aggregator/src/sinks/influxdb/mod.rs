@@ -310,7 +310,7 @@ impl Destination for Influx {
         read_families(payload)
     }
 
-    async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
+    async fn send(&self, _lane: usize, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
         let mut lines = Vec::with_capacity(64 * 1024);
         let stats = line_protocol::encode(records.iter().flatten(), &self.mapping, &mut lines);
         let mut dropped = Vec::new();
@@ -463,7 +463,7 @@ mod tests {
             &server,
             "api = \"v1\"\ndatabase = \"my db\"\nretention_policy = \"rp1\"\n[auth]\nusername = \"u\"\npassword = \"p\"\n",
         );
-        let delivered = influx.send(&records(2)).await.unwrap();
+        let delivered = influx.send(0, &records(2)).await.unwrap();
         assert_eq!(delivered.sent, 2);
         let got = &server.received()[0];
         assert_eq!(got.target, "/write?db=my%20db&rp=rp1&precision=ms");
@@ -482,7 +482,7 @@ mod tests {
             &server,
             "api = \"v2\"\norg = \"o\"\nbucket = \"b\"\ntoken = \"t0k\"\ngzip = false\n",
         );
-        influx.send(&records(1)).await.unwrap();
+        influx.send(0, &records(1)).await.unwrap();
         let got = &server.received()[0];
         assert_eq!(got.target, "/api/v2/write?org=o&bucket=b&precision=ms");
         assert_eq!(got.headers["authorization"], "Token t0k");
@@ -495,7 +495,7 @@ mod tests {
         let influx = sink(&server, "api = \"v1\"\ndatabase = \"d\"\ngzip = false\n");
         server.reply(413, &[], "request entity too large");
         server.reply(413, &[], "request entity too large");
-        let delivered = influx.send(&records(4)).await.unwrap();
+        let delivered = influx.send(0, &records(4)).await.unwrap();
         assert_eq!(delivered.sent, 4);
         let bodies: Vec<String> = server
             .received()
@@ -521,17 +521,17 @@ mod tests {
             &[],
             r#"{"error":"partial write: field type conflict: input field \"value\" on measurement \"m\" is type integer, already exists as type float dropped=1"}"#,
         );
-        let delivered = influx.send(&records(3)).await.unwrap();
+        let delivered = influx.send(0, &records(3)).await.unwrap();
         assert_eq!(delivered.sent, 2);
         assert_eq!(delivered.dropped, vec![(outcome::REJECTED, 1)]);
         server.reply(503, &[("retry-after", "2")], "");
-        let retry = influx.send(&records(1)).await.unwrap_err();
+        let retry = influx.send(0, &records(1)).await.unwrap_err();
         assert_eq!(
             (retry.reason.as_str(), retry.after),
             ("503", Some(Duration::from_secs(2)))
         );
         server.reply(404, &[], r#"{"error":"database not found: \"d\""}"#);
-        let retry = influx.send(&records(1)).await.unwrap_err();
+        let retry = influx.send(0, &records(1)).await.unwrap_err();
         assert_eq!(
             retry.reason, "404",
             "a missing database keeps the data queued"

@@ -25,6 +25,8 @@ use picket_core::codec::DecodeError;
 use picket_core::exposition::format_float;
 use picket_proto::v1::{self, FlatBatch, FlatValue};
 
+use super::label_cache::{LabelCache, Lookup, Shape};
+
 /// Remote-write body ready to POST: snappy *block* format (not framed) of a protobuf WriteRequest.
 #[derive(Clone, Debug)]
 pub struct EncodedWrite {
@@ -91,11 +93,23 @@ pub struct Sample {
 /// must keep batches far below snappy's block limit (about 3.6 GiB of protobuf); a request
 /// over it cannot be encoded, is logged, and comes back as an empty body with `samples` and
 /// `series` 0.
-pub fn encode(batches: &[FlatBatch]) -> EncodedWrite {
+///
+/// With a sink lane's [`LaneEncoder`], the request is built in that lane's buffers from
+/// earlier requests, and a batch shaped like one encoded before takes its samples' encoded
+/// labels from the lane's [`LabelCache`] instead of building them; the request is the same
+/// either way.
+pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedWrite {
     // Most batches hold one sample per series, so the point count is a good first size for
     // the series table and saves rehashing while it grows.
     let expected = batches.iter().map(FlatBatch::point_count).sum();
-    let mut table = SeriesTable::with_capacity(expected);
+    let mut fresh = LaneEncoder::default();
+    let lane = lane.unwrap_or(&mut fresh);
+    let keys = match &lane.cache {
+        Some(cache) => cache.keys(),
+        None => RandomState::default(),
+    };
+    let mut table = SeriesTable::in_buffers(std::mem::take(&mut lane.table), expected, keys);
+    let mut cache = lane.cache.as_mut();
     let mut floats = FloatLabels::default();
     let mut name = String::new();
     // Reused for every batch and series: the common labels, and one series' full label set.
@@ -103,9 +117,22 @@ pub fn encode(batches: &[FlatBatch]) -> EncodedWrite {
     let mut labels: Vec<(&str, &str)> = Vec::new();
 
     for batch in batches {
+        let (shape_hash, mut labeling) = match cache.as_deref_mut().map(|c| c.look_up(batch)) {
+            None | Some(Lookup::Skip) => (0, Labeling::Encode { record: None }),
+            Some(Lookup::Found(shape)) => (0, Labeling::Replay { shape, next: 0 }),
+            Some(Lookup::Record(hash)) => (
+                hash,
+                Labeling::Encode {
+                    record: Some(Shape::new()),
+                },
+            ),
+        };
         let symbols = batch.symbols();
+        let replaying = matches!(labeling, Labeling::Replay { .. });
         common.clear();
-        common.extend(symbol_pairs(symbols, batch.common_labels()));
+        if !replaying {
+            common.extend(symbol_pairs(symbols, batch.common_labels()));
+        }
         for family in batch.families() {
             let base = symbol(symbols, family.name);
             let has_parts = matches!(
@@ -114,34 +141,61 @@ pub fn encode(batches: &[FlatBatch]) -> EncodedWrite {
             );
             for series in batch.series(family) {
                 labels.clear();
-                labels.extend_from_slice(&common);
-                labels.extend(symbol_pairs(symbols, batch.labels(series)));
-                // Agents send a handful of labels per series, mostly in order already; the
-                // stable sort is an insertion sort at this size.
-                labels.sort_by(|a, b| a.0.cmp(b.0));
+                if !replaying {
+                    labels.extend_from_slice(&common);
+                    labels.extend(symbol_pairs(symbols, batch.labels(series)));
+                    // Agents send a handful of labels per series, mostly in order already;
+                    // the stable sort is an insertion sort at this size.
+                    labels.sort_by(|a, b| a.0.cmp(b.0));
+                }
                 for point in batch.points(series) {
                     let Some(value) = point.value() else { continue };
                     let mut emit = PointSink {
-                        table: &mut table,
                         floats: &mut floats,
                         name: &mut name,
                         base,
-                        labels: &labels,
-                        timestamp: point.timestamp_ms,
+                        out: Emitter {
+                            table: &mut table,
+                            labeling: &mut labeling,
+                            labels: &labels,
+                            timestamp: point.timestamp_ms,
+                        },
                     };
                     emit.point(batch, value, has_parts);
                 }
             }
         }
+        let recorded = match labeling {
+            Labeling::Encode { record } => record,
+            Labeling::Replay { .. } => None,
+        };
+        if let (Some(cache), Some(shape)) = (cache.as_deref_mut(), recorded) {
+            cache.insert(shape_hash, shape);
+        }
     }
 
     let series_count = table.series.len();
     let samples = table.samples.len();
-    let proto = table.write_request();
+    lane.table = table.write_request(&mut lane.proto);
+    let proto = &lane.proto;
 
-    match snap::raw::Encoder::new().compress_vec(&proto) {
-        Ok(body) => EncodedWrite {
-            body,
+    // Compressed into the lane's buffer, kept at its largest length so it is neither zeroed
+    // nor faulted in again; the body is then a copy of what was written.
+    let room = snap::raw::max_compress_len(proto.len());
+    if lane.compressed.len() < room {
+        lane.compressed.resize(room, 0);
+    }
+    let written = match room {
+        // Over snappy's block limit.
+        0 => Err(snap::Error::TooBig {
+            given: proto.len() as u64,
+            max: u32::MAX as u64,
+        }),
+        _ => lane.snappy.compress(proto, &mut lane.compressed),
+    };
+    let encoded = match written {
+        Ok(n) => EncodedWrite {
+            body: lane.compressed[..n].to_vec(),
             samples,
             series: series_count,
         },
@@ -156,6 +210,82 @@ pub fn encode(batches: &[FlatBatch]) -> EncodedWrite {
                 series: 0,
             }
         }
+    };
+    lane.trim();
+    encoded
+}
+
+/// What one lane of a remote-write sink keeps from request to request: its label cache and
+/// the buffers a request is built in. Building each request in new buffers cost a fifth of a
+/// relaying aggregator's CPU time: the buffers are megabytes, so each one was mapped, faulted
+/// in page by page, grown by copying, zeroed (snappy's output) and unmapped again.
+pub struct LaneEncoder {
+    /// `None` with `label_cache_bytes = 0`.
+    pub(super) cache: Option<LabelCache>,
+    table: TableBuffers,
+    proto: Vec<u8>,
+    compressed: Vec<u8>,
+    snappy: snap::raw::Encoder,
+}
+
+impl Default for LaneEncoder {
+    fn default() -> Self {
+        LaneEncoder {
+            cache: None,
+            table: TableBuffers::default(),
+            proto: Vec::new(),
+            compressed: Vec::new(),
+            snappy: snap::raw::Encoder::new(),
+        }
+    }
+}
+
+impl LaneEncoder {
+    /// Buffers kept between requests, at most. Requests are bounded by `batch.max_samples`
+    /// (10,000 by default: about 10 MiB of buffers with Flink-like labels), but one request
+    /// carries at least one whole agent batch, however large; buffers grown past this by such
+    /// a batch are given back rather than kept for good.
+    const KEPT_BYTES: usize = 64 << 20;
+
+    pub fn new(cache: Option<LabelCache>) -> Self {
+        LaneEncoder {
+            cache,
+            ..Default::default()
+        }
+    }
+
+    /// The label cache, if the lane has one.
+    pub fn cache(&self) -> Option<&LabelCache> {
+        self.cache.as_ref()
+    }
+
+    fn trim(&mut self) {
+        let kept = self.table.capacity_bytes() + self.proto.capacity() + self.compressed.capacity();
+        if kept > Self::KEPT_BYTES {
+            self.table = TableBuffers::default();
+            self.proto = Vec::new();
+            self.compressed = Vec::new();
+        }
+    }
+}
+
+/// A [`SeriesTable`]'s vectors, emptied, between requests.
+#[derive(Default)]
+struct TableBuffers {
+    series: Vec<SeriesEntry>,
+    arena: Vec<u8>,
+    by_hash: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
+    collisions: Vec<Option<usize>>,
+    samples: Vec<(usize, TableSample)>,
+}
+
+impl TableBuffers {
+    fn capacity_bytes(&self) -> usize {
+        self.series.capacity() * size_of::<SeriesEntry>()
+            + self.arena.capacity()
+            + self.by_hash.capacity() * (size_of::<(u64, usize)>() + 1)
+            + self.collisions.capacity() * size_of::<Option<usize>>()
+            + self.samples.capacity() * size_of::<(usize, TableSample)>()
     }
 }
 
@@ -259,25 +389,68 @@ fn value_kind(value: Option<FlatValue>) -> &'static str {
     }
 }
 
-/// Where one point's samples go: the series table, with the family name, the series' sorted
-/// labels and the point's timestamp.
-struct PointSink<'t, 's> {
+/// How one batch's samples get their encoded labels.
+enum Labeling<'c> {
+    /// Built from the batch (and, with `record`, kept for the label cache).
+    Encode { record: Option<Shape> },
+    /// Taken in order from what was emitted for a batch of the same shape.
+    Replay { shape: &'c Shape, next: usize },
+}
+
+/// Adds one point's samples to the series table, with the series' sorted labels (empty when
+/// replaying) and the point's timestamp.
+struct Emitter<'t, 's, 'c> {
     table: &'t mut SeriesTable,
-    floats: &'t mut FloatLabels,
-    name: &'t mut String,
-    base: &'s str,
+    labeling: &'t mut Labeling<'c>,
     labels: &'t [(&'s str, &'s str)],
     timestamp: i64,
 }
 
-impl PointSink<'_, '_> {
+impl Emitter<'_, '_, '_> {
+    fn push(&mut self, name: &str, extra: Option<(&'static str, &str)>, value: f64) {
+        let timestamp = self.timestamp;
+        match self.labeling {
+            Labeling::Replay { shape, next } => {
+                if let Some((encoded, hash)) = shape.sample(*next) {
+                    *next += 1;
+                    self.table.push_encoded(encoded, hash, timestamp, value);
+                    return;
+                }
+                // Cannot happen: the shape's key covers everything that decides the samples
+                // emitted. Should it anyway, the sample is still sent correctly, from labels
+                // built here (the series' own were skipped while replaying).
+                debug_assert!(false, "replayed shape ran out of samples");
+                *self.labeling = Labeling::Encode { record: None };
+                self.table.push(name, self.labels, extra, timestamp, value);
+            }
+            Labeling::Encode { record } => {
+                let (encoded, hash) = self.table.push(name, self.labels, extra, timestamp, value);
+                if let Some(shape) = record
+                    && !shape.record(encoded, hash)
+                {
+                    *record = None;
+                }
+            }
+        }
+    }
+}
+
+/// Where one point's samples go, with the family name.
+struct PointSink<'t, 's, 'c> {
+    floats: &'t mut FloatLabels,
+    name: &'t mut String,
+    base: &'s str,
+    out: Emitter<'t, 's, 'c>,
+}
+
+impl PointSink<'_, '_, '_> {
     /// Expands the point the way the text exposition format (and `/metrics`) does.
     /// `has_parts`: the family is a summary or histogram, whose stale markers go to `_sum`
     /// and `_count`.
     fn point(&mut self, batch: &FlatBatch, value: FlatValue, has_parts: bool) {
-        let (labels, ts, base) = (self.labels, self.timestamp, self.base);
+        let base = self.base;
         match value {
-            FlatValue::Number(v) => self.table.push(base, labels, None, ts, data(v)),
+            FlatValue::Number(v) => self.out.push(base, None, data(v)),
             FlatValue::Summary {
                 count,
                 sum,
@@ -285,9 +458,9 @@ impl PointSink<'_, '_> {
             } => {
                 for (quantile, value) in batch.quantiles(quantiles) {
                     let extra = Some(("quantile", self.floats.format(quantile)));
-                    self.table.push(base, labels, extra, ts, data(value));
+                    self.out.push(base, extra, data(value));
                 }
-                self.parts(ts, data(sum), count as f64);
+                self.parts(data(sum), count as f64);
             }
             FlatValue::Histogram {
                 count,
@@ -299,15 +472,14 @@ impl PointSink<'_, '_> {
                 for (bound, cumulative) in batch.buckets(buckets) {
                     saw_inf |= bound == f64::INFINITY;
                     let extra = Some(("le", self.floats.format(bound)));
-                    self.table
-                        .push(bucket, labels, extra, ts, cumulative as f64);
+                    self.out.push(bucket, extra, cumulative as f64);
                 }
                 // Prometheus requires the +Inf bucket; it always equals the total count.
                 if !saw_inf {
                     let extra = Some(("le", self.floats.format(f64::INFINITY)));
-                    self.table.push(bucket, labels, extra, ts, count as f64);
+                    self.out.push(bucket, extra, count as f64);
                 }
-                self.parts(ts, data(sum), count as f64);
+                self.parts(data(sum), count as f64);
             }
             FlatValue::Stale => {
                 let stale = f64::from_bits(STALE_NAN_BITS);
@@ -316,20 +488,20 @@ impl PointSink<'_, '_> {
                     // so only `_sum` and `_count`, which every summary and histogram has, get
                     // markers. The quantile and bucket series simply stop and drop out of
                     // queries after the receiver's lookback window.
-                    self.parts(ts, stale, stale);
+                    self.parts(stale, stale);
                 } else {
-                    self.table.push(base, labels, None, ts, stale);
+                    self.out.push(base, None, stale);
                 }
             }
         }
     }
 
     /// The `_sum` and `_count` series of a summary or histogram.
-    fn parts(&mut self, ts: i64, sum: f64, count: f64) {
+    fn parts(&mut self, sum: f64, count: f64) {
         let sum_name = with_suffix(self.name, self.base, "_sum");
-        self.table.push(sum_name, self.labels, None, ts, sum);
+        self.out.push(sum_name, None, sum);
         let count_name = with_suffix(self.name, self.base, "_count");
-        self.table.push(count_name, self.labels, None, ts, count);
+        self.out.push(count_name, None, count);
     }
 }
 
@@ -494,22 +666,39 @@ struct SeriesTable<S = RandomState> {
     samples: Vec<(usize, TableSample)>,
 }
 
-impl SeriesTable {
-    fn with_capacity(capacity: usize) -> Self {
-        SeriesTable::with_keys(capacity, RandomState::default())
-    }
-}
-
 impl<S: BuildHasher> SeriesTable<S> {
     /// A table hashing with `keys` (tests pass one under which everything collides).
+    #[cfg(test)]
     fn with_keys(capacity: usize, keys: S) -> Self {
+        SeriesTable::in_buffers(TableBuffers::default(), capacity, keys)
+    }
+
+    /// An empty table in `buffers` (from an earlier request: emptied, capacity kept), with
+    /// room for `capacity` series.
+    fn in_buffers(buffers: TableBuffers, capacity: usize, keys: S) -> Self {
+        let TableBuffers {
+            mut series,
+            mut arena,
+            mut by_hash,
+            mut collisions,
+            mut samples,
+        } = buffers;
+        series.clear();
+        arena.clear();
+        by_hash.clear();
+        collisions.clear();
+        samples.clear();
+        series.reserve(capacity);
+        by_hash.reserve(capacity);
+        collisions.reserve(capacity);
+        samples.reserve(capacity);
         SeriesTable {
-            series: Vec::with_capacity(capacity),
-            arena: Vec::new(),
-            by_hash: HashMap::with_capacity_and_hasher(capacity, Default::default()),
-            collisions: Vec::with_capacity(capacity),
+            series,
+            arena,
+            by_hash,
+            collisions,
             keys,
-            samples: Vec::with_capacity(capacity),
+            samples,
         }
     }
 
@@ -520,17 +709,45 @@ impl<S: BuildHasher> SeriesTable<S> {
         extra: Option<(&'static str, &str)>,
         timestamp: i64,
         value: f64,
-    ) {
+    ) -> (&[u8], u64) {
         let key = SeriesLabels {
             name,
             labels,
             extra,
         };
-        let sample = TableSample { value, timestamp };
-        let index = self.series.len();
         let start = self.arena.len();
         key.encode_into(&mut self.arena);
         let hash = self.keys.hash_one(&self.arena[start..]);
+        let index = self.add(
+            Encoded::AtArenaEnd(start),
+            hash,
+            TableSample { value, timestamp },
+        );
+        (&self.arena[self.series[index].labels.clone()], hash)
+    }
+
+    /// [`SeriesTable::push`] for labels already encoded, with their hash under this table's
+    /// keys (from the label cache). They are copied only for a new series.
+    fn push_encoded(&mut self, labels: &[u8], hash: u64, timestamp: i64, value: f64) {
+        self.add(
+            Encoded::Given(labels),
+            hash,
+            TableSample { value, timestamp },
+        );
+    }
+
+    /// Adds a sample to the series with its labels, which is new unless one has the same
+    /// labels (labels at the arena's end then come off it). Returns the series' index.
+    fn add(&mut self, labels: Encoded, hash: u64, sample: TableSample) -> usize {
+        let index = self.series.len();
+        let arena = &self.arena;
+        let same = |i: usize| {
+            let stored = &arena[self.series[i].labels.clone()];
+            match labels {
+                Encoded::AtArenaEnd(start) => *stored == arena[start..],
+                Encoded::Given(given) => stored == given,
+            }
+        };
         let previous = match self.by_hash.entry(hash) {
             Entry::Vacant(slot) => {
                 slot.insert(index);
@@ -539,15 +756,25 @@ impl<S: BuildHasher> SeriesTable<S> {
             Entry::Occupied(mut slot) => {
                 let mut candidate = Some(*slot.get());
                 while let Some(i) = candidate {
-                    if self.arena[self.series[i].labels.clone()] == self.arena[start..] {
-                        self.arena.truncate(start);
+                    if same(i) {
+                        if let Encoded::AtArenaEnd(start) = labels {
+                            self.arena.truncate(start);
+                        }
                         self.series[i].samples += 1;
                         self.samples.push((i, sample));
-                        return;
+                        return i;
                     }
                     candidate = self.collisions[i];
                 }
                 Some(slot.insert(index))
+            }
+        };
+        let start = match labels {
+            Encoded::AtArenaEnd(start) => start,
+            Encoded::Given(given) => {
+                let start = self.arena.len();
+                self.arena.extend_from_slice(given);
+                start
             }
         };
         self.collisions.push(previous);
@@ -556,11 +783,13 @@ impl<S: BuildHasher> SeriesTable<S> {
             samples: 1,
         });
         self.samples.push((index, sample));
+        index
     }
 
-    /// The `WriteRequest` protobuf, written straight from the table: each series' labels are
-    /// kept encoded in the arena, so no `Label` strings are allocated per series.
-    fn write_request(mut self) -> Vec<u8> {
+    /// Writes the `WriteRequest` protobuf into `out` (replacing what it held), straight from
+    /// the table: each series' labels are kept encoded in the arena, so no `Label` strings
+    /// are allocated per series. Returns the table's buffers for the next request.
+    fn write_request(mut self, out: &mut Vec<u8>) -> TableBuffers {
         // Group the samples by series (a counting sort, so each series keeps arrival order),
         // then put each series in timestamp order. When every series has one sample (a
         // request of one round per agent, the usual case), the k-th sample is the k-th
@@ -587,8 +816,8 @@ impl<S: BuildHasher> SeriesTable<S> {
             }
         }
 
-        let mut out =
-            Vec::with_capacity(self.arena.len() + self.samples.len() * 24 + self.series.len() * 6);
+        out.clear();
+        out.reserve(self.arena.len() + self.samples.len() * 24 + self.series.len() * 6);
         for (i, s) in self.series.iter().enumerate() {
             let samples = if one_each {
                 debug_assert_eq!(self.samples[i].0, i, "one sample per series, in order");
@@ -604,25 +833,40 @@ impl<S: BuildHasher> SeriesTable<S> {
             }
             let samples_len: usize = samples.iter().map(|x| field_len(sample_len(x))).sum();
             out.push(0x0a); // WriteRequest.timeseries (1)
-            put_varint(&mut out, (s.labels.len() + samples_len) as u64);
+            put_varint(out, (s.labels.len() + samples_len) as u64);
             out.extend_from_slice(&self.arena[s.labels.clone()]);
             for sample in samples.iter() {
                 out.push(0x12); // TimeSeries.samples (2)
-                put_varint(&mut out, sample_len(sample) as u64);
+                put_varint(out, sample_len(sample) as u64);
                 out.push(0x09); // Sample.value (1), fixed64
                 out.extend_from_slice(&sample.value.to_le_bytes());
                 out.push(0x10); // Sample.timestamp (2), varint
-                put_varint(&mut out, sample.timestamp as u64);
+                put_varint(out, sample.timestamp as u64);
             }
         }
-        out
+        TableBuffers {
+            series: self.series,
+            arena: self.arena,
+            by_hash: self.by_hash,
+            collisions: self.collisions,
+            samples: self.samples,
+        }
     }
+}
+
+/// A sample's encoded labels, as [`SeriesTable::add`] gets them.
+#[derive(Clone, Copy)]
+enum Encoded<'l> {
+    /// Written at the end of the table's arena, from this offset.
+    AtArenaEnd(usize),
+    /// Elsewhere (the label cache).
+    Given(&'l [u8]),
 }
 
 /// Hasher for keys that already are uniformly distributed 64-bit hashes: hashing them again
 /// would only cost time.
 #[derive(Default)]
-struct Prehashed(u64);
+pub(super) struct Prehashed(u64);
 
 impl Hasher for Prehashed {
     fn finish(&self) -> u64 {
@@ -664,7 +908,48 @@ mod tests {
             .iter()
             .map(|wire| FlatBatch::parse(wire).expect("an agent's batch is read in place"))
             .collect();
-        encode(&batches)
+        encode_every_way(&batches)
+    }
+
+    fn cached_lane(cache: LabelCache) -> LaneEncoder {
+        LaneEncoder::new(Some(cache))
+    }
+
+    fn hits(lane: &LaneEncoder) -> u64 {
+        lane.cache().map_or(0, LabelCache::hits)
+    }
+
+    fn held(lane: &LaneEncoder) -> usize {
+        lane.cache().map_or(0, LabelCache::bytes)
+    }
+
+    /// Encodes `batches` without a lane encoder, then twice with one (building its label
+    /// cache, then replaying every batch from it), then once more in the same lane after a
+    /// request of only the first batch (its buffers left as that request left them), and
+    /// requires the same request every time.
+    fn encode_every_way(batches: &[FlatBatch]) -> EncodedWrite {
+        let plain = encode(batches, None);
+        let mut cache = cached_lane(LabelCache::default());
+        let building = encode(batches, Some(&mut cache));
+        let hits_before = hits(&cache);
+        let replayed = encode(batches, Some(&mut cache));
+        let replays = hits(&cache) - hits_before;
+        encode(&batches[..batches.len().min(1)], Some(&mut cache));
+        let after_another = encode(batches, Some(&mut cache));
+        for (way, write) in [
+            ("building the cache", &building),
+            ("from the cache", &replayed),
+            ("after another request", &after_another),
+        ] {
+            assert_eq!(write.body, plain.body, "{way}");
+            assert_eq!((write.samples, write.series), (plain.samples, plain.series));
+        }
+        assert_eq!(
+            replays,
+            batches.len() as u64,
+            "every batch replayed the second time"
+        );
+        plain
     }
 
     fn decode(write: &EncodedWrite) -> WriteRequest {
@@ -1067,7 +1352,7 @@ mod tests {
         );
         let batch = FlatBatch::of(&batch);
         check(&batch).expect("well-formed batch");
-        let request = decode(&encode(&[batch]));
+        let request = decode(&encode_every_way(&[batch]));
         assert_eq!(
             labels_of(&request.timeseries[0]),
             vec![
@@ -1137,7 +1422,7 @@ mod tests {
                 }
             }
         }
-        let write = encode(&batches.each_ref().map(FlatBatch::of));
+        let write = encode_every_way(&batches.each_ref().map(FlatBatch::of));
         let request = decode(&write);
         let got: Vec<Owned> = request
             .timeseries
@@ -1230,8 +1515,9 @@ mod tests {
         table.push("m", &a, None, 10, 3.0);
         table.push("m", &b, Some(("le", "1")), 10, 4.0);
         table.push("m", &b, None, 30, 5.0);
-        let request =
-            WriteRequest::decode(table.write_request().as_slice()).expect("protobuf WriteRequest");
+        let mut proto = Vec::new();
+        table.write_request(&mut proto);
+        let request = WriteRequest::decode(proto.as_slice()).expect("protobuf WriteRequest");
         let got: Vec<_> = request
             .timeseries
             .iter()
@@ -1254,5 +1540,189 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    /// One agent's round: a gauge per (job, operator) and a summary, at `ts`, with values
+    /// from `v`, and `stale` making the summary's point a stale marker.
+    fn round(ts: i64, v: f64, operator: &str, stale: bool) -> Vec<u8> {
+        let mut gauge = Family::new("flink_records_in", MetricType::Gauge, "help");
+        for job in ["a", "b"] {
+            gauge.push(
+                Labels::from_pairs([("job", job), ("operator", operator)]),
+                ts,
+                v,
+            );
+        }
+        let summary_value = if stale {
+            Value::Stale
+        } else {
+            Value::Summary(Summary {
+                count: 3,
+                sum: v,
+                quantiles: vec![(0.5, v), (0.99, v * 2.0)],
+            })
+        };
+        let summary = family(
+            "latency",
+            MetricType::Summary,
+            vec![point(Labels::from_pairs([("job", "a")]), ts, summary_value)],
+        );
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "pi-1")]));
+        encoder.push(&gauge);
+        encoder.push(&summary);
+        encoder.finish(0).encode_to_vec()
+    }
+
+    fn parse(wire: &[u8]) -> FlatBatch<'_> {
+        FlatBatch::parse(wire).expect("an agent's batch is read in place")
+    }
+
+    /// The next round of an agent replays the first round's labels with its own timestamps
+    /// and values; the request equals the one built without the cache.
+    #[test]
+    fn a_batch_shaped_like_an_earlier_one_replays_its_labels() {
+        let mut cache = cached_lane(LabelCache::default());
+        let first = round(1_000, 1.0, "map", false);
+        let second = round(2_000, 5.0, "map", false);
+        encode(&[parse(&first)], Some(&mut cache));
+        assert_eq!(hits(&cache), 0);
+        let cached = encode(&[parse(&second)], Some(&mut cache));
+        assert_eq!(hits(&cache), 1, "the second round's shape was found");
+        assert_eq!(cached.body, encode(&[parse(&second)], None).body);
+        let request = decode(&cached);
+        let samples: Vec<_> = request.timeseries.iter().map(samples_of).collect();
+        assert_eq!(samples[0], [(2_000, 5.0)]);
+        assert_eq!(samples[2], [(2_000, 5.0)], "quantile 0.5 of the summary");
+        assert_eq!(samples[3], [(2_000, 10.0)], "quantile 0.99");
+        // Two rounds in one request: the second replays and merges into the first's series.
+        let both = encode(&[parse(&first), parse(&second)], Some(&mut cache));
+        assert_eq!(hits(&cache), 3);
+        assert_eq!(
+            both.body,
+            encode(&[parse(&first), parse(&second)], None).body
+        );
+        assert_eq!((both.series, both.samples), (6, 12));
+    }
+
+    /// Anything that changes which samples are emitted or their labels is another shape:
+    /// a label value, a stale marker in place of a summary, other quantiles, another common
+    /// label. Each is encoded in full, and correctly, rather than replayed.
+    #[test]
+    fn a_batch_of_another_shape_is_encoded_in_full() {
+        let mut cache = cached_lane(LabelCache::default());
+        let first = round(1_000, 1.0, "map", false);
+        encode(&[parse(&first)], Some(&mut cache));
+        let mut other_quantiles = Family::new("latency", MetricType::Summary, "");
+        other_quantiles.points.push(point(
+            Labels::from_pairs([("job", "a")]),
+            2_000,
+            Value::Summary(Summary {
+                count: 3,
+                sum: 1.0,
+                quantiles: vec![(0.5, 1.0), (0.9, 2.0)],
+            }),
+        ));
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "pi-2")]));
+        encoder.push(&Family::new("flink_records_in", MetricType::Gauge, ""));
+        let mut gauge = Family::new("flink_records_in", MetricType::Gauge, "");
+        for job in ["a", "b"] {
+            gauge.push(
+                Labels::from_pairs([("job", job), ("operator", "map")]),
+                2_000,
+                1.0,
+            );
+        }
+        encoder.push(&gauge);
+        let other_instance = encoder.finish(0).encode_to_vec();
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "pi-1")]));
+        encoder.push(&other_quantiles);
+        let other_quantiles = encoder.finish(0).encode_to_vec();
+        for (what, wire) in [
+            ("another label value", round(2_000, 1.0, "sink", false)),
+            ("a stale summary", round(2_000, 1.0, "map", true)),
+            ("other quantiles", other_quantiles),
+            ("another common label", other_instance),
+        ] {
+            let before = hits(&cache);
+            let cached = encode(&[parse(&wire)], Some(&mut cache));
+            assert_eq!(hits(&cache), before, "{what}: not replayed");
+            assert_eq!(cached.body, encode(&[parse(&wire)], None).body, "{what}");
+        }
+        let stale = decode(&encode(
+            &[parse(&round(3_000, 1.0, "map", true))],
+            Some(&mut cache),
+        ));
+        assert_eq!(hits(&cache), 1, "the stale round's own shape was kept");
+        let names: Vec<_> = stale
+            .timeseries
+            .iter()
+            .map(|s| labels_of(s)[0].1.to_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "flink_records_in",
+                "flink_records_in",
+                "latency_sum",
+                "latency_count"
+            ]
+        );
+    }
+
+    /// A full cache keeps the shapes it has, which go on replaying, and caches no more (the
+    /// batches it has no room for are encoded as without it); shapes idle for `IDLE` are
+    /// swept out, which makes room again. A shape larger than the whole cache is never kept.
+    /// The requests are the same throughout.
+    #[test]
+    fn a_full_cache_keeps_its_shapes_and_sweeps_idle_ones() {
+        use super::super::label_cache::{IDLE, SWEEP_INTERVAL};
+        let rounds: Vec<Vec<u8>> = (0..50)
+            .map(|i| round(1_000, 1.0, &format!("operator-{i:02}"), false))
+            .collect();
+        let mut one = cached_lane(LabelCache::default());
+        encode(&[parse(&rounds[0])], Some(&mut one));
+        let shape = held(&one);
+        assert!(shape > 0);
+        let mut lane = cached_lane(LabelCache::new(shape as u64 * 5));
+        let check = |lane: &mut LaneEncoder, n: usize| {
+            let before = hits(lane);
+            let write = encode(&[parse(&rounds[n])], Some(lane));
+            assert_eq!(
+                write.body,
+                encode(&[parse(&rounds[n])], None).body,
+                "round {n}"
+            );
+            hits(lane) > before
+        };
+        for n in 0..50 {
+            assert!(!check(&mut lane, n), "round {n} is new");
+            assert!(held(&lane) <= shape * 5, "{} bytes cached", held(&lane));
+        }
+        assert_eq!(held(&lane), shape * 5, "the first five rounds fill it");
+        for n in 0..5 {
+            assert!(check(&mut lane, n), "round {n} was cached first and stays");
+        }
+        assert!(!check(&mut lane, 49), "no room was made for later rounds");
+        assert_eq!(held(&lane), shape * 5);
+
+        // Rounds 1 to 4 go idle; round 0 goes on. The next look-up sweeps the idle ones out,
+        // and the cache takes new shapes again.
+        let cache = lane.cache.as_mut().expect("a cache");
+        cache.advance_clock(IDLE - SWEEP_INTERVAL);
+        assert!(check(&mut lane, 0));
+        lane.cache
+            .as_mut()
+            .expect("a cache")
+            .advance_clock(SWEEP_INTERVAL * 2);
+        assert!(!check(&mut lane, 49), "swept, then cached");
+        assert!(check(&mut lane, 49));
+        assert!(check(&mut lane, 0), "round 0 was in use");
+        assert!(!check(&mut lane, 1), "round 1 was idle and went");
+        assert_eq!(held(&lane), shape * 3, "rounds 0, 49 and 1");
+
+        let mut small = cached_lane(LabelCache::new(shape as u64 - 1));
+        let write = encode(&[parse(&rounds[0])], Some(&mut small));
+        assert_eq!(held(&small), 0);
+        assert_eq!(write.body, encode(&[parse(&rounds[0])], None).body);
     }
 }

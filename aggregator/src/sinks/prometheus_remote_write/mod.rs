@@ -9,6 +9,10 @@
 //! already written, so the old batch is refused alone and the new ones still land.
 
 pub mod encode;
+mod label_cache;
+
+use encode::LaneEncoder;
+use label_cache::LabelCache;
 
 use std::time::Duration;
 
@@ -52,6 +56,26 @@ pub struct RemoteWriteConfig {
     pub queue: QueueConfig,
     #[serde(default)]
     pub routing: RoutingConfig,
+    /// Memory for the encoded label sets of recent batch shapes (`label_cache`); 0 turns the
+    /// cache off.
+    #[serde(default = "default_label_cache_bytes")]
+    pub label_cache_bytes: u64,
+}
+
+fn default_label_cache_bytes() -> u64 {
+    label_cache::DEFAULT_BYTES
+}
+
+/// One encoder per lane (the driver runs `concurrency.max(1)` of them), their label caches
+/// sharing `cache_bytes` (none when it is 0).
+fn lane_encoders(cache_bytes: u64, concurrency: usize) -> Vec<std::sync::Mutex<LaneEncoder>> {
+    let lanes = concurrency.max(1);
+    (0..lanes)
+        .map(|_| {
+            let cache = (cache_bytes > 0).then(|| LabelCache::new(cache_bytes / lanes as u64));
+            std::sync::Mutex::new(LaneEncoder::new(cache))
+        })
+        .collect()
 }
 
 pub(crate) fn default_timeout() -> Duration {
@@ -68,6 +92,11 @@ pub struct RemoteWrite {
     client: HttpClient,
     metrics: Arc<SinkMetrics>,
     name: String,
+    /// Per lane: the buffers requests are built in and the encoded label sets of recent
+    /// batch shapes (see `label_cache`), with an equal share of `label_cache_bytes`. An
+    /// agent's batches always go through the same lane, so its shapes are in that lane's
+    /// cache, and lanes never wait for each other.
+    lanes: Vec<std::sync::Mutex<LaneEncoder>>,
 }
 
 impl RemoteWrite {
@@ -112,11 +141,47 @@ impl RemoteWrite {
             client: HttpClient::new(&config.tls, &config.auth, config.timeout)?,
             metrics,
             name: config.name.clone(),
+            lanes: lane_encoders(config.label_cache_bytes, config.concurrency),
         })
     }
 
-    async fn send_part(&self, records: &[FlatBatch<'_>]) -> Result<Delivered, Retry> {
-        let encoded = encode::encode(records);
+    /// Encodes `records` in lane `lane`'s encoder and counts its label cache's use.
+    fn encode_in(
+        &self,
+        lane: usize,
+        records: &[FlatBatch<'_>],
+        encoder: &mut LaneEncoder,
+    ) -> encode::EncodedWrite {
+        let before = encoder.cache().map(|c| (c.batches(), c.hits()));
+        let encoded = encode::encode(records, Some(encoder));
+        if let (Some(cache), Some((batches, hits))) = (encoder.cache(), before) {
+            let hits = cache.hits() - hits;
+            let misses = cache.batches() - batches - hits;
+            self.metrics
+                .label_cache(lane, hits, misses, 0, Some(cache.bytes()));
+        }
+        encoded
+    }
+
+    async fn send_part(&self, lane: usize, records: &[FlatBatch<'_>]) -> Result<Delivered, Retry> {
+        let lane = lane % self.lanes.len().max(1);
+        let encoded = match self.lanes.get(lane).map(|l| l.try_lock()) {
+            // Only this lane's one request at a time takes its lock (a retry or a bisected
+            // half comes after it), so it is never busy; should it be, the request is built
+            // without the lane's buffers and cache rather than wait.
+            None | Some(Err(std::sync::TryLockError::WouldBlock)) => {
+                let busy = records.len() as u64;
+                self.metrics.label_cache(lane, 0, 0, busy, None);
+                encode::encode(records, None)
+            }
+            // Poisoned: an encode panicked midway. The buffers are emptied before each use
+            // and the cache holds whole shapes only (inserted after their batch), so the lane
+            // stays usable.
+            Some(Ok(mut encoder)) => self.encode_in(lane, records, &mut encoder),
+            Some(Err(std::sync::TryLockError::Poisoned(poisoned))) => {
+                self.encode_in(lane, records, &mut poisoned.into_inner())
+            }
+        };
         if encoded.samples == 0 {
             return Ok(Delivered::default());
         }
@@ -138,8 +203,8 @@ impl RemoteWrite {
                 // Find the batch the server objects to; the others still go through.
                 tracing::debug!(sink = %self.name, status, "bisecting a refused request");
                 let (left, right) = records.split_at(records.len() / 2);
-                let mut delivered = Box::pin(self.send_part(left)).await?;
-                delivered.add(Box::pin(self.send_part(right)).await?);
+                let mut delivered = Box::pin(self.send_part(lane, left)).await?;
+                delivered.add(Box::pin(self.send_part(lane, right)).await?);
                 Ok(delivered)
             }
             status => {
@@ -163,8 +228,8 @@ impl Destination for RemoteWrite {
         Ok(batch)
     }
 
-    async fn send(&self, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
-        self.send_part(records).await
+    async fn send(&self, lane: usize, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
+        self.send_part(lane, records).await
     }
 }
 
@@ -201,7 +266,7 @@ mod tests {
     async fn sends_the_required_headers_and_a_snappy_protobuf_body() {
         let server = MockServer::start().await;
         let (rw, metrics) = sink(&server);
-        let delivered = rw.send(&[record("pi-1", 1000)]).await.unwrap();
+        let delivered = rw.send(0, &[record("pi-1", 1000)]).await.unwrap();
         assert_eq!(delivered.sent, 1);
         let got = &server.received()[0];
         assert_eq!(got.target, "/api/v1/write");
@@ -227,16 +292,91 @@ mod tests {
         );
     }
 
+    /// The value of `picket_sink_label_cache_*` with `label` among its labels, if reported.
+    fn label_cache_metric(metrics: &SinkMetrics, name: &str, label: Option<&str>) -> Option<f64> {
+        let families = metrics.families(crate::sinks::queue::Depth::default(), 0);
+        let family = families.iter().find(|f| f.name == name)?;
+        let point = family.points.iter().find(|p| {
+            label.is_none_or(|value| p.labels.iter().any(|(n, v)| n == "result" && v == value))
+        })?;
+        match point.value {
+            picket_core::model::Value::Number(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Each lane has its own label cache: a later round of an agent replays its labels in
+    /// the lane that cached them, and the hits, misses and size are counted. The requests
+    /// carry each round's own timestamp either way.
+    #[tokio::test]
+    async fn label_caches_are_per_lane_and_counted() {
+        let server = MockServer::start().await;
+        let (rw, metrics) = sink(&server);
+        assert_eq!(
+            label_cache_metric(&metrics, "picket_sink_label_cache_bytes", None),
+            None,
+            "nothing reported before the first request"
+        );
+        for (lane, ts) in [(0, 1000), (0, 2000), (1, 3000), (1, 4000), (0, 5000)] {
+            rw.send(lane, &[record("pi-1", ts)]).await.unwrap();
+        }
+        let stamps: Vec<i64> = server
+            .received()
+            .iter()
+            .map(|got| {
+                let raw = snap::raw::Decoder::new().decompress_vec(&got.body).unwrap();
+                let request = encode::WriteRequest::decode(raw.as_slice()).unwrap();
+                request.timeseries[0].samples[0].timestamp
+            })
+            .collect();
+        assert_eq!(stamps, [1000, 2000, 3000, 4000, 5000]);
+        let batches = |result| {
+            label_cache_metric(
+                &metrics,
+                "picket_sink_label_cache_batches_total",
+                Some(result),
+            )
+        };
+        assert_eq!(batches("hit"), Some(3.0));
+        assert_eq!(batches("miss"), Some(2.0), "one per lane");
+        assert_eq!(batches("busy"), Some(0.0));
+        let bytes = label_cache_metric(&metrics, "picket_sink_label_cache_bytes", None);
+        assert!(bytes.is_some_and(|b| b > 0.0), "{bytes:?}");
+    }
+
+    /// `label_cache_bytes = 0` turns the cache off; requests are unchanged.
+    #[tokio::test]
+    async fn the_label_cache_can_be_turned_off() {
+        let server = MockServer::start().await;
+        let metrics = Arc::new(SinkMetrics::new("rw", "prometheus_remote_write"));
+        let mut config = config(server.url("/api/v1/write"));
+        config.label_cache_bytes = 0;
+        let rw = RemoteWrite::new(&config, metrics.clone()).unwrap();
+        for ts in [1000, 2000] {
+            let delivered = rw.send(0, &[record("pi-1", ts)]).await.unwrap();
+            assert_eq!(delivered.sent, 1);
+        }
+        assert_eq!(server.received().len(), 2);
+        assert_eq!(
+            label_cache_metric(
+                &metrics,
+                "picket_sink_label_cache_batches_total",
+                Some("miss")
+            ),
+            None
+        );
+    }
+
     #[tokio::test]
     async fn server_errors_and_429_are_retried_with_retry_after() {
         let server = MockServer::start().await;
         let (rw, _) = sink(&server);
         server.reply(503, &[], "overloaded");
-        let retry = rw.send(&[record("pi-1", 1000)]).await.unwrap_err();
+        let retry = rw.send(0, &[record("pi-1", 1000)]).await.unwrap_err();
         assert_eq!(retry.reason, "503");
         assert_eq!(retry.after, None);
         server.reply(429, &[("retry-after", "7")], "slow down");
-        let retry = rw.send(&[record("pi-1", 1000)]).await.unwrap_err();
+        let retry = rw.send(0, &[record("pi-1", 1000)]).await.unwrap_err();
         assert_eq!(retry.reason, "429");
         assert_eq!(retry.after, Some(Duration::from_secs(7)));
     }
@@ -253,7 +393,7 @@ mod tests {
         server.reply(204, &[], "");
         server.reply(400, &[], "out of order sample");
         let records = [record("a", 1), record("b", 2), record("c", 3)];
-        let delivered = rw.send(&records).await.unwrap();
+        let delivered = rw.send(0, &records).await.unwrap();
         assert_eq!(delivered.sent, 2);
         assert_eq!(delivered.dropped, vec![(outcome::REJECTED, 1)]);
         assert_eq!(server.received().len(), 5);
@@ -264,7 +404,7 @@ mod tests {
         let server = MockServer::start().await;
         let (rw, _) = sink(&server);
         server.reply(404, &[], "no such path");
-        let delivered = rw.send(&[record("a", 1)]).await.unwrap();
+        let delivered = rw.send(0, &[record("a", 1)]).await.unwrap();
         assert_eq!(delivered.dropped, vec![(outcome::REJECTED, 1)]);
     }
 
@@ -281,7 +421,7 @@ mod tests {
             metrics,
         )
         .unwrap();
-        let retry = rw.send(&[record("a", 1)]).await.unwrap_err();
+        let retry = rw.send(0, &[record("a", 1)]).await.unwrap_err();
         assert_eq!(retry.reason, "transport");
         assert!(
             retry.detail.contains("onnection refused"),

@@ -1,0 +1,295 @@
+//! Encoded label sets of recently sent batches, so a batch shaped like one seen before skips
+//! the remote-write encoder's per-series work.
+//!
+//! An agent sends the same series every round, in the same order and with the same symbol
+//! table; only timestamps and values change. For every series the encoder would otherwise
+//! collect the labels from the symbol table, sort them, write them as protobuf and hash that
+//! encoding (a quarter of a relaying aggregator's CPU time). This cache remembers, per batch
+//! *shape* — everything in a batch except timestamps and values — the encoded labels and hash
+//! of each sample the encoder emitted for it, in order. A later batch of the same shape
+//! replays them and only adds its own timestamps and values.
+//!
+//! A shape is found by a hash of its key and then compared byte for byte, so a hash collision
+//! only costs a miss. The key holds every input the label encoding depends on: the symbol
+//! table's strings, the common labels, each family's name and type, each series' label
+//! indices, and each point's kind with its quantiles or bucket bounds (which decide the
+//! `quantile`/`le` series and whether `+Inf` is added). Stale points change a shape, since a
+//! stale summary or histogram emits only `_sum` and `_count`.
+//!
+//! Memory is bounded by `limit_bytes` (the lane's share of the sink's `label_cache_bytes`).
+//! Once a shape does not fit, the cache is *full*: it keeps the shapes it has, which go on
+//! hitting, and stops caching new ones, so the batches it has no room for cost what they
+//! cost without a cache and no more. It does not evict to make room: agents send their
+//! batches in turn, and a cache evicting the least recently used shape for the next one would,
+//! once the fleet's shapes outgrow it, evict each shape just before its agent's next round and
+//! never hit. Instead, while full, it sweeps out shapes unused for [`IDLE`] (agents that
+//! left, series sets that changed) at most once per [`SWEEP_INTERVAL`], and caches again when
+//! that made room.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault};
+use std::time::{Duration, Instant};
+
+use foldhash::fast::RandomState;
+use picket_proto::v1::{FlatBatch, FlatValue};
+
+use super::encode::Prehashed;
+
+/// Default `label_cache_bytes`. A Flink-like series costs about 320 bytes here (its seven
+/// labels encoded as sent, plus its share of the key), so this holds the label sets of about
+/// 200,000 series.
+pub const DEFAULT_BYTES: u64 = 64 << 20;
+
+/// A shape unused this long is swept out of a full cache: agents send a round every few
+/// seconds to a minute, so it belongs to an agent that left or to a series set since changed.
+pub const IDLE: Duration = Duration::from_secs(600);
+
+/// How often a full cache looks for idle shapes, at most.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the encoder emitted for one batch shape.
+pub(super) struct Shape {
+    key: Box<[u8]>,
+    last_used: Instant,
+    /// The labels of every emitted sample, encoded as `TimeSeries.labels` fields, back to back.
+    labels: Vec<u8>,
+    /// Per emitted sample, in order: the end of its labels in `labels` and their hash.
+    samples: Vec<(u32, u64)>,
+}
+
+impl Shape {
+    /// The encoded labels and hash of the `n`-th sample emitted for this shape.
+    pub(super) fn sample(&self, n: usize) -> Option<(&[u8], u64)> {
+        let &(end, hash) = self.samples.get(n)?;
+        let start = match n {
+            0 => 0,
+            _ => self.samples[n - 1].0,
+        };
+        Some((&self.labels[start as usize..end as usize], hash))
+    }
+
+    /// An empty shape, to record what the encoder emits for a batch.
+    pub(super) fn new() -> Self {
+        Shape {
+            key: Box::default(),
+            last_used: Instant::now(),
+            labels: Vec::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    /// Records the next emitted sample's encoded labels and hash. Returns false, recording
+    /// nothing more, once the labels would pass 4 GiB (the offsets are 32-bit); such a shape
+    /// is not cached.
+    pub(super) fn record(&mut self, labels: &[u8], hash: u64) -> bool {
+        let Ok(end) = u32::try_from(self.labels.len() + labels.len()) else {
+            return false;
+        };
+        self.labels.extend_from_slice(labels);
+        self.samples.push((end, hash));
+        true
+    }
+
+    fn bytes(&self) -> usize {
+        self.key.len() + self.labels.len() + self.samples.len() * size_of::<(u32, u64)>()
+    }
+}
+
+/// The cache one lane of a remote-write sink keeps across its requests.
+pub struct LabelCache {
+    shapes: HashMap<u64, Shape, BuildHasherDefault<Prehashed>>,
+    /// Bytes of `shapes` ([`Shape::bytes`]), and the most they may hold.
+    bytes: usize,
+    limit_bytes: usize,
+    /// Set when a shape did not fit: no new shapes are cached until a sweep makes room.
+    full: bool,
+    last_sweep: Instant,
+    /// Added to the clock (tests move time forward with it).
+    clock_offset: Duration,
+    /// Keys for the shape hashes, and for the label hashes the encoder's series table uses:
+    /// cached label hashes are only valid with the keys they were made with.
+    keys: RandomState,
+    /// The key of the batch being encoded, reused from batch to batch.
+    key: Vec<u8>,
+    /// Batches looked up, and those whose shape was found.
+    batches: u64,
+    hits: u64,
+}
+
+impl Default for LabelCache {
+    fn default() -> Self {
+        LabelCache::new(DEFAULT_BYTES)
+    }
+}
+
+impl LabelCache {
+    /// A cache of at most `limit_bytes` of shapes.
+    pub fn new(limit_bytes: u64) -> Self {
+        LabelCache {
+            shapes: HashMap::default(),
+            bytes: 0,
+            limit_bytes: usize::try_from(limit_bytes).unwrap_or(usize::MAX),
+            full: false,
+            last_sweep: Instant::now(),
+            clock_offset: Duration::ZERO,
+            keys: RandomState::default(),
+            key: Vec::new(),
+            batches: 0,
+            hits: 0,
+        }
+    }
+
+    pub(super) fn keys(&self) -> RandomState {
+        self.keys.clone()
+    }
+
+    /// Batches so far whose shape was found.
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    /// Batches looked up so far.
+    pub fn batches(&self) -> u64 {
+        self.batches
+    }
+
+    /// Bytes of shapes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Moves the cache's clock forward (tests of idle shapes).
+    #[cfg(test)]
+    pub fn advance_clock(&mut self, by: Duration) {
+        self.clock_offset += by;
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now() + self.clock_offset
+    }
+
+    /// The shape of `batch`: its hash, and what the encoder emitted for it last time if that
+    /// is cached; if not, whether to record this batch's for [`LabelCache::insert`] (not
+    /// while the cache is full).
+    pub(super) fn look_up(&mut self, batch: &FlatBatch) -> Lookup<'_> {
+        self.batches += 1;
+        write_key(batch, &mut self.key);
+        let hash = self.keys.hash_one(self.key.as_slice());
+        let now = self.now();
+        if self.full && now.saturating_duration_since(self.last_sweep) >= SWEEP_INTERVAL {
+            self.sweep(now);
+        }
+        match self.shapes.get_mut(&hash) {
+            Some(shape) if *shape.key == *self.key => {
+                self.hits += 1;
+                shape.last_used = now;
+                Lookup::Found(shape)
+            }
+            _ if self.full => Lookup::Skip,
+            _ => Lookup::Record(hash),
+        }
+    }
+
+    /// Keeps what the encoder emitted for the batch last given to [`LabelCache::look_up`],
+    /// if it fits; if not, the cache is full from now on until a sweep makes room.
+    pub(super) fn insert(&mut self, hash: u64, mut shape: Shape) {
+        shape.key = self.key.as_slice().into();
+        shape.last_used = self.now();
+        // Kept for many rounds: without the spare capacity growth left (up to as much again).
+        shape.labels.shrink_to_fit();
+        shape.samples.shrink_to_fit();
+        let bytes = shape.bytes();
+        // A shape with this hash is another one (the caller looked this one up and missed):
+        // the newer one takes its place.
+        let replaced = self.shapes.get(&hash).map_or(0, Shape::bytes);
+        if self.bytes - replaced + bytes > self.limit_bytes {
+            self.full = true;
+            return;
+        }
+        self.bytes = self.bytes - replaced + bytes;
+        self.shapes.insert(hash, shape);
+    }
+
+    /// Drops shapes unused for [`IDLE`]; caching resumes if that made room.
+    fn sweep(&mut self, now: Instant) {
+        self.last_sweep = now;
+        let before = self.shapes.len();
+        self.shapes
+            .retain(|_, shape| now.saturating_duration_since(shape.last_used) < IDLE);
+        if self.shapes.len() < before {
+            self.bytes = self.shapes.values().map(Shape::bytes).sum();
+            self.full = false;
+        }
+    }
+}
+
+/// What [`LabelCache::look_up`] found for a batch.
+pub(super) enum Lookup<'c> {
+    /// Its shape is cached.
+    Found(&'c Shape),
+    /// Not cached: record what the encoder emits and [`LabelCache::insert`] it with this hash.
+    Record(u64),
+    /// Not cached, and the cache is full.
+    Skip,
+}
+
+/// Writes everything in `batch` that decides which samples the encoder emits and with which
+/// labels: all of it but timestamps, sample values, help texts and the sequence number.
+/// Numbers are varints (each self-delimiting, so the key reads back unambiguously) to keep
+/// keys, which stay in memory with their shapes, short.
+fn write_key(batch: &FlatBatch, key: &mut Vec<u8>) {
+    fn put(key: &mut Vec<u8>, n: usize) {
+        let mut n = n as u64;
+        while n >= 0x80 {
+            key.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        key.push(n as u8);
+    }
+    fn put_indices(key: &mut Vec<u8>, indices: &[u32]) {
+        put(key, indices.len());
+        for &index in indices {
+            put(key, index as usize);
+        }
+    }
+    key.clear();
+    put(key, batch.symbols().len());
+    for symbol in batch.symbols() {
+        put(key, symbol.len());
+        key.extend_from_slice(symbol.as_bytes());
+    }
+    put_indices(key, batch.common_labels());
+    put(key, batch.families().len());
+    for family in batch.families() {
+        put(key, family.name as usize);
+        key.extend_from_slice(&family.r#type.to_le_bytes());
+        let series = batch.series(family);
+        put(key, series.len());
+        for series in series {
+            put_indices(key, batch.labels(series));
+            let points = batch.points(series);
+            put(key, points.len());
+            for point in points {
+                match point.value() {
+                    None => key.push(0),
+                    Some(FlatValue::Number(_)) => key.push(1),
+                    Some(FlatValue::Stale) => key.push(2),
+                    Some(FlatValue::Summary { quantiles, .. }) => {
+                        key.push(3);
+                        put(key, quantiles.len());
+                        for (quantile, _) in batch.quantiles(quantiles) {
+                            key.extend_from_slice(&quantile.to_bits().to_le_bytes());
+                        }
+                    }
+                    Some(FlatValue::Histogram { buckets, .. }) => {
+                        key.push(4);
+                        put(key, buckets.len());
+                        for (bound, _) in batch.buckets(buckets) {
+                            key.extend_from_slice(&bound.to_bits().to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
