@@ -22,18 +22,23 @@ struct Counts {
     latency_buckets: [u64; LATENCY_BOUNDS.len()],
     latency_count: u64,
     latency_sum: f64,
-    /// Remote write's label cache: batches whose shape was found, not found, or encoded
-    /// without the cache because another request held it; and its size. `None` until used.
-    label_cache: Option<LabelCacheCounts>,
+    /// Remote write's label cache: what became of the batches, and its size per lane (each
+    /// lane has its own cache). `None` until used.
+    label_cache: Option<(LabelCacheUse, Vec<usize>)>,
 }
 
-#[derive(Default)]
-struct LabelCacheCounts {
-    hits: u64,
-    misses: u64,
-    busy: u64,
-    /// Per lane (each has its own cache).
-    bytes: Vec<usize>,
+/// Batches by what the remote-write label cache did for them
+/// (`picket_sink_label_cache_batches_total{result}`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LabelCacheUse {
+    /// Their labels were replayed from the cache.
+    pub hit: u64,
+    /// Encoded in full, and their shape cached.
+    pub miss: u64,
+    /// Encoded in full, and not cached: the cache is full or the shape too large for it.
+    pub uncached: u64,
+    /// Encoded without the cache, which another request held.
+    pub busy: u64,
 }
 
 pub struct SinkMetrics {
@@ -98,25 +103,20 @@ impl SinkMetrics {
     }
 
     /// One request's use of lane `lane`'s remote-write label cache; `bytes` is that cache's
-    /// size after it (`None` when the request could not use the cache: `busy`).
-    pub fn label_cache(
-        &self,
-        lane: usize,
-        hits: u64,
-        misses: u64,
-        busy: u64,
-        bytes: Option<usize>,
-    ) {
+    /// size after it (`None` when the request could not use the cache: `busy`). A retried
+    /// request counts its batches again.
+    pub fn label_cache(&self, lane: usize, used: LabelCacheUse, bytes: Option<usize>) {
         let mut c = self.lock();
-        let cache = c.label_cache.get_or_insert_with(Default::default);
-        cache.hits += hits;
-        cache.misses += misses;
-        cache.busy += busy;
+        let (total, sizes) = c.label_cache.get_or_insert_with(Default::default);
+        total.hit += used.hit;
+        total.miss += used.miss;
+        total.uncached += used.uncached;
+        total.busy += used.busy;
         if let Some(bytes) = bytes {
-            if cache.bytes.len() <= lane {
-                cache.bytes.resize(lane + 1, 0);
+            if sizes.len() <= lane {
+                sizes.resize(lane + 1, 0);
             }
-            cache.bytes[lane] = bytes;
+            sizes[lane] = bytes;
         }
     }
 
@@ -215,16 +215,17 @@ impl SinkMetrics {
             read_ahead,
             latency,
         ];
-        if let Some(cache) = &c.label_cache {
+        if let Some((used, sizes)) = &c.label_cache {
             let mut batches = Family::new(
                 "picket_sink_label_cache_batches_total",
                 MetricType::Counter,
-                "Batches encoded with labels from the label cache (hit), built and cached (miss), or built while another request held the cache (busy).",
+                "Batches encoded with labels from the label cache (hit), encoded and cached (miss), encoded and not cached as the cache is full or the shape too large (uncached), or encoded while another request held the cache (busy). Retried requests count again.",
             );
             for (result, n) in [
-                ("hit", cache.hits),
-                ("miss", cache.misses),
-                ("busy", cache.busy),
+                ("hit", used.hit),
+                ("miss", used.miss),
+                ("uncached", used.uncached),
+                ("busy", used.busy),
             ] {
                 batches.push(with("result", result), ts, n as f64);
             }
@@ -233,7 +234,7 @@ impl SinkMetrics {
                 MetricType::Gauge,
                 "Memory held by the label cache's batch shapes.",
             );
-            let held: usize = cache.bytes.iter().sum();
+            let held: usize = sizes.iter().sum();
             bytes.push(base.clone(), ts, held as f64);
             families.extend([batches, bytes]);
         }

@@ -116,7 +116,7 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     );
     let hit_rates: Vec<f64> = label_caches
         .iter()
-        .map(|c| c.hits / (c.hits + c.misses).max(1.0))
+        .map(|c| c.hits / (c.hits + c.misses + c.uncached).max(1.0))
         .collect();
     let cache_bytes: Vec<f64> = label_caches.iter().map(|c| c.bytes).collect();
     let busy: f64 = label_caches.iter().map(|c| c.busy).sum();
@@ -153,6 +153,7 @@ struct Cost {
 struct LabelCacheUse {
     hits: f64,
     misses: f64,
+    uncached: f64,
     busy: f64,
     bytes: f64,
 }
@@ -178,6 +179,8 @@ impl LabelCacheUse {
                     found.hits = value()?;
                 } else if line.contains("result=\"miss\"") {
                     found.misses = value()?;
+                } else if line.contains("result=\"uncached\"") {
+                    found.uncached = value()?;
                 } else if line.contains("result=\"busy\"") {
                     found.busy = value()?;
                 }

@@ -112,27 +112,21 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
     let mut cache = lane.cache.as_mut();
     let mut floats = FloatLabels::default();
     let mut name = String::new();
-    // Reused for every batch and series: the common labels, and one series' full label set.
-    let mut common: Vec<(&str, &str)> = Vec::new();
-    let mut labels: Vec<(&str, &str)> = Vec::new();
+    let mut labels = SortedLabels::default();
 
     for batch in batches {
         let (shape_hash, mut labeling) = match cache.as_deref_mut().map(|c| c.look_up(batch)) {
             None | Some(Lookup::Skip) => (0, Labeling::Encode { record: None }),
             Some(Lookup::Found(shape)) => (0, Labeling::Replay { shape, next: 0 }),
-            Some(Lookup::Record(hash)) => (
+            Some(Lookup::Record { hash, room }) => (
                 hash,
                 Labeling::Encode {
-                    record: Some(Shape::new()),
+                    record: Some(Shape::new(room)),
                 },
             ),
         };
         let symbols = batch.symbols();
-        let replaying = matches!(labeling, Labeling::Replay { .. });
-        common.clear();
-        if !replaying {
-            common.extend(symbol_pairs(symbols, batch.common_labels()));
-        }
+        labels.start_batch(batch);
         for family in batch.families() {
             let base = symbol(symbols, family.name);
             let has_parts = matches!(
@@ -140,14 +134,7 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
                 Ok(v1::MetricType::Summary | v1::MetricType::Histogram)
             );
             for series in batch.series(family) {
-                labels.clear();
-                if !replaying {
-                    labels.extend_from_slice(&common);
-                    labels.extend(symbol_pairs(symbols, batch.labels(series)));
-                    // Agents send a handful of labels per series, mostly in order already;
-                    // the stable sort is an insertion sort at this size.
-                    labels.sort_by(|a, b| a.0.cmp(b.0));
-                }
+                labels.start_series(batch.labels(series));
                 for point in batch.points(series) {
                     let Some(value) = point.value() else { continue };
                     let mut emit = PointSink {
@@ -157,7 +144,7 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
                         out: Emitter {
                             table: &mut table,
                             labeling: &mut labeling,
-                            labels: &labels,
+                            labels: &mut labels,
                             timestamp: point.timestamp_ms,
                         },
                     };
@@ -167,7 +154,10 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
         }
         let recorded = match labeling {
             Labeling::Encode { record } => record,
-            Labeling::Replay { .. } => None,
+            Labeling::Replay { shape, next } => {
+                debug_assert_eq!(next, shape.len(), "a replay emitted what was recorded");
+                None
+            }
         };
         if let (Some(cache), Some(shape)) = (cache.as_deref_mut(), recorded) {
             cache.insert(shape_hash, shape);
@@ -260,6 +250,9 @@ impl LaneEncoder {
     }
 
     fn trim(&mut self) {
+        if let Some(cache) = &mut self.cache {
+            cache.trim();
+        }
         let kept = self.table.capacity_bytes() + self.proto.capacity() + self.compressed.capacity();
         if kept > Self::KEPT_BYTES {
             self.table = TableBuffers::default();
@@ -397,12 +390,50 @@ enum Labeling<'c> {
     Replay { shape: &'c Shape, next: usize },
 }
 
-/// Adds one point's samples to the series table, with the series' sorted labels (empty when
-/// replaying) and the point's timestamp.
+/// One series' labels (the batch's common labels and its own), sorted by name, built only
+/// when first needed: a replayed series never needs them.
+#[derive(Default)]
+struct SortedLabels<'s> {
+    symbols: &'s [Cow<'s, str>],
+    common: Vec<(&'s str, &'s str)>,
+    own: &'s [u32],
+    sorted: Vec<(&'s str, &'s str)>,
+    built: bool,
+}
+
+impl<'s> SortedLabels<'s> {
+    fn start_batch(&mut self, batch: &'s FlatBatch<'s>) {
+        self.symbols = batch.symbols();
+        self.common.clear();
+        self.common
+            .extend(symbol_pairs(self.symbols, batch.common_labels()));
+    }
+
+    fn start_series(&mut self, own: &'s [u32]) {
+        self.own = own;
+        self.built = false;
+    }
+
+    fn get(&mut self) -> &[(&'s str, &'s str)] {
+        if !self.built {
+            self.sorted.clear();
+            self.sorted.extend_from_slice(&self.common);
+            self.sorted.extend(symbol_pairs(self.symbols, self.own));
+            // Agents send a handful of labels per series, mostly in order already; the
+            // stable sort is an insertion sort at this size.
+            self.sorted.sort_by(|a, b| a.0.cmp(b.0));
+            self.built = true;
+        }
+        &self.sorted
+    }
+}
+
+/// Adds one point's samples to the series table, with the series' labels and the point's
+/// timestamp.
 struct Emitter<'t, 's, 'c> {
     table: &'t mut SeriesTable,
     labeling: &'t mut Labeling<'c>,
-    labels: &'t [(&'s str, &'s str)],
+    labels: &'t mut SortedLabels<'s>,
     timestamp: i64,
 }
 
@@ -417,18 +448,18 @@ impl Emitter<'_, '_, '_> {
                     return;
                 }
                 // Cannot happen: the shape's key covers everything that decides the samples
-                // emitted. Should it anyway, the sample is still sent correctly, from labels
-                // built here (the series' own were skipped while replaying).
+                // emitted. Should it anyway, the rest of the batch is encoded in full, from
+                // labels built as they are needed, so what is sent is still right.
                 debug_assert!(false, "replayed shape ran out of samples");
                 *self.labeling = Labeling::Encode { record: None };
-                self.table.push(name, self.labels, extra, timestamp, value);
+                let labels = self.labels.get();
+                self.table.push(name, labels, extra, timestamp, value);
             }
             Labeling::Encode { record } => {
-                let (encoded, hash) = self.table.push(name, self.labels, extra, timestamp, value);
-                if let Some(shape) = record
-                    && !shape.record(encoded, hash)
-                {
-                    *record = None;
+                let labels = self.labels.get();
+                let (encoded, hash) = self.table.push(name, labels, extra, timestamp, value);
+                if let Some(shape) = record {
+                    shape.record(encoded, hash);
                 }
             }
         }
@@ -645,9 +676,11 @@ struct SeriesEntry {
 ///
 /// Keying a map on owned label sets would cost a `Vec<Label>` per sample just to look it up;
 /// instead each sample's labels are encoded (as they will be sent) at the end of the arena,
-/// the map holds a 64-bit hash of those bytes (randomly keyed per table, so hard to steer by
-/// label values; a collision only costs a comparison), and every hit is verified against the stored bytes; a sample of a known series
-/// takes its bytes back off the arena. Hashing the encoding in one pass costs less than
+/// the map holds a 64-bit hash of those bytes, and every hit is verified against the stored
+/// bytes; a sample of a known series takes its bytes back off the arena. The hash is
+/// randomly keyed: per lane for the process's life when the lane has a label cache (whose
+/// stored hashes must match the table's), per request otherwise. Label values can steer
+/// it only by guessing the key, and a collision costs only a comparison. Hashing the encoding in one pass costs less than
 /// hashing the labels one string at a time. Samples go into one list in arrival order and
 /// are grouped by series only when the request is written, so a series costs no allocation
 /// of its own.
@@ -1724,5 +1757,180 @@ mod tests {
         let write = encode(&[parse(&rounds[0])], Some(&mut small));
         assert_eq!(held(&small), 0);
         assert_eq!(write.body, encode(&[parse(&rounds[0])], None).body);
+    }
+
+    /// One-family batches: a single series of `kind` with `value`, from instance `pi-1`.
+    fn single(name: &str, kind: MetricType, labels: &[(&str, &str)], value: Value) -> Vec<u8> {
+        let f = family(
+            name,
+            kind,
+            vec![point(
+                Labels::from_pairs(labels.iter().copied()),
+                1_000,
+                value,
+            )],
+        );
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "pi-1")]));
+        encoder.push(&f);
+        encoder.finish(0).encode_to_vec()
+    }
+
+    /// Batches that differ from each other in one thing each that decides the samples or
+    /// their labels. After any of them, any other encodes in the same lane exactly as it
+    /// does alone: no shape is taken for another.
+    #[test]
+    fn no_batch_replays_another_shape() {
+        let histogram = |buckets: Vec<(f64, u64)>| {
+            Value::Histogram(Histogram {
+                count: 9,
+                sum: 4.0,
+                buckets,
+            })
+        };
+        let summary = |quantiles: Vec<(f64, f64)>| {
+            Value::Summary(Summary {
+                count: 3,
+                sum: 1.0,
+                quantiles,
+            })
+        };
+        let job = [("job", "a")];
+        // The same strings, and the same labels, under two symbol orders.
+        let symbols = ["", "m", "job", "a", "zone", "z"];
+        let permuted = ["", "zone", "z", "m", "job", "a"];
+        let number = Some(v1::point::Value::Number(1.0));
+        let variants: Vec<(&str, Vec<u8>)> = vec![
+            ("round", round(1_000, 1.0, "map", false)),
+            ("another operator", round(1_000, 1.0, "sink", false)),
+            ("stale summary", round(1_000, 1.0, "map", true)),
+            (
+                "buckets without +Inf",
+                single(
+                    "h",
+                    MetricType::Histogram,
+                    &job,
+                    histogram(vec![(0.5, 2), (1.0, 9)]),
+                ),
+            ),
+            (
+                "buckets with +Inf",
+                single(
+                    "h",
+                    MetricType::Histogram,
+                    &job,
+                    histogram(vec![(0.5, 2), (f64::INFINITY, 9)]),
+                ),
+            ),
+            (
+                "other bounds",
+                single(
+                    "h",
+                    MetricType::Histogram,
+                    &job,
+                    histogram(vec![(0.25, 2), (1.0, 9)]),
+                ),
+            ),
+            (
+                "quantiles",
+                single("h", MetricType::Summary, &job, summary(vec![(0.5, 1.0)])),
+            ),
+            (
+                "stale gauge",
+                single("h", MetricType::Gauge, &job, Value::Stale),
+            ),
+            (
+                "stale histogram",
+                single("h", MetricType::Histogram, &job, Value::Stale),
+            ),
+            (
+                "gauge",
+                single("h", MetricType::Gauge, &job, Value::Number(1.0)),
+            ),
+            (
+                "an empty label value",
+                single("h", MetricType::Gauge, &[("job", "")], Value::Number(1.0)),
+            ),
+            (
+                "symbols",
+                wire(
+                    &symbols,
+                    &[4, 5],
+                    vec![gauge_family(1, &[2, 3], number.clone())],
+                )
+                .encode_to_vec(),
+            ),
+            (
+                "permuted symbols",
+                wire(
+                    &permuted,
+                    &[1, 2],
+                    vec![gauge_family(3, &[4, 5], number.clone())],
+                )
+                .encode_to_vec(),
+            ),
+        ];
+        for (first, x) in &variants {
+            for (then, y) in &variants {
+                let mut lane = cached_lane(LabelCache::default());
+                encode(&[parse(x)], Some(&mut lane));
+                let alone = encode(&[parse(y)], None);
+                let after = encode(&[parse(y)], Some(&mut lane));
+                assert_eq!(after.body, alone.body, "{then} after {first}");
+                let both = encode(&[parse(x), parse(y)], Some(&mut lane));
+                assert_eq!(
+                    both.body,
+                    encode(&[parse(x), parse(y)], None).body,
+                    "{first} with {then}"
+                );
+            }
+        }
+    }
+
+    /// A replayed batch and a newly encoded one in the same request share the series
+    /// table's hash keys: a series in both is still one series.
+    #[test]
+    fn replayed_and_encoded_batches_merge_their_series() {
+        let mut lane = cached_lane(LabelCache::default());
+        encode(&[parse(&round(1_000, 1.0, "map", false))], Some(&mut lane));
+        // The first round's gauge series for job "a", alone, in another shape.
+        let other = single(
+            "flink_records_in",
+            MetricType::Gauge,
+            &[("job", "a"), ("operator", "map")],
+            Value::Number(7.0),
+        );
+        let replayed = round(2_000, 2.0, "map", false);
+        let before = hits(&lane);
+        let write = encode(&[parse(&replayed), parse(&other)], Some(&mut lane));
+        assert_eq!(hits(&lane), before + 1, "the round was replayed");
+        let plain = encode(&[parse(&replayed), parse(&other)], None);
+        assert_eq!(write.body, plain.body);
+        let request = decode(&write);
+        let merged = &request.timeseries[0];
+        assert_eq!(samples_of(merged), [(1_000, 7.0), (2_000, 2.0)]);
+        assert_eq!(write.series, 6);
+    }
+
+    /// A shape too large for the cache is not kept and does not stop the cache taking
+    /// smaller ones; it is not recorded again each time it comes.
+    #[test]
+    fn a_shape_too_large_for_the_cache_leaves_it_open() {
+        let big = round(1_000, 1.0, "map", false);
+        let small = single("m", MetricType::Gauge, &[("job", "a")], Value::Number(1.0));
+        let mut sizes = cached_lane(LabelCache::default());
+        encode(&[parse(&big)], Some(&mut sizes));
+        let big_bytes = held(&sizes);
+        let mut lane = cached_lane(LabelCache::new(big_bytes as u64 - 1));
+        for _ in 0..3 {
+            let write = encode(&[parse(&big)], Some(&mut lane));
+            assert_eq!(write.body, encode(&[parse(&big)], None).body);
+            assert_eq!(held(&lane), 0);
+        }
+        let cache = lane.cache().expect("a cache");
+        assert_eq!((cache.batches(), cache.cached()), (3, 0));
+        encode(&[parse(&small)], Some(&mut lane));
+        assert!(held(&lane) > 0, "the small shape is cached");
+        encode(&[parse(&small)], Some(&mut lane));
+        assert_eq!(hits(&lane), 1);
     }
 }

@@ -17,16 +17,18 @@
 //! stale summary or histogram emits only `_sum` and `_count`.
 //!
 //! Memory is bounded by `limit_bytes` (the lane's share of the sink's `label_cache_bytes`).
-//! Once a shape does not fit, the cache is *full*: it keeps the shapes it has, which go on
-//! hitting, and stops caching new ones, so the batches it has no room for cost what they
-//! cost without a cache and no more. It does not evict to make room: agents send their
+//! Once a shape does not fit in what is left, the cache is *full*: it keeps the shapes it
+//! has, which go on hitting, and stops caching new ones, so the batches it has no room for
+//! cost what they cost without a cache, plus building and looking up their key. (A shape that
+//! does not fit even in most of an empty cache is only remembered as too large, and the cache
+//! stays open to smaller ones.) It does not evict to make room: agents send their
 //! batches in turn, and a cache evicting the least recently used shape for the next one would,
 //! once the fleet's shapes outgrow it, evict each shape just before its agent's next round and
 //! never hit. Instead, while full, it sweeps out shapes unused for [`IDLE`] (agents that
 //! left, series sets that changed) at most once per [`SWEEP_INTERVAL`], and caches again when
 //! that made room.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault};
 use std::time::{Duration, Instant};
 
@@ -47,10 +49,20 @@ pub const IDLE: Duration = Duration::from_secs(600);
 /// How often a full cache looks for idle shapes, at most.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Bytes of one recorded sample besides its labels: the end of its labels and their hash.
+const SAMPLE_BYTES: usize = size_of::<(u32, u64)>();
+
+/// Shapes remembered as too large to cache, at most (then forgotten, to be tried again).
+const TOO_LARGE_KEPT: usize = 1024;
+
 /// What the encoder emitted for one batch shape.
 pub(super) struct Shape {
     key: Box<[u8]>,
     last_used: Instant,
+    /// While recording: the most bytes it may take, and whether it went past them (then
+    /// recording stopped and the shape is not cached).
+    room: usize,
+    overflowed: bool,
     /// The labels of every emitted sample, encoded as `TimeSeries.labels` fields, back to back.
     labels: Vec<u8>,
     /// Per emitted sample, in order: the end of its labels in `labels` and their hash.
@@ -68,30 +80,48 @@ impl Shape {
         Some((&self.labels[start as usize..end as usize], hash))
     }
 
-    /// An empty shape, to record what the encoder emits for a batch.
-    pub(super) fn new() -> Self {
+    /// An empty shape, to record what the encoder emits for a batch, in at most `room`
+    /// bytes (from [`Lookup::Record`]).
+    pub(super) fn new(room: usize) -> Self {
         Shape {
             key: Box::default(),
             last_used: Instant::now(),
+            room,
+            overflowed: false,
             labels: Vec::new(),
             samples: Vec::new(),
         }
     }
 
-    /// Records the next emitted sample's encoded labels and hash. Returns false, recording
-    /// nothing more, once the labels would pass 4 GiB (the offsets are 32-bit); such a shape
-    /// is not cached.
-    pub(super) fn record(&mut self, labels: &[u8], hash: u64) -> bool {
-        let Ok(end) = u32::try_from(self.labels.len() + labels.len()) else {
-            return false;
-        };
-        self.labels.extend_from_slice(labels);
-        self.samples.push((end, hash));
-        true
+    /// Samples recorded.
+    pub(super) fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Records the next emitted sample's encoded labels and hash, unless that takes the
+    /// shape past its room (or its 32-bit offsets past 4 GiB): then recording stops there,
+    /// and the shape will not be cached.
+    pub(super) fn record(&mut self, labels: &[u8], hash: u64) {
+        if self.overflowed {
+            return;
+        }
+        let after = self.labels.len() + labels.len();
+        let end = u32::try_from(after).ok();
+        match end {
+            Some(end) if after + (self.samples.len() + 1) * SAMPLE_BYTES <= self.room => {
+                self.labels.extend_from_slice(labels);
+                self.samples.push((end, hash));
+            }
+            _ => {
+                self.overflowed = true;
+                self.labels = Vec::new();
+                self.samples = Vec::new();
+            }
+        }
     }
 
     fn bytes(&self) -> usize {
-        self.key.len() + self.labels.len() + self.samples.len() * size_of::<(u32, u64)>()
+        self.key.len() + self.labels.len() + self.samples.len() * SAMPLE_BYTES
     }
 }
 
@@ -101,8 +131,12 @@ pub struct LabelCache {
     /// Bytes of `shapes` ([`Shape::bytes`]), and the most they may hold.
     bytes: usize,
     limit_bytes: usize,
-    /// Set when a shape did not fit: no new shapes are cached until a sweep makes room.
+    /// Set when a shape did not fit in what was left: no new shapes are cached until a
+    /// sweep makes room.
     full: bool,
+    /// Hashes of shapes too large for the cache even while it had room, so they are not
+    /// recorded again every round; cleared by each sweep.
+    too_large: HashSet<u64, BuildHasherDefault<Prehashed>>,
     last_sweep: Instant,
     /// Added to the clock (tests move time forward with it).
     clock_offset: Duration,
@@ -111,9 +145,10 @@ pub struct LabelCache {
     keys: RandomState,
     /// The key of the batch being encoded, reused from batch to batch.
     key: Vec<u8>,
-    /// Batches looked up, and those whose shape was found.
+    /// Batches looked up, those whose shape was found, and those whose shape was cached.
     batches: u64,
     hits: u64,
+    cached: u64,
 }
 
 impl Default for LabelCache {
@@ -130,12 +165,14 @@ impl LabelCache {
             bytes: 0,
             limit_bytes: usize::try_from(limit_bytes).unwrap_or(usize::MAX),
             full: false,
+            too_large: HashSet::default(),
             last_sweep: Instant::now(),
             clock_offset: Duration::ZERO,
             keys: RandomState::default(),
             key: Vec::new(),
             batches: 0,
             hits: 0,
+            cached: 0,
         }
     }
 
@@ -151,6 +188,19 @@ impl LabelCache {
     /// Batches looked up so far.
     pub fn batches(&self) -> u64 {
         self.batches
+    }
+
+    /// Batches so far whose shape was cached after they were encoded.
+    pub fn cached(&self) -> u64 {
+        self.cached
+    }
+
+    /// Gives back the key buffer if one very large batch grew it (the cache's shapes are
+    /// bounded; this scratch space is not).
+    pub(super) fn trim(&mut self) {
+        if self.key.capacity() > 1 << 20 {
+            self.key = Vec::new();
+        }
     }
 
     /// Bytes of shapes held now.
@@ -185,14 +235,33 @@ impl LabelCache {
                 shape.last_used = now;
                 Lookup::Found(shape)
             }
-            _ if self.full => Lookup::Skip,
-            _ => Lookup::Record(hash),
+            _ if self.full || self.too_large.contains(&hash) => Lookup::Skip,
+            _ => Lookup::Record {
+                hash,
+                room: self
+                    .limit_bytes
+                    .saturating_sub(self.bytes)
+                    .saturating_sub(self.key.len()),
+            },
         }
     }
 
     /// Keeps what the encoder emitted for the batch last given to [`LabelCache::look_up`],
-    /// if it fits; if not, the cache is full from now on until a sweep makes room.
+    /// if it fit in the room it was given. If not: a shape that did not fit in most of the
+    /// cache is remembered as too large, and otherwise the cache is full from now on, until
+    /// a sweep makes room.
     pub(super) fn insert(&mut self, hash: u64, mut shape: Shape) {
+        if shape.overflowed {
+            if shape.room >= self.limit_bytes / 8 {
+                if self.too_large.len() >= TOO_LARGE_KEPT {
+                    self.too_large.clear();
+                }
+                self.too_large.insert(hash);
+            } else {
+                self.full = true;
+            }
+            return;
+        }
         shape.key = self.key.as_slice().into();
         shape.last_used = self.now();
         // Kept for many rounds: without the spare capacity growth left (up to as much again).
@@ -208,11 +277,13 @@ impl LabelCache {
         }
         self.bytes = self.bytes - replaced + bytes;
         self.shapes.insert(hash, shape);
+        self.cached += 1;
     }
 
     /// Drops shapes unused for [`IDLE`]; caching resumes if that made room.
     fn sweep(&mut self, now: Instant) {
         self.last_sweep = now;
+        self.too_large.clear();
         let before = self.shapes.len();
         self.shapes
             .retain(|_, shape| now.saturating_duration_since(shape.last_used) < IDLE);
@@ -227,9 +298,10 @@ impl LabelCache {
 pub(super) enum Lookup<'c> {
     /// Its shape is cached.
     Found(&'c Shape),
-    /// Not cached: record what the encoder emits and [`LabelCache::insert`] it with this hash.
-    Record(u64),
-    /// Not cached, and the cache is full.
+    /// Not cached: record what the encoder emits, in at most `room` bytes, and
+    /// [`LabelCache::insert`] it with this hash.
+    Record { hash: u64, room: usize },
+    /// Not cached, and not to be: the cache is full, or the shape is too large for it.
     Skip,
 }
 

@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::driver::{BatchConfig, Delivered, Destination, RecordError, Retry, RetryConfig};
 use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient};
-use super::metrics::{SinkMetrics, outcome};
+use super::metrics::{LabelCacheUse, SinkMetrics, outcome};
 use super::queue::QueueConfig;
 use super::routing::RoutingConfig;
 use std::sync::Arc;
@@ -70,9 +70,10 @@ fn default_label_cache_bytes() -> u64 {
 /// sharing `cache_bytes` (none when it is 0).
 fn lane_encoders(cache_bytes: u64, concurrency: usize) -> Vec<std::sync::Mutex<LaneEncoder>> {
     let lanes = concurrency.max(1);
+    let share = cache_bytes / lanes as u64;
     (0..lanes)
         .map(|_| {
-            let cache = (cache_bytes > 0).then(|| LabelCache::new(cache_bytes / lanes as u64));
+            let cache = (share > 0).then(|| LabelCache::new(share));
             std::sync::Mutex::new(LaneEncoder::new(cache))
         })
         .collect()
@@ -152,13 +153,23 @@ impl RemoteWrite {
         records: &[FlatBatch<'_>],
         encoder: &mut LaneEncoder,
     ) -> encode::EncodedWrite {
-        let before = encoder.cache().map(|c| (c.batches(), c.hits()));
+        let counts = |c: &LabelCache| [c.batches(), c.hits(), c.cached()];
+        let before = encoder.cache().map(counts);
         let encoded = encode::encode(records, Some(encoder));
-        if let (Some(cache), Some((batches, hits))) = (encoder.cache(), before) {
-            let hits = cache.hits() - hits;
-            let misses = cache.batches() - batches - hits;
-            self.metrics
-                .label_cache(lane, hits, misses, 0, Some(cache.bytes()));
+        if let (Some(cache), Some(before)) = (encoder.cache(), before) {
+            let [batches, hits, cached] = counts(cache);
+            let (batches, hits, cached) =
+                (batches - before[0], hits - before[1], cached - before[2]);
+            self.metrics.label_cache(
+                lane,
+                LabelCacheUse {
+                    hit: hits,
+                    miss: cached,
+                    uncached: batches - hits - cached,
+                    busy: 0,
+                },
+                Some(cache.bytes()),
+            );
         }
         encoded
     }
@@ -170,8 +181,11 @@ impl RemoteWrite {
             // half comes after it), so it is never busy; should it be, the request is built
             // without the lane's buffers and cache rather than wait.
             None | Some(Err(std::sync::TryLockError::WouldBlock)) => {
-                let busy = records.len() as u64;
-                self.metrics.label_cache(lane, 0, 0, busy, None);
+                let busy = LabelCacheUse {
+                    busy: records.len() as u64,
+                    ..LabelCacheUse::default()
+                };
+                self.metrics.label_cache(lane, busy, None);
                 encode::encode(records, None)
             }
             // Poisoned: an encode panicked midway. The buffers are emptied before each use
@@ -339,6 +353,7 @@ mod tests {
         };
         assert_eq!(batches("hit"), Some(3.0));
         assert_eq!(batches("miss"), Some(2.0), "one per lane");
+        assert_eq!(batches("uncached"), Some(0.0));
         assert_eq!(batches("busy"), Some(0.0));
         let bytes = label_cache_metric(&metrics, "picket_sink_label_cache_bytes", None);
         assert!(bytes.is_some_and(|b| b > 0.0), "{bytes:?}");
