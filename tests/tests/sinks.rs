@@ -295,6 +295,21 @@ fn agent_samples_reach_every_database_with_their_values_and_timestamps() {
         assert_eq!(sink_samples(&agg, sink, "rejected"), 0.0, "{sink}");
         assert!(sink_samples(&agg, sink, "sent") > 0.0, "{sink}");
     }
+    // The remote-write sinks sent the later rounds with labels replayed from their label
+    // caches, and the databases hold the same samples as the journal (above).
+    for sink in ["prometheus", "vm_remote_write"] {
+        let batches = |result: &str| {
+            let result = format!("result=\"{result}\"");
+            sink_metric(
+                &agg,
+                "picket_sink_label_cache_batches_total",
+                sink,
+                &[&result],
+            )
+        };
+        assert!(batches("hit") > 0.0, "{sink}: no batch replayed its labels");
+        assert!(batches("miss") > 0.0, "{sink}: no shape was cached");
+    }
 }
 
 /// A batch no agent would make tidy: label values with every character the formats escape,
