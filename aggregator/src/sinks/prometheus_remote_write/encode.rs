@@ -232,7 +232,7 @@ impl Default for LaneEncoder {
 
 impl LaneEncoder {
     /// Buffers kept between requests, at most. Requests are bounded by `batch.max_samples`
-    /// (10,000 by default: about 10 MiB of buffers with Flink-like labels), but one request
+    /// (10,000 by default: about 11 MiB of buffers with Flink-like labels), but one request
     /// carries at least one whole agent batch, however large; buffers grown past this by such
     /// a batch are given back rather than kept for good.
     const KEPT_BYTES: usize = 64 << 20;
@@ -1738,8 +1738,9 @@ mod tests {
         assert!(!check(&mut lane, 49), "no room was made for later rounds");
         assert_eq!(held(&lane), shape * 5);
 
-        // Rounds 1 to 4 go idle; round 0 goes on. The next look-up sweeps the idle ones out,
-        // and the cache takes new shapes again.
+        // Rounds 1 to 4 go idle; round 0 goes on. A sweep while none is idle yet finds the
+        // cache full again at the next new shape; the next sweep, a minute on, drops the
+        // idle ones, and the cache takes new shapes again.
         let cache = lane.cache.as_mut().expect("a cache");
         cache.advance_clock(IDLE - SWEEP_INTERVAL);
         assert!(check(&mut lane, 0));
@@ -1747,6 +1748,7 @@ mod tests {
             .as_mut()
             .expect("a cache")
             .advance_clock(SWEEP_INTERVAL * 2);
+        assert!(!check(&mut lane, 49), "recorded, did not fit: full again");
         assert!(!check(&mut lane, 49), "swept, then cached");
         assert!(check(&mut lane, 49));
         assert!(check(&mut lane, 0), "round 0 was in use");
@@ -1928,6 +1930,11 @@ mod tests {
         }
         let cache = lane.cache().expect("a cache");
         assert_eq!((cache.batches(), cache.cached()), (3, 0));
+        assert_eq!(
+            cache.recordings(),
+            1,
+            "known as too large after the first time"
+        );
         encode(&[parse(&small)], Some(&mut lane));
         assert!(held(&lane) > 0, "the small shape is cached");
         encode(&[parse(&small)], Some(&mut lane));

@@ -20,13 +20,12 @@
 //! Once a shape does not fit in what is left, the cache is *full*: it keeps the shapes it
 //! has, which go on hitting, and stops caching new ones, so the batches it has no room for
 //! cost what they cost without a cache, plus building and looking up their key. (A shape that
-//! does not fit even in most of an empty cache is only remembered as too large, and the cache
-//! stays open to smaller ones.) It does not evict to make room: agents send their
+//! does not fit in a cache at most an eighth used is only remembered as too large, and the
+//! cache stays open to smaller ones.) It does not evict to make room: agents send their
 //! batches in turn, and a cache evicting the least recently used shape for the next one would,
 //! once the fleet's shapes outgrow it, evict each shape just before its agent's next round and
-//! never hit. Instead, while full, it sweeps out shapes unused for [`IDLE`] (agents that
-//! left, series sets that changed) at most once per [`SWEEP_INTERVAL`], and caches again when
-//! that made room.
+//! never hit. Instead, while it refuses shapes, it sweeps out those unused for [`IDLE`]
+//! (agents that left, series sets that changed) once per [`SWEEP_INTERVAL`], and tries again.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault};
@@ -51,6 +50,10 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Bytes of one recorded sample besides its labels: the end of its labels and their hash.
 const SAMPLE_BYTES: usize = size_of::<(u32, u64)>();
+
+/// Memory of a shape besides its contents: its place in the map, and about what the
+/// allocator keeps with its three allocations.
+const SHAPE_OVERHEAD: usize = size_of::<(u64, Shape)>() + 3 * 16;
 
 /// Shapes remembered as too large to cache, at most (then forgotten, to be tried again).
 const TOO_LARGE_KEPT: usize = 1024;
@@ -121,7 +124,7 @@ impl Shape {
     }
 
     fn bytes(&self) -> usize {
-        self.key.len() + self.labels.len() + self.samples.len() * SAMPLE_BYTES
+        SHAPE_OVERHEAD + self.key.len() + self.labels.len() + self.samples.len() * SAMPLE_BYTES
     }
 }
 
@@ -149,6 +152,8 @@ pub struct LabelCache {
     batches: u64,
     hits: u64,
     cached: u64,
+    /// Batches whose shape was recorded (cached or not).
+    recordings: u64,
 }
 
 impl Default for LabelCache {
@@ -173,6 +178,7 @@ impl LabelCache {
             batches: 0,
             hits: 0,
             cached: 0,
+            recordings: 0,
         }
     }
 
@@ -193,6 +199,18 @@ impl LabelCache {
     /// Batches so far whose shape was cached after they were encoded.
     pub fn cached(&self) -> u64 {
         self.cached
+    }
+
+    /// The most bytes of shapes it holds.
+    #[cfg(test)]
+    pub fn limit_bytes(&self) -> usize {
+        self.limit_bytes
+    }
+
+    /// Batches so far whose shape was recorded to be cached.
+    #[cfg(test)]
+    pub fn recordings(&self) -> u64 {
+        self.recordings
     }
 
     /// Gives back the key buffer if one very large batch grew it (the cache's shapes are
@@ -226,7 +244,8 @@ impl LabelCache {
         write_key(batch, &mut self.key);
         let hash = self.keys.hash_one(self.key.as_slice());
         let now = self.now();
-        if self.full && now.saturating_duration_since(self.last_sweep) >= SWEEP_INTERVAL {
+        let refusing = self.full || !self.too_large.is_empty();
+        if refusing && now.saturating_duration_since(self.last_sweep) >= SWEEP_INTERVAL {
             self.sweep(now);
         }
         match self.shapes.get_mut(&hash) {
@@ -236,30 +255,26 @@ impl LabelCache {
                 Lookup::Found(shape)
             }
             _ if self.full || self.too_large.contains(&hash) => Lookup::Skip,
-            _ => Lookup::Record {
-                hash,
-                room: self
-                    .limit_bytes
-                    .saturating_sub(self.bytes)
-                    .saturating_sub(self.key.len()),
-            },
+            _ => {
+                self.recordings += 1;
+                Lookup::Record {
+                    hash,
+                    room: self
+                        .limit_bytes
+                        .saturating_sub(self.bytes)
+                        .saturating_sub(self.key.len() + SHAPE_OVERHEAD),
+                }
+            }
         }
     }
 
     /// Keeps what the encoder emitted for the batch last given to [`LabelCache::look_up`],
-    /// if it fit in the room it was given. If not: a shape that did not fit in most of the
-    /// cache is remembered as too large, and otherwise the cache is full from now on, until
-    /// a sweep makes room.
+    /// if it fit in the room it was given. If not: a shape that did not fit in a cache all
+    /// but empty (at most an eighth used) is remembered as too large, and otherwise the cache
+    /// is full; either way until the next sweep.
     pub(super) fn insert(&mut self, hash: u64, mut shape: Shape) {
         if shape.overflowed {
-            if shape.room >= self.limit_bytes / 8 {
-                if self.too_large.len() >= TOO_LARGE_KEPT {
-                    self.too_large.clear();
-                }
-                self.too_large.insert(hash);
-            } else {
-                self.full = true;
-            }
+            self.refuse(hash);
             return;
         }
         shape.key = self.key.as_slice().into();
@@ -272,7 +287,7 @@ impl LabelCache {
         // the newer one takes its place.
         let replaced = self.shapes.get(&hash).map_or(0, Shape::bytes);
         if self.bytes - replaced + bytes > self.limit_bytes {
-            self.full = true;
+            self.refuse(hash);
             return;
         }
         self.bytes = self.bytes - replaced + bytes;
@@ -280,16 +295,30 @@ impl LabelCache {
         self.cached += 1;
     }
 
-    /// Drops shapes unused for [`IDLE`]; caching resumes if that made room.
+    /// A shape that did not fit: with the cache all but empty it is too large for it, and
+    /// is remembered so; otherwise the cache is full.
+    fn refuse(&mut self, hash: u64) {
+        if self.bytes <= self.limit_bytes / 8 {
+            if self.too_large.len() >= TOO_LARGE_KEPT {
+                self.too_large.clear();
+            }
+            self.too_large.insert(hash);
+        } else {
+            self.full = true;
+        }
+    }
+
+    /// Drops shapes unused for [`IDLE`], and tries again what was refused: the cache takes
+    /// new shapes until one does not fit (at worst one batch recorded in vain per sweep).
     fn sweep(&mut self, now: Instant) {
         self.last_sweep = now;
         self.too_large.clear();
+        self.full = false;
         let before = self.shapes.len();
         self.shapes
             .retain(|_, shape| now.saturating_duration_since(shape.last_used) < IDLE);
         if self.shapes.len() < before {
             self.bytes = self.shapes.values().map(Shape::bytes).sum();
-            self.full = false;
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct RemoteWrite {
     /// agent's batches always go through the same lane, so its shapes are in that lane's
     /// cache, and lanes never wait for each other.
     lanes: Vec<std::sync::Mutex<LaneEncoder>>,
+    /// Whether the lanes have label caches (whose use is then reported).
+    caching: bool,
 }
 
 impl RemoteWrite {
@@ -143,6 +145,7 @@ impl RemoteWrite {
             metrics,
             name: config.name.clone(),
             lanes: lane_encoders(config.label_cache_bytes, config.concurrency),
+            caching: config.label_cache_bytes / config.concurrency.max(1) as u64 > 0,
         })
     }
 
@@ -181,11 +184,13 @@ impl RemoteWrite {
             // half comes after it), so it is never busy; should it be, the request is built
             // without the lane's buffers and cache rather than wait.
             None | Some(Err(std::sync::TryLockError::WouldBlock)) => {
-                let busy = LabelCacheUse {
-                    busy: records.len() as u64,
-                    ..LabelCacheUse::default()
-                };
-                self.metrics.label_cache(lane, busy, None);
+                if self.caching {
+                    let busy = LabelCacheUse {
+                        busy: records.len() as u64,
+                        ..LabelCacheUse::default()
+                    };
+                    self.metrics.label_cache(lane, busy, None);
+                }
                 encode::encode(records, None)
             }
             // Poisoned: an encode panicked midway. The buffers are emptied before each use
@@ -357,6 +362,24 @@ mod tests {
         assert_eq!(batches("busy"), Some(0.0));
         let bytes = label_cache_metric(&metrics, "picket_sink_label_cache_bytes", None);
         assert!(bytes.is_some_and(|b| b > 0.0), "{bytes:?}");
+    }
+
+    /// Each lane gets an equal share of `label_cache_bytes`; a share of nothing is no cache.
+    #[test]
+    fn lanes_share_the_label_cache_bytes() {
+        let limits = |bytes, concurrency| -> Vec<Option<usize>> {
+            lane_encoders(bytes, concurrency)
+                .iter()
+                .map(|lane| {
+                    let lane = lane.lock().unwrap();
+                    lane.cache().map(|c| c.limit_bytes())
+                })
+                .collect()
+        };
+        assert_eq!(limits(100, 2), [Some(50), Some(50)]);
+        assert_eq!(limits(100, 0), [Some(100)], "concurrency 0 runs one lane");
+        assert_eq!(limits(1, 2), [None, None]);
+        assert_eq!(limits(0, 3), [None, None, None]);
     }
 
     /// `label_cache_bytes = 0` turns the cache off; requests are unchanged.
