@@ -102,8 +102,14 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
     // Most batches hold one sample per series, so the point count is a good first size for
     // the series table and saves rehashing while it grows.
     let expected = batches.iter().map(FlatBatch::point_count).sum();
-    let mut fresh = LaneEncoder::default();
-    let lane = lane.unwrap_or(&mut fresh);
+    let mut fresh;
+    let lane = match lane {
+        Some(lane) => lane,
+        None => {
+            fresh = LaneEncoder::default();
+            &mut fresh
+        }
+    };
     let keys = match &lane.cache {
         Some(cache) => cache.keys(),
         None => RandomState::default(),
@@ -171,19 +177,12 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
 
     // Compressed into the lane's buffer, kept at its largest length so it is neither zeroed
     // nor faulted in again; the body is then a copy of what was written.
+    // (Over snappy's block limit `max_compress_len` is 0 and `compress` refuses the input.)
     let room = snap::raw::max_compress_len(proto.len());
     if lane.compressed.len() < room {
         lane.compressed.resize(room, 0);
     }
-    let written = match room {
-        // Over snappy's block limit.
-        0 => Err(snap::Error::TooBig {
-            given: proto.len() as u64,
-            max: u32::MAX as u64,
-        }),
-        _ => lane.snappy.compress(proto, &mut lane.compressed),
-    };
-    let encoded = match written {
+    let encoded = match lane.snappy.compress(proto, &mut lane.compressed) {
         Ok(n) => EncodedWrite {
             body: lane.compressed[..n].to_vec(),
             samples,
@@ -679,9 +678,9 @@ struct SeriesEntry {
 /// the map holds a 64-bit hash of those bytes, and every hit is verified against the stored
 /// bytes; a sample of a known series takes its bytes back off the arena. The hash is
 /// randomly keyed: per lane for the process's life when the lane has a label cache (whose
-/// stored hashes must match the table's), per request otherwise. Label values can steer
-/// it only by guessing the key, and a collision costs only a comparison. Hashing the encoding in one pass costs less than
-/// hashing the labels one string at a time. Samples go into one list in arrival order and
+/// stored hashes must match the table's), per request otherwise. Label values can steer it
+/// only by guessing the key, and a collision costs only a comparison. Hashing the encoding
+/// in one pass costs less than hashing the labels one string at a time. Samples go into one list in arrival order and
 /// are grouped by series only when the request is written, so a series costs no allocation
 /// of its own.
 struct SeriesTable<S = RandomState> {

@@ -66,12 +66,16 @@ fn default_label_cache_bytes() -> u64 {
     label_cache::DEFAULT_BYTES
 }
 
-/// One encoder per lane (the driver runs `concurrency.max(1)` of them), their label caches
-/// sharing `cache_bytes` (none when it is 0).
+/// Each lane's share of `label_cache_bytes` (the driver runs `concurrency.max(1)` lanes); a
+/// share of 0 means no label caches.
+fn label_cache_share(cache_bytes: u64, concurrency: usize) -> u64 {
+    cache_bytes / concurrency.max(1) as u64
+}
+
+/// One encoder per lane, with a label cache of its share of `cache_bytes` if that is not 0.
 fn lane_encoders(cache_bytes: u64, concurrency: usize) -> Vec<std::sync::Mutex<LaneEncoder>> {
-    let lanes = concurrency.max(1);
-    let share = cache_bytes / lanes as u64;
-    (0..lanes)
+    let share = label_cache_share(cache_bytes, concurrency);
+    (0..concurrency.max(1))
         .map(|_| {
             let cache = (share > 0).then(|| LabelCache::new(share));
             std::sync::Mutex::new(LaneEncoder::new(cache))
@@ -145,7 +149,7 @@ impl RemoteWrite {
             metrics,
             name: config.name.clone(),
             lanes: lane_encoders(config.label_cache_bytes, config.concurrency),
-            caching: config.label_cache_bytes / config.concurrency.max(1) as u64 > 0,
+            caching: label_cache_share(config.label_cache_bytes, config.concurrency) > 0,
         })
     }
 
