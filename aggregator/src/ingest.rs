@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use picket_core::codec::{common_label, decode_flat_batch, validate_flat_batch};
+use picket_core::codec::{common_label, decode_flat_batch, validate_flat_batch, validate_points};
 use picket_proto::v1::{
     self, FlatBatch, ingest_server::Ingest, received_agent_message as received,
 };
@@ -195,6 +195,10 @@ impl StreamSession {
         tx: &AckSender,
     ) -> Result<(), Status> {
         let mut last_sequence = 0u64;
+        // Only batches queued as received, unchanged, can skip the full validation: a file
+        // sink or routing rules decode every batch anyway (constant for these sinks).
+        let skeletons = !self.sinks.needs_families();
+        let mut known = KnownSkeleton::default();
         loop {
             let next = tokio::time::timeout(self.idle_timeout, inbound.message()).await;
             let message = match next {
@@ -224,12 +228,25 @@ impl StreamSession {
             // The batch arrives encoded (so it can be queued as sent). Bytes that are not a
             // Batch at all have no sequence to reject under: like any undecodable message,
             // they end the stream.
-            let batch = v1::read_received_batch(&wire).map_err(|e| {
+            let undecodable = |e: prost::DecodeError| {
                 Status::invalid_argument(format!(
                     "AgentMessage.batch is not a valid picket.v1.Batch: {e}"
                 ))
-            })?;
-            let sequence = batch.sequence;
+            };
+            let reading = match known.read(&wire, skeletons) {
+                Some(points) if self.sinks.latest.is_enabled() => Reading::Known {
+                    sequence: points.sequence,
+                    samples: points.samples,
+                    batch: Some(v1::read_received_batch(&wire).map_err(undecodable)?),
+                },
+                Some(points) => Reading::Known {
+                    sequence: points.sequence,
+                    samples: points.samples,
+                    batch: None,
+                },
+                None => Reading::Full(v1::read_received_batch(&wire).map_err(undecodable)?),
+            };
+            let sequence = reading.sequence();
             if sequence <= last_sequence {
                 return Err(Status::invalid_argument(format!(
                     "batch sequence {sequence} does not increase (previous {last_sequence})"
@@ -245,16 +262,18 @@ impl StreamSession {
             // async workers, so a slow disk stalls other agents and keepalives at most for
             // the write that showed it.
             let outcome = if self.sinks.delivery_may_block() {
-                tokio::task::block_in_place(|| self.accept(agent, session, &batch, &wire))?
+                tokio::task::block_in_place(|| {
+                    self.accept(agent, session, &reading, &wire, &mut known)
+                })?
             } else {
-                self.accept(agent, session, &batch, &wire)?
+                self.accept(agent, session, &reading, &wire, &mut known)?
             };
             let ack = v1::Ack {
                 sequence,
                 outcome: Some(outcome),
             };
             // Done with the batch: not held while the peer takes its time reading acks.
-            drop(batch);
+            drop(reading);
             drop(wire);
             // A peer that stops reading acks fills its queue and then waits here; without a
             // bound it would hold its task and connection for ever.
@@ -272,15 +291,17 @@ impl StreamSession {
     }
 
     /// Validates and delivers one batch (`wire` is its encoding as received); the returned
-    /// outcome is what the agent is told.
+    /// outcome is what the agent is told. `known` learns the skeleton of a batch that passed
+    /// in full and is queued as received.
     fn accept(
         &self,
         agent: &str,
         session: u64,
-        batch: &FlatBatch,
+        reading: &Reading,
         wire: &[u8],
+        known: &mut KnownSkeleton,
     ) -> Result<v1::ack::Outcome, Status> {
-        let sequence = batch.sequence;
+        let sequence = reading.sequence();
         let duplicate = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: true });
         if self.registry.check_sequence(agent, session, sequence) == SequenceCheck::AlreadyAccepted
             || self.sinks.already_delivered(agent, session, sequence)
@@ -300,6 +321,16 @@ impl StreamSession {
             Status::unavailable(format!("aggregator cannot store the batch right now: {e}"))
         };
         let accepted = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: false });
+        let batch = match reading {
+            Reading::Known { batch, samples, .. } => {
+                self.sinks
+                    .deliver_wire(agent, session, sequence, wire, batch.as_ref(), *samples)
+                    .map_err(cannot_store)?;
+                self.registry.accepted(agent, session, sequence, *samples);
+                return Ok(accepted);
+            }
+            Reading::Full(batch) => batch,
+        };
         // When nothing needs the samples as label sets (no file sink or routing rules), the
         // batch is only validated, queued as received and applied to the `/metrics` store as
         // read in place: decoding it into label sets was the largest cost per sample (its
@@ -313,9 +344,12 @@ impl StreamSession {
                 self.cert_identity.is_some() && common_label(batch, "instance") != Some(agent);
             if !relabel {
                 self.sinks
-                    .deliver_wire(agent, session, sequence, wire, batch, samples)
+                    .deliver_wire(agent, session, sequence, wire, Some(batch), samples)
                     .map_err(cannot_store)?;
                 self.registry.accepted(agent, session, sequence, samples);
+                // Relabelling depends on the common labels only, which the skeleton holds:
+                // later batches of this skeleton are not relabelled either.
+                known.learn(samples);
                 return Ok(accepted);
             }
             // The series need the certificate's name: decoded below like any batch.
@@ -345,5 +379,81 @@ impl StreamSession {
             .map_err(cannot_store)?;
         self.registry.accepted(agent, session, sequence, samples);
         Ok(accepted)
+    }
+}
+
+/// A batch as ingest read it.
+enum Reading<'w> {
+    /// Read in full, to be validated.
+    Full(FlatBatch<'w>),
+    /// Its skeleton is the one of the stream's last batch that passed in full, and its points
+    /// passed ([`KnownSkeleton::read`]): valid, with that batch's sample count. `batch` is
+    /// the batch read in full for the `/metrics` store, when that is on.
+    Known {
+        sequence: u64,
+        samples: usize,
+        batch: Option<FlatBatch<'w>>,
+    },
+}
+
+impl Reading<'_> {
+    fn sequence(&self) -> u64 {
+        match self {
+            Reading::Full(batch) => batch.sequence,
+            Reading::Known { sequence, .. } => *sequence,
+        }
+    }
+}
+
+/// An agent sends the same series every round, so each batch on a stream mostly has the
+/// skeleton of the one before ([`FlatBatch::parse_skeleton`]: everything but timestamps and
+/// values). Checking symbols, label names and duplicates, types and sizes again for it would
+/// find what it found last time; only the points need checking. That and skipping the full
+/// read were a fifth of a relaying aggregator's CPU time (docs/performance.md).
+#[derive(Default)]
+struct KnownSkeleton {
+    /// The skeleton of the last batch that passed in full and was queued as received.
+    skeleton: Vec<u8>,
+    /// That batch's samples (`None` before the first one).
+    samples: Option<usize>,
+    /// The skeleton of the batch being accepted, if it could be read.
+    current: Vec<u8>,
+    current_read: bool,
+}
+
+/// What [`KnownSkeleton::read`] found.
+struct KnownPoints {
+    sequence: u64,
+    samples: usize,
+}
+
+impl KnownSkeleton {
+    /// Reads `wire`'s skeleton (with `enabled`) and, if it is the known one, its points:
+    /// `Some` when they pass too and nothing more needs checking.
+    fn read(&mut self, wire: &[u8], enabled: bool) -> Option<KnownPoints> {
+        self.current_read = false;
+        if !enabled {
+            return None;
+        }
+        let points = FlatBatch::parse_skeleton(wire, &mut self.current)?;
+        self.current_read = true;
+        let samples = self.samples?;
+        if self.current != self.skeleton {
+            return None;
+        }
+        // Same skeleton, same count (`validate_points` counts as the full validation does);
+        // a difference would mean the two disagree, and the full validation decides.
+        (validate_points(&points)? == samples).then_some(KnownPoints {
+            sequence: points.sequence,
+            samples,
+        })
+    }
+
+    /// The batch just read passed in full, with `samples`: its skeleton is the known one.
+    fn learn(&mut self, samples: usize) {
+        if self.current_read {
+            std::mem::swap(&mut self.skeleton, &mut self.current);
+            self.samples = Some(samples);
+        }
     }
 }

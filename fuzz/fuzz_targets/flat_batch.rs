@@ -4,6 +4,10 @@
 //! `read_received_batch` must read through prost, so both readings accept and refuse the same
 //! bytes. And the encoding prost writes (which is what agents write) must never be left to
 //! prost, or the fast path would quietly stop being taken.
+//!
+//! The skeleton reading (`FlatBatch::parse_skeleton`) must read every batch the flat reading
+//! reads, with the same points; and two halves of the input with equal skeletons, both read
+//! in full, must have the same symbols and labels (what a skeleton stands for).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,6 +27,34 @@ fuzz_target!(|data: &[u8]| {
         (Ok(read), Ok(batch)) => assert_eq!(read, FlatBatch::of(batch)),
         (Err(read), Err(e)) => assert_eq!(read.to_string(), e.to_string()),
         (read, prost) => panic!("read_received_batch gave {read:?}, prost {prost:?}"),
+    }
+    let mut skeleton = Vec::new();
+    let points = FlatBatch::parse_skeleton(data, &mut skeleton);
+    if let Some(flat) = &flat {
+        assert_eq!(
+            points.as_ref(),
+            Some(&flat.clone().without_labels()),
+            "the skeleton reading differs"
+        );
+    }
+    let (left, right) = data.split_at(data.len() / 2);
+    let mut other = Vec::new();
+    if let (Some(a), Some(b), Some(_), Some(_)) = (
+        FlatBatch::parse(left),
+        FlatBatch::parse(right),
+        FlatBatch::parse_skeleton(left, &mut skeleton),
+        FlatBatch::parse_skeleton(right, &mut other),
+    ) && skeleton == other
+    {
+        assert_eq!(a.symbols(), b.symbols());
+        assert_eq!(a.common_labels(), b.common_labels());
+        for (fa, fb) in a.families().iter().zip(b.families()) {
+            assert_eq!((fa.name, fa.r#type, fa.help), (fb.name, fb.r#type, fb.help));
+            for (sa, sb) in a.series(fa).iter().zip(b.series(fb)) {
+                assert_eq!(a.labels(sa), b.labels(sb));
+            }
+        }
+        assert_eq!(a.without_labels().families(), b.without_labels().families());
     }
     if let Ok(batch) = prost {
         // Compared with prost's reading of its encoding rather than with `batch`: proto3

@@ -7,6 +7,12 @@
 //! list: most of the relay's allocator time. A `FlatBatch` costs a handful of allocations
 //! per batch, whatever its size.
 //!
+//! Most batches need even less: an agent sends the same series round after round, so a batch
+//! usually differs from one read before only in its timestamps and values.
+//! [`FlatBatch::parse_skeleton`] reads just the points and copies the rest, undecoded, into the
+//! batch's *skeleton*; where that skeleton equals one whose batch was read in full and
+//! checked, the check and whatever was derived from the labels carry over.
+//!
 //! [`FlatBatch::parse`] reads the encoding agents write (any field order, packed or unpacked
 //! label lists, unknown fields skipped) and gives up, with `None`, on anything unusual: a
 //! group, a point whose value is set twice (which protobuf merges), a wrong wire type, a
@@ -203,139 +209,50 @@ impl<'a> FlatBatch<'a> {
     /// Reads a batch's encoding in place, or `None` where it is unusual enough to leave to
     /// prost (see the module documentation): a `None` says nothing about validity.
     pub fn parse(bytes: &'a [u8]) -> Option<FlatBatch<'a>> {
-        let mut batch = FlatBatch::default();
-        let mut input = Input(bytes);
-        while let Some((tag, wire)) = input.key()? {
-            match (tag, wire) {
-                (1, VARINT) => batch.sequence = input.varint()?,
-                (2, LEN) => {
-                    let text = std::str::from_utf8(input.delimited()?).ok()?;
-                    batch.symbols.push(Cow::Borrowed(text));
-                }
-                (3, LEN) => packed_u32(input.delimited()?, &mut batch.common_labels)?,
-                (3, VARINT) => batch.common_labels.push(input.varint()? as u32),
-                (4, LEN) => batch.parse_family(input.delimited()?)?,
-                (1..=4, _) => return None,
-                _ => input.skip(wire)?,
-            }
-        }
-        Some(batch)
-    }
-
-    fn parse_family(&mut self, bytes: &[u8]) -> Option<()> {
-        let mut family = FlatFamily {
-            series: Span::starting_at(self.series.len()),
-            ..FlatFamily::default()
+        let mut reader = Reader {
+            batch: FlatBatch::default(),
+            skeleton: None,
         };
-        let mut input = Input(bytes);
-        while let Some((tag, wire)) = input.key()? {
-            match (tag, wire) {
-                (1, VARINT) => family.name = input.varint()? as u32,
-                (2, VARINT) => family.r#type = input.varint()? as i32,
-                (3, VARINT) => family.help = input.varint()? as u32,
-                (4, LEN) => self.parse_series(input.delimited()?)?,
-                (1..=4, _) => return None,
-                _ => input.skip(wire)?,
-            }
-        }
-        // Series are read depth first, so this family's are the ones added since it began.
-        family.series.end = self.series.len();
-        self.families.push(family);
-        Some(())
+        reader.parse(bytes)?;
+        Some(reader.batch)
     }
 
-    fn parse_series(&mut self, bytes: &[u8]) -> Option<()> {
-        let mut series = FlatSeries {
-            labels: Span::starting_at(self.labels.len()),
-            points: Span::starting_at(self.points.len()),
+    /// Reads only what changes from round to round, the points, and writes everything else
+    /// into `skeleton` (cleared first): a batch's *skeleton*. The batch returned has the
+    /// families, series, points, quantiles and buckets [`FlatBatch::parse`] would give, but
+    /// no symbols, common labels or series labels, which stay undecoded in the skeleton.
+    ///
+    /// Two batches with equal skeletons read the same in everything but their sequence and
+    /// their points' timestamps and values (and help texts' and labels' bytes are the same),
+    /// so whatever was derived and checked from one batch's symbols and labels holds for the
+    /// other: the aggregator validates an agent's batch in full only when its skeleton
+    /// changes, and the remote-write sink replays the label sets it encoded for a skeleton.
+    ///
+    /// It refuses (`None`) what [`FlatBatch::parse`] refuses in the batch's structure and
+    /// points, but reads symbols and label lists only as bytes: invalid UTF-8 or a malformed
+    /// label varint passes here. So a skeleton must have been read in full once (and pass
+    /// whatever the caller checks) before anything is taken from it; one only ever compared
+    /// with such skeletons needs no more.
+    pub fn parse_skeleton(bytes: &'a [u8], skeleton: &mut Vec<u8>) -> Option<FlatBatch<'a>> {
+        skeleton.clear();
+        let mut reader = Reader {
+            batch: FlatBatch::default(),
+            skeleton: Some(skeleton),
         };
-        let mut input = Input(bytes);
-        while let Some((tag, wire)) = input.key()? {
-            match (tag, wire) {
-                (1, LEN) => packed_u32(input.delimited()?, &mut self.labels)?,
-                (1, VARINT) => self.labels.push(input.varint()? as u32),
-                (2, LEN) => self.parse_point(input.delimited()?)?,
-                (1..=2, _) => return None,
-                _ => input.skip(wire)?,
-            }
-        }
-        series.labels.end = self.labels.len();
-        series.points.end = self.points.len();
-        self.series.push(series);
-        Some(())
+        reader.parse(bytes)?;
+        Some(reader.batch)
     }
 
-    fn parse_point(&mut self, bytes: &[u8]) -> Option<()> {
-        let mut point = FlatPoint::default();
-        let mut input = Input(bytes);
-        while let Some((tag, wire)) = input.key()? {
-            let value = match (tag, wire) {
-                (1, VARINT) => {
-                    point.timestamp_ms = input.varint()? as i64;
-                    continue;
-                }
-                (2, FIXED64) => StoredValue::Number(input.fixed64()?),
-                (3, LEN) => {
-                    let (count, sum, quantiles) = self.parse_parts(input.delimited()?, FIXED64)?;
-                    StoredValue::Summary {
-                        count,
-                        sum,
-                        quantiles,
-                    }
-                }
-                (4, LEN) => {
-                    let (count, sum, buckets) = self.parse_parts(input.delimited()?, VARINT)?;
-                    StoredValue::Histogram {
-                        count,
-                        sum,
-                        buckets,
-                    }
-                }
-                (5, LEN) => {
-                    // `Stale` has no fields; anything in it is unknown and skipped.
-                    let mut stale = Input(input.delimited()?);
-                    while let Some((_, wire)) = stale.key()? {
-                        stale.skip(wire)?;
-                    }
-                    StoredValue::Stale
-                }
-                (1..=5, _) => return None,
-                _ => {
-                    input.skip(wire)?;
-                    continue;
-                }
-            };
-            // A second value merges into or replaces the first, depending on its kind;
-            // agents never send one, so that is left to prost.
-            if point.value.replace(value).is_some() {
-                return None;
-            }
+    /// The batch as [`FlatBatch::parse_skeleton`] reads it: without symbols, common labels
+    /// or series labels (for comparing the two readings).
+    pub fn without_labels(mut self) -> FlatBatch<'a> {
+        self.symbols.clear();
+        self.common_labels.clear();
+        self.labels.clear();
+        for series in &mut self.series {
+            series.labels = Span::default();
         }
-        self.points.push(point);
-        Some(())
-    }
-
-    /// A `Summary` or `Histogram`, which share their layout: `count` (1), `sum` (2) and
-    /// repeated pairs (3) whose second field has wire type `second_wire`. Returns the count,
-    /// the sum's bits and the pairs' span.
-    fn parse_parts(&mut self, bytes: &[u8], second_wire: u8) -> Option<(u64, u64, Span)> {
-        let (mut count, mut sum) = (0, 0);
-        let mut pairs = Span::starting_at(self.pairs.len());
-        let mut input = Input(bytes);
-        while let Some((tag, wire)) = input.key()? {
-            match (tag, wire) {
-                (1, VARINT) => count = input.varint()?,
-                (2, FIXED64) => sum = input.fixed64()?,
-                (3, LEN) => {
-                    let pair = parse_pair(input.delimited()?, second_wire)?;
-                    self.pairs.push(pair);
-                }
-                (1..=3, _) => return None,
-                _ => input.skip(wire)?,
-            }
-        }
-        pairs.end = self.pairs.len();
-        Some((count, sum, pairs))
+        self
     }
 
     /// A batch prost decoded, borrowing its strings.
@@ -475,6 +392,256 @@ impl FlatBatch<'static> {
     }
 }
 
+/// Reads one batch into `batch`, and with `skeleton` writes its skeleton
+/// ([`FlatBatch::parse_skeleton`]) instead of decoding symbols and labels.
+///
+/// The skeleton is a token per field read, in the order read: the field's key (one byte:
+/// every field read has a number below 16), then for a string or packed list its length and
+/// bytes, for a varint its bytes as sent, for a message its own tokens and an [`END`] byte,
+/// for a quantile or bucket its bound's bits. Timestamps, values, counts, sums and the
+/// sequence write nothing; nor do unknown fields, which no reading looks at. Since every
+/// token is self-delimiting and a message's end is marked, equal skeletons come from the same
+/// fields in the same order with the same contents.
+struct Reader<'a, 'k> {
+    batch: FlatBatch<'a>,
+    skeleton: Option<&'k mut Vec<u8>>,
+}
+
+/// Ends a message's tokens in a skeleton: no field key is 0.
+const END: u8 = 0;
+
+impl<'a> Reader<'a, '_> {
+    /// Adds a field's key to the skeleton.
+    fn token(&mut self, tag: u32, wire: u8) {
+        if let Some(skeleton) = &mut self.skeleton {
+            skeleton.push(((tag << 3) as u8) | wire);
+        }
+    }
+
+    /// Adds a message's end to the skeleton.
+    fn end(&mut self) {
+        if let Some(skeleton) = &mut self.skeleton {
+            skeleton.push(END);
+        }
+    }
+
+    /// A varint field read for the batch and kept, as sent, in the skeleton.
+    fn varint_field(&mut self, input: &mut Input<'a>, tag: u32) -> Option<u64> {
+        let before = input.0;
+        let value = input.varint()?;
+        if let Some(skeleton) = &mut self.skeleton {
+            skeleton.push((tag << 3) as u8 | VARINT);
+            skeleton.extend_from_slice(&before[..before.len() - input.0.len()]);
+        }
+        Some(value)
+    }
+
+    /// A length-delimited field kept as its bytes in the skeleton; `true` when there is no
+    /// skeleton and the caller must decode it.
+    fn raw_field(&mut self, bytes: &[u8], tag: u32) -> bool {
+        match &mut self.skeleton {
+            Some(skeleton) => {
+                skeleton.push((tag << 3) as u8 | LEN);
+                put_varint(skeleton, bytes.len() as u64);
+                skeleton.extend_from_slice(bytes);
+                false
+            }
+            None => true,
+        }
+    }
+
+    fn parse(&mut self, bytes: &'a [u8]) -> Option<()> {
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, VARINT) => self.batch.sequence = input.varint()?,
+                (2, LEN) => {
+                    let bytes = input.delimited()?;
+                    if self.raw_field(bytes, tag) {
+                        let text = std::str::from_utf8(bytes).ok()?;
+                        self.batch.symbols.push(Cow::Borrowed(text));
+                    }
+                }
+                (3, LEN) => {
+                    let bytes = input.delimited()?;
+                    if self.raw_field(bytes, tag) {
+                        packed_u32(bytes, &mut self.batch.common_labels)?;
+                    }
+                }
+                (3, VARINT) => {
+                    let index = self.varint_field(&mut input, tag)? as u32;
+                    if self.skeleton.is_none() {
+                        self.batch.common_labels.push(index);
+                    }
+                }
+                (4, LEN) => {
+                    self.token(tag, wire);
+                    self.parse_family(input.delimited()?)?;
+                    self.end();
+                }
+                (1..=4, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        Some(())
+    }
+
+    fn parse_family(&mut self, bytes: &'a [u8]) -> Option<()> {
+        let mut family = FlatFamily {
+            series: Span::starting_at(self.batch.series.len()),
+            ..FlatFamily::default()
+        };
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, VARINT) => family.name = self.varint_field(&mut input, tag)? as u32,
+                (2, VARINT) => family.r#type = self.varint_field(&mut input, tag)? as i32,
+                (3, VARINT) => family.help = self.varint_field(&mut input, tag)? as u32,
+                (4, LEN) => {
+                    self.token(tag, wire);
+                    self.parse_series(input.delimited()?)?;
+                    self.end();
+                }
+                (1..=4, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        // Series are read depth first, so this family's are the ones added since it began.
+        family.series.end = self.batch.series.len();
+        self.batch.families.push(family);
+        Some(())
+    }
+
+    fn parse_series(&mut self, bytes: &'a [u8]) -> Option<()> {
+        let mut series = FlatSeries {
+            labels: Span::starting_at(self.batch.labels.len()),
+            points: Span::starting_at(self.batch.points.len()),
+        };
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, LEN) => {
+                    let bytes = input.delimited()?;
+                    if self.raw_field(bytes, tag) {
+                        packed_u32(bytes, &mut self.batch.labels)?;
+                    }
+                }
+                (1, VARINT) => {
+                    let index = self.varint_field(&mut input, tag)? as u32;
+                    if self.skeleton.is_none() {
+                        self.batch.labels.push(index);
+                    }
+                }
+                (2, LEN) => {
+                    self.token(tag, wire);
+                    self.parse_point(input.delimited()?)?;
+                    self.end();
+                }
+                (1..=2, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        series.labels.end = self.batch.labels.len();
+        series.points.end = self.batch.points.len();
+        self.batch.series.push(series);
+        Some(())
+    }
+
+    fn parse_point(&mut self, bytes: &'a [u8]) -> Option<()> {
+        let mut point = FlatPoint::default();
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            let value = match (tag, wire) {
+                (1, VARINT) => {
+                    point.timestamp_ms = input.varint()? as i64;
+                    continue;
+                }
+                (2, FIXED64) => {
+                    self.token(tag, wire);
+                    StoredValue::Number(input.fixed64()?)
+                }
+                (3, LEN) => {
+                    self.token(tag, wire);
+                    let (count, sum, quantiles) = self.parse_parts(input.delimited()?, FIXED64)?;
+                    StoredValue::Summary {
+                        count,
+                        sum,
+                        quantiles,
+                    }
+                }
+                (4, LEN) => {
+                    self.token(tag, wire);
+                    let (count, sum, buckets) = self.parse_parts(input.delimited()?, VARINT)?;
+                    StoredValue::Histogram {
+                        count,
+                        sum,
+                        buckets,
+                    }
+                }
+                (5, LEN) => {
+                    self.token(tag, wire);
+                    // `Stale` has no fields; anything in it is unknown and skipped.
+                    let mut stale = Input(input.delimited()?);
+                    while let Some((_, wire)) = stale.key()? {
+                        stale.skip(wire)?;
+                    }
+                    StoredValue::Stale
+                }
+                (1..=5, _) => return None,
+                _ => {
+                    input.skip(wire)?;
+                    continue;
+                }
+            };
+            // A second value merges into or replaces the first, depending on its kind;
+            // agents never send one, so that is left to prost.
+            if point.value.replace(value).is_some() {
+                return None;
+            }
+        }
+        self.batch.points.push(point);
+        Some(())
+    }
+
+    /// A `Summary` or `Histogram`, which share their layout: `count` (1), `sum` (2) and
+    /// repeated pairs (3) whose second field has wire type `second_wire`. Returns the count,
+    /// the sum's bits and the pairs' span. The skeleton gets each pair's first field (the
+    /// quantile or the bucket's bound), and the end of the list.
+    fn parse_parts(&mut self, bytes: &[u8], second_wire: u8) -> Option<(u64, u64, Span)> {
+        let (mut count, mut sum) = (0, 0);
+        let mut pairs = Span::starting_at(self.batch.pairs.len());
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, VARINT) => count = input.varint()?,
+                (2, FIXED64) => sum = input.fixed64()?,
+                (3, LEN) => {
+                    let pair = parse_pair(input.delimited()?, second_wire)?;
+                    if let Some(skeleton) = &mut self.skeleton {
+                        skeleton.push((3 << 3) | LEN);
+                        skeleton.extend_from_slice(&pair[0].to_le_bytes());
+                    }
+                    self.batch.pairs.push(pair);
+                }
+                (1..=3, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        self.end();
+        pairs.end = self.batch.pairs.len();
+        Some((count, sum, pairs))
+    }
+}
+
+/// Appends `v` as a protobuf varint.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 /// A `Quantile` (both fields doubles) or a `Bucket` (a double and a varint count), as bits.
 fn parse_pair(bytes: &[u8], second_wire: u8) -> Option<[u64; 2]> {
     let mut pair = [0u64; 2];
@@ -532,6 +699,23 @@ impl<'a> Input<'a> {
         {
             self.0 = rest;
             return Some(u64::from(byte));
+        }
+        // Up to eight bytes from one load, without a branch per byte: timestamps (six bytes
+        // in milliseconds) are most of what is left. Byte k's low seven bits go to bits
+        // 7k..7k+6.
+        if let Some(chunk) = self.0.first_chunk::<8>() {
+            let word = u64::from_le_bytes(*chunk);
+            let ends = !word & 0x8080_8080_8080_8080;
+            if ends != 0 {
+                let len = (ends.trailing_zeros() / 8 + 1) as usize;
+                let bits = match len {
+                    8 => word,
+                    _ => word & ((1u64 << (8 * len)) - 1),
+                };
+                let value = (0..8).fold(0u64, |value, k| value | ((bits >> k) & (0x7f << (7 * k))));
+                self.0 = &self.0[len..];
+                return Some(value);
+            }
         }
         let mut value = 0u64;
         for (i, &byte) in self.0.iter().take(10).enumerate() {
@@ -775,5 +959,165 @@ mod tests {
         for bytes in refused {
             assert_eq!(FlatBatch::parse(bytes), None, "{bytes:02x?}");
         }
+    }
+
+    fn skeleton_of(bytes: &[u8]) -> Option<(Vec<u8>, FlatBatch<'_>)> {
+        let mut skeleton = Vec::new();
+        let batch = FlatBatch::parse_skeleton(bytes, &mut skeleton)?;
+        Some((skeleton, batch))
+    }
+
+    /// The skeleton reading gives the points the full reading gives, for the encoding agents
+    /// write and for the unusual ones the full reading accepts; what it refuses, so does the
+    /// full reading.
+    #[test]
+    fn a_skeleton_reading_gives_the_points_of_the_full_reading() {
+        let full = full_batch().encode_to_vec();
+        let unusual: [&[u8]; 4] = [
+            &[
+                0x22, 0x0c, 0x22, 0x0a, 0x08, 0x01, 0x08, 0x02, 0x0a, 0x02, 0x03, 0x04, 0x12, 0x00,
+            ],
+            &[
+                0x08, 0x05, 0x08, 0x07, 0x78, 0x01, 0x79, 1, 2, 3, 4, 5, 6, 7, 8, 0x7a, 0x01, 0xff,
+                0x7d, 1, 2, 3, 4,
+            ],
+            &[0x22, 0x02, 0x08, 0x01, 0x22, 0x02, 0x10, 0x02],
+            &full,
+        ];
+        for bytes in unusual {
+            let parsed = FlatBatch::parse(bytes).expect("read in full");
+            let (skeleton, points) = skeleton_of(bytes).expect("read as a skeleton");
+            assert_eq!(points, parsed.without_labels(), "{bytes:02x?}");
+            assert!(!skeleton.is_empty() || bytes.len() <= 23);
+        }
+        // Refused in the structure or the points: refused by both readings.
+        let twice = [0x22, 0x08, 0x22, 0x06, 0x12, 0x04, 0x2a, 0x00, 0x2a, 0x00];
+        let refused: [&[u8]; 5] = [
+            &twice,
+            &[0x7b, 0x7c],
+            &[0x09, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0x12, 0x05, b'a'],
+            &[0x00, 0x01],
+        ];
+        for bytes in refused {
+            assert_eq!(skeleton_of(bytes), None, "{bytes:02x?}");
+        }
+        // Symbols and labels are only bytes to it: invalid UTF-8 passes (and so must never be
+        // trusted from a skeleton that was not read in full once).
+        assert!(skeleton_of(&[0x12, 0x01, 0xff]).is_some());
+        assert_eq!(FlatBatch::parse(&[0x12, 0x01, 0xff]), None);
+    }
+
+    /// Rounds of one batch differing only in sequence, timestamps and values share a
+    /// skeleton; a change to anything else gives another.
+    #[test]
+    fn skeletons_differ_exactly_where_more_than_points_differ() {
+        let base = full_batch();
+        let skeleton = |batch: &v1::Batch| skeleton_of(&batch.encode_to_vec()).unwrap().0;
+        let first = skeleton(&base);
+
+        let mut round = base.clone();
+        round.sequence += 1;
+        for family in &mut round.families {
+            for series in &mut family.series {
+                for point in &mut series.points {
+                    point.timestamp_ms += 15_000;
+                    match &mut point.value {
+                        Some(W::Number(v)) => *v += 1.0,
+                        Some(W::Summary(s)) => {
+                            s.count = s.count.wrapping_add(3);
+                            s.sum += 2.5;
+                            for q in &mut s.quantiles {
+                                q.value -= 2.0;
+                            }
+                        }
+                        Some(W::Histogram(h)) => {
+                            h.count += 7;
+                            h.sum += 1.0;
+                            for b in &mut h.buckets {
+                                b.cumulative_count += 7;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert_ne!(round.encode_to_vec(), base.encode_to_vec());
+        assert_eq!(skeleton(&round), first, "only points' readings changed");
+
+        type Change = fn(&mut v1::Batch);
+        let changes: [(&str, Change); 12] = [
+            ("a symbol", |b| b.symbols[3].push('x')),
+            ("one more symbol", |b| b.symbols.push(String::new())),
+            ("a common label", |b| b.common_labels[1] = 1),
+            ("a family name", |b| b.families[0].name = 2),
+            ("a family type", |b| b.families[0].r#type = 2),
+            ("a help text", |b| b.families[0].help = 1),
+            ("a series label", |b| b.families[0].series[0].labels[0] = 6),
+            ("a point more", |b| {
+                let extra = b.families[0].series[0].points[0].clone();
+                b.families[0].series[0].points.push(extra);
+            }),
+            ("a value's kind", |b| {
+                b.families[0].series[0].points[0].value = Some(W::Stale(v1::Stale {}))
+            }),
+            ("a missing value", |b| {
+                b.families[0].series[0].points[0].value = None
+            }),
+            ("a series more", |b| {
+                let extra = b.families[0].series[1].clone();
+                b.families[0].series.push(extra);
+            }),
+            ("a quantile or bucket bound", |b| {
+                for family in &mut b.families {
+                    for series in &mut family.series {
+                        for point in &mut series.points {
+                            match &mut point.value {
+                                Some(W::Summary(s)) => s.quantiles[0].quantile = 0.25,
+                                Some(W::Histogram(h)) => h.buckets[0].upper_bound = 0.125,
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+            }),
+        ];
+        for (what, change) in changes {
+            let mut changed = base.clone();
+            change(&mut changed);
+            assert_ne!(skeleton(&changed), first, "{what} changed");
+        }
+    }
+
+    /// Varints of every length read back, whatever follows them (the eight-byte load must
+    /// not take the next field's bytes), and ones past 64 bits are refused.
+    #[test]
+    fn varints_of_every_length_read_back() {
+        let mut values: Vec<u64> = (0..64).map(|bit| 1u64 << bit).collect();
+        values.extend((1..64).map(|bit| (1u64 << bit) - 1));
+        values.extend([u64::MAX, 1_700_000_000_000, 0x7f, 0x80, 0x3fff, 0x4000]);
+        for value in values {
+            for trailing in [&[][..], &[0xff; 9], &[0x00; 9], &[0x01]] {
+                let mut bytes = Vec::new();
+                prost::encoding::encode_varint(value, &mut bytes);
+                let len = bytes.len();
+                bytes.extend_from_slice(trailing);
+                let mut input = Input(&bytes);
+                assert_eq!(
+                    input.varint(),
+                    Some(value),
+                    "{value:#x} then {trailing:02x?}"
+                );
+                assert_eq!(input.0.len(), bytes.len() - len);
+            }
+        }
+        // Non-minimal encodings read as prost reads them.
+        let mut padded = Input(&[0x81, 0x80, 0x80, 0x00, 0x05]);
+        assert_eq!(padded.varint(), Some(1));
+        assert_eq!(padded.0, &[0x05]);
+        let too_long = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+        assert_eq!(Input(&too_long).varint(), None);
+        assert_eq!(Input(&[0x80; 8]).varint(), None, "unterminated");
     }
 }

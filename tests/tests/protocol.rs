@@ -113,6 +113,131 @@ async fn malformed_batch_is_rejected_and_the_stream_carries_on() {
     );
 }
 
+/// A histogram batch of one series with `buckets` as (upper bound, cumulative count).
+fn histogram_batch(
+    sequence: u64,
+    timestamp_ms: i64,
+    count: u64,
+    buckets: &[(f64, u64)],
+) -> v1::Batch {
+    use picket_core::model::{Family, Histogram, Labels, MetricType, Point, Value};
+    let mut family = Family::new("job_latency", MetricType::Histogram, "");
+    family.points.push(Point {
+        labels: Labels::from_pairs([("operator", "map")]),
+        timestamp_ms,
+        value: Value::Histogram(Histogram {
+            count,
+            sum: 1.5,
+            buckets: buckets.to_vec(),
+        }),
+    });
+    let mut encoder =
+        picket_core::codec::BatchEncoder::new(&Labels::from_pairs([("instance", "raw-k")]));
+    encoder.push(&family);
+    encoder.finish(sequence)
+}
+
+/// The reason of a rejection, or a panic naming what came instead.
+fn rejection(ack: &v1::Ack) -> &str {
+    match &ack.outcome {
+        Some(v1::ack::Outcome::Rejected(r)) => &r.reason,
+        other => panic!(
+            "expected a rejection of batch {}, got {other:?}",
+            ack.sequence
+        ),
+    }
+}
+
+/// Ingest checks a batch shaped like the stream's last valid one (the same skeleton) only
+/// point by point: a bad timestamp or out-of-order buckets in such a batch must still be
+/// rejected with the full check's reason, its neighbours accepted and stored, and a rejected
+/// batch's shape must not count as known. With the `/metrics` store on and off.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_shaped_like_the_last_valid_one_still_have_their_points_checked() {
+    for exposition in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = AggregatorSpec {
+            pki: None,
+            mutual_tls: false,
+            journal: None,
+            extra: format!("\n[exposition]\nenabled = {exposition}\n"),
+        };
+        let agg = Aggregator::start(dir.path(), &spec);
+        let now = picket_core::model::now_ms();
+        let mut s = open(&agg, Some(raw::hello("raw-k", 7))).await.unwrap();
+        let good = |seq, ts| histogram_batch(seq, ts, 4, &[(0.1, 1), (1.0, 3)]);
+        // A bad batch first: its shape is not learnt, so the same shape is checked in full.
+        s.send_batch(histogram_batch(1, now, 4, &[(0.1, 3), (1.0, 1)]))
+            .await;
+        s.send_batch(histogram_batch(2, now, 4, &[(0.1, 3), (1.0, 1)]))
+            .await;
+        s.send_batch(good(3, now)).await;
+        // Same skeleton as batch 3, bad in its points only.
+        s.send_batch(good(4, -5)).await;
+        s.send_batch(histogram_batch(5, now + 1, 4, &[(0.1, 3), (1.0, 1)]))
+            .await;
+        s.send_batch(histogram_batch(6, now + 2, 2, &[(0.1, 1), (1.0, 3)]))
+            .await;
+        s.send_batch(good(7, now + 3)).await;
+        let acks: Vec<v1::Ack> = futures_acks(&mut s, 7).await;
+        assert!(
+            rejection(&acks[0]).contains("bucket"),
+            "{}",
+            rejection(&acks[0])
+        );
+        assert!(
+            rejection(&acks[1]).contains("bucket"),
+            "{}",
+            rejection(&acks[1])
+        );
+        assert_eq!(accepted(&acks[2]), Some(false));
+        assert!(
+            rejection(&acks[3]).contains("timestamp"),
+            "{}",
+            rejection(&acks[3])
+        );
+        assert!(
+            rejection(&acks[4]).contains("bucket"),
+            "{}",
+            rejection(&acks[4])
+        );
+        assert!(
+            rejection(&acks[5]).contains("bucket"),
+            "{}",
+            rejection(&acks[5])
+        );
+        assert_eq!(accepted(&acks[6]), Some(false));
+
+        let metrics = agg.metrics();
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "picket_aggregator_agent_rejected_batches_total{agent=\"raw-k\"}"
+            ),
+            Some(5.0)
+        );
+        // Two accepted batches of 5 samples each (two buckets, +Inf, sum and count).
+        let samples = metric_value(
+            &metrics,
+            "picket_aggregator_agent_samples_total{agent=\"raw-k\"}",
+        );
+        assert_eq!(samples, Some(2.0 * 5.0), "{metrics}");
+        let stored = format!(
+            "job_latency_count{{instance=\"raw-k\",operator=\"map\"}} 4 {}",
+            now + 3
+        );
+        assert_eq!(metrics.contains(&stored), exposition, "{metrics}");
+    }
+}
+
+async fn futures_acks(s: &mut RawStream, n: usize) -> Vec<v1::Ack> {
+    let mut acks = Vec::with_capacity(n);
+    for _ in 0..n {
+        acks.push(s.next().await.expect("an ack"));
+    }
+    acks
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
     let dir = tempfile::tempdir().unwrap();

@@ -183,7 +183,7 @@ impl Sinks {
         session: u64,
         sequence: u64,
         wire: &[u8],
-        batch: &FlatBatch,
+        batch: Option<&FlatBatch>,
         samples: usize,
     ) -> Result<(), SinkError> {
         if !self.files.is_empty() || self.network.iter().any(|s| !s.routing.is_identity()) {
@@ -253,7 +253,14 @@ impl Sinks {
         self.healthy.store(true, Ordering::Relaxed);
         match content {
             Content::Decoded { families, .. } => self.latest.apply(families),
-            Content::Wire { batch, .. } => self.latest.apply_flat(batch),
+            // Without the batch read in full (the store was off when ingest read it), there
+            // is nothing to apply; should the store have been turned on since, its next
+            // batch from this agent fills it.
+            Content::Wire { batch, .. } => {
+                if let Some(batch) = batch {
+                    self.latest.apply_flat(batch)
+                }
+            }
         }
         Ok(())
     }
@@ -357,11 +364,11 @@ enum Content<'a> {
         /// The encoded batch as received, when `families` is exactly its decoding.
         wire: Option<&'a [u8]>,
     },
-    /// An encoded batch as received (`wire`), validated and read in place (`batch`) but not
-    /// decoded.
+    /// An encoded batch as received (`wire`), validated and read in place (`batch`, `None`
+    /// when only its points were read because the `/metrics` store is off) but not decoded.
     Wire {
         wire: &'a [u8],
-        batch: &'a FlatBatch<'a>,
+        batch: Option<&'a FlatBatch<'a>>,
         samples: usize,
     },
 }
@@ -560,17 +567,21 @@ mod tests {
         encoder.push(&family);
         let wire = encoder.finish(1).encode_to_vec();
         let batch = picket_proto::v1::read_received_batch(&wire).unwrap();
-        relay.deliver_wire("pi", 1, 1, &wire, &batch, 1).unwrap();
+        relay
+            .deliver_wire("pi", 1, 1, &wire, Some(&batch), 1)
+            .unwrap();
         assert_eq!(relay.network[0].queue.depth().samples, 1);
         assert_eq!(relay.latest.series_count(), 0);
         // The store reads the batch in place: same series as from its decoding.
-        stored.deliver_wire("pi", 1, 1, &wire, &batch, 1).unwrap();
+        stored
+            .deliver_wire("pi", 1, 1, &wire, Some(&batch), 1)
+            .unwrap();
         assert_eq!(stored.network[0].queue.depth().samples, 1);
         assert_eq!(stored.latest.snapshot(), vec![family.clone()]);
         // A sink that must see the samples refuses an undecoded batch instead of skipping
         // its rules.
         assert!(matches!(
-            routed.deliver_wire("pi", 1, 1, &wire, &batch, 1),
+            routed.deliver_wire("pi", 1, 1, &wire, Some(&batch), 1),
             Err(SinkError::Internal(_))
         ));
         assert_eq!(routed.network[0].queue.depth().samples, 0);

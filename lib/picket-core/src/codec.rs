@@ -398,6 +398,25 @@ pub fn validate_flat_batch(batch: &FlatBatch) -> Result<usize, DecodeError> {
     Ok(samples)
 }
 
+/// The checks of [`validate_flat_batch`] that depend on points' timestamps and values
+/// (timestamps after the epoch, a value of the family's type, histogram buckets in order and
+/// within the count), for a batch read by [`FlatBatch::parse_skeleton`] whose skeleton was
+/// that of a batch that passed [`validate_flat_batch`]: together they are its checks. Returns
+/// the sample count, or `None` if a point fails (read the batch in full then, for the error).
+pub fn validate_points(batch: &FlatBatch) -> Option<usize> {
+    let no_place = || String::new();
+    let mut samples = 0usize;
+    for family in batch.families() {
+        let kind = metric_type(family.r#type)?;
+        for series in batch.series(family) {
+            for point in batch.points(series) {
+                samples += check_value(&no_place, kind, batch, point).ok()?;
+            }
+        }
+    }
+    Some(samples)
+}
+
 /// A family's name, type and help, checked (`fi` is its position in the batch).
 fn family_header<'b>(
     batch: &'b FlatBatch,

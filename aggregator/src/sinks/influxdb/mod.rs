@@ -306,7 +306,7 @@ impl Influx {
 impl Destination for Influx {
     type Record<'a> = Vec<Family>;
 
-    fn read(&self, payload: &[u8]) -> Result<Vec<Family>, RecordError> {
+    fn read(&self, payload: &[u8], _samples: u32) -> Result<Vec<Family>, RecordError> {
         read_families(payload)
     }
 

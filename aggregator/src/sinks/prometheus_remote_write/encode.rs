@@ -19,11 +19,14 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
 use picket_core::codec::DecodeError;
 use picket_core::exposition::format_float;
 use picket_proto::v1::{self, FlatBatch, FlatValue};
+
+use crate::sinks::driver::RecordError;
 
 use super::label_cache::{LabelCache, Lookup, Shape};
 
@@ -33,6 +36,8 @@ pub struct EncodedWrite {
     pub body: Vec<u8>,
     pub samples: usize,
     pub series: usize,
+    /// Samples of batches left out because they could not be read.
+    pub unreadable: u64,
 }
 
 /// Prometheus' stale marker NaN bit pattern.
@@ -78,6 +83,14 @@ pub struct Sample {
     pub timestamp: i64,
 }
 
+/// A batch from the sink's queue: a `picket.v1.Batch` as the agent sent it, and its sample
+/// count as queued.
+#[derive(Clone, Copy, Debug)]
+pub struct QueuedBatch<'a> {
+    pub wire: &'a [u8],
+    pub samples: u32,
+}
+
 /// Encodes queued wire batches as one remote-write request, straight from their symbol
 /// tables: each series' label set is looked up from the batch's symbols and sorted in a
 /// reused buffer, so no owned label set is built per sample.
@@ -86,8 +99,9 @@ pub struct Sample {
 /// in timestamp order (samples with equal timestamps keep their input order). Stale points
 /// become stale-marker samples ([`STALE_NAN_BITS`]).
 ///
-/// Batches must have passed [`check`] (the sink does that when it reads them from its queue):
-/// a symbol index out of range would be encoded as an empty string rather than refused here.
+/// Each batch is read in place and checked with [`check`]; one that cannot be read (damaged
+/// in the queue in a way its checksum missed, or written by a broken build) is logged, left
+/// out and counted in [`EncodedWrite::unreadable`].
 ///
 /// The whole request is built in memory: expect a few times the encoded size at peak. Callers
 /// must keep batches far below snappy's block limit (about 3.6 GiB of protobuf); a request
@@ -95,13 +109,13 @@ pub struct Sample {
 /// `series` 0.
 ///
 /// With a sink lane's [`LaneEncoder`], the request is built in that lane's buffers from
-/// earlier requests, and a batch shaped like one encoded before takes its samples' encoded
-/// labels from the lane's [`LabelCache`] instead of building them; the request is the same
-/// either way.
-pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedWrite {
-    // Most batches hold one sample per series, so the point count is a good first size for
+/// earlier requests, and a batch whose skeleton ([`FlatBatch::parse_skeleton`]) is that of
+/// one encoded before is read only that far and takes its samples' encoded labels from the
+/// lane's [`LabelCache`] instead of building them; the request is the same either way.
+pub fn encode(batches: &[QueuedBatch], lane: Option<&mut LaneEncoder>) -> EncodedWrite {
+    // Most batches hold one sample per series, so the sample count is a good first size for
     // the series table and saves rehashing while it grows.
-    let expected = batches.iter().map(FlatBatch::point_count).sum();
+    let expected = batches.iter().map(|b| b.samples as usize).sum();
     let mut fresh;
     let lane = match lane {
         Some(lane) => lane,
@@ -115,58 +129,54 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
         None => RandomState::default(),
     };
     let mut table = SeriesTable::in_buffers(std::mem::take(&mut lane.table), expected, keys);
-    let mut cache = lane.cache.as_mut();
-    let mut floats = FloatLabels::default();
-    let mut name = String::new();
-    let mut labels = SortedLabels::default();
+    let mut parts = Parts::default();
+    let mut unreadable = 0u64;
 
-    for batch in batches {
-        let (shape_hash, mut labeling) = match cache.as_deref_mut().map(|c| c.look_up(batch)) {
-            None | Some(Lookup::Skip) => (0, Labeling::Encode { record: None }),
-            Some(Lookup::Found(shape)) => (0, Labeling::Replay { shape, next: 0 }),
-            Some(Lookup::Record { hash, room }) => (
-                hash,
-                Labeling::Encode {
-                    record: Some(Shape::new(room)),
-                },
-            ),
-        };
-        let symbols = batch.symbols();
-        labels.start_batch(batch);
-        for family in batch.families() {
-            let base = symbol(symbols, family.name);
-            let has_parts = matches!(
-                v1::MetricType::try_from(family.r#type),
-                Ok(v1::MetricType::Summary | v1::MetricType::Histogram)
-            );
-            for series in batch.series(family) {
-                labels.start_series(batch.labels(series));
-                for point in batch.points(series) {
-                    let Some(value) = point.value() else { continue };
-                    let mut emit = PointSink {
-                        floats: &mut floats,
-                        name: &mut name,
-                        base,
-                        out: Emitter {
-                            table: &mut table,
-                            labeling: &mut labeling,
-                            labels: &mut labels,
-                            timestamp: point.timestamp_ms,
-                        },
+    for queued in batches {
+        let mut record = None;
+        if let Some(cache) = lane.cache.as_mut()
+            && let Some(points) = FlatBatch::parse_skeleton(queued.wire, cache.key_mut())
+        {
+            match cache.look_up() {
+                Lookup::Found(shape) if shape.len() == emitted_samples(&points) => {
+                    let source = table.share(shape.labels().clone());
+                    let mut labeling = Labeling::Replay {
+                        shape,
+                        source,
+                        next: 0,
                     };
-                    emit.point(batch, value, has_parts);
+                    emit_batch(&points, &mut labeling, &mut table, &mut parts);
+                    continue;
                 }
+                // Cannot happen: the skeleton decides every sample emitted, and
+                // `emitted_samples` counts as `emit_batch` emits. Should it anyway, the batch
+                // is read and encoded in full.
+                Lookup::Found(_) => debug_assert!(false, "a shape disagrees with its skeleton"),
+                Lookup::Record { hash, room } => record = Some((hash, Shape::new(room))),
+                Lookup::Skip => {}
             }
         }
-        let recorded = match labeling {
-            Labeling::Encode { record } => record,
-            Labeling::Replay { shape, next } => {
-                debug_assert_eq!(next, shape.len(), "a replay emitted what was recorded");
-                None
+        let batch = match read_checked(queued.wire) {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::error!(%error, samples = queued.samples,
+                    "unreadable batch in the remote-write queue; left out of the request");
+                unreadable += u64::from(queued.samples);
+                continue;
             }
         };
-        if let (Some(cache), Some(shape)) = (cache.as_deref_mut(), recorded) {
-            cache.insert(shape_hash, shape);
+        let (hash, shape) = record.unzip();
+        let mut labeling = Labeling::Encode { record: shape };
+        emit_batch(&batch, &mut labeling, &mut table, &mut parts);
+        if let (
+            Some(cache),
+            Some(hash),
+            Labeling::Encode {
+                record: Some(shape),
+            },
+        ) = (lane.cache.as_mut(), hash, labeling)
+        {
+            cache.insert(hash, shape);
         }
     }
 
@@ -187,6 +197,7 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
             body: lane.compressed[..n].to_vec(),
             samples,
             series: series_count,
+            unreadable,
         },
         Err(error) => {
             tracing::error!(
@@ -197,11 +208,96 @@ pub fn encode(batches: &[FlatBatch], lane: Option<&mut LaneEncoder>) -> EncodedW
                 body: EMPTY_BODY.to_vec(),
                 samples: 0,
                 series: 0,
+                unreadable,
             }
         }
     };
     lane.trim();
     encoded
+}
+
+/// Reused scratch space for expanding points into samples.
+#[derive(Default)]
+struct Parts {
+    floats: FloatLabels,
+    name: String,
+}
+
+/// Adds every sample of `batch` to the table, labelled as `labeling` says.
+fn emit_batch(
+    batch: &FlatBatch,
+    labeling: &mut Labeling,
+    table: &mut SeriesTable,
+    parts: &mut Parts,
+) {
+    let symbols = batch.symbols();
+    let mut labels = SortedLabels::default();
+    labels.start_batch(batch);
+    for family in batch.families() {
+        let base = symbol(symbols, family.name);
+        let has_parts = has_parts(family.r#type);
+        for series in batch.series(family) {
+            labels.start_series(batch.labels(series));
+            for point in batch.points(series) {
+                let Some(value) = point.value() else { continue };
+                let mut emit = PointSink {
+                    floats: &mut parts.floats,
+                    name: &mut parts.name,
+                    base,
+                    out: Emitter {
+                        table: &mut *table,
+                        labeling: &mut *labeling,
+                        labels: &mut labels,
+                        timestamp: point.timestamp_ms,
+                    },
+                };
+                emit.point(batch, value, has_parts);
+            }
+        }
+    }
+    if let Labeling::Replay { shape, next, .. } = labeling {
+        debug_assert_eq!(*next, shape.len(), "a replay emitted what was recorded");
+    }
+}
+
+/// Whether a family of this type is a summary or histogram, whose stale markers go to `_sum`
+/// and `_count`.
+fn has_parts(kind: i32) -> bool {
+    matches!(
+        v1::MetricType::try_from(kind),
+        Ok(v1::MetricType::Summary | v1::MetricType::Histogram)
+    )
+}
+
+/// How many samples [`emit_batch`] emits for `batch`: [`PointSink::point`]'s expansion,
+/// counted. (Only the points are read, so it works on a skeleton reading.)
+fn emitted_samples(batch: &FlatBatch) -> usize {
+    let mut samples = 0;
+    for family in batch.families() {
+        let has_parts = has_parts(family.r#type);
+        for series in batch.series(family) {
+            for point in batch.points(series) {
+                samples += match point.value() {
+                    None => 0,
+                    Some(FlatValue::Number(_)) => 1,
+                    Some(FlatValue::Summary { quantiles, .. }) => quantiles.len() + 2,
+                    Some(FlatValue::Histogram { buckets, .. }) => {
+                        let inf = batch.buckets(buckets).any(|(b, _)| b == f64::INFINITY);
+                        buckets.len() + usize::from(!inf) + 2
+                    }
+                    Some(FlatValue::Stale) => 1 + usize::from(has_parts),
+                };
+            }
+        }
+    }
+    samples
+}
+
+/// A queued batch read in place and checked ([`check`]).
+fn read_checked(wire: &[u8]) -> Result<FlatBatch<'_>, RecordError> {
+    let batch = v1::read_received_batch(wire)?;
+    check(&batch)?;
+    Ok(batch)
 }
 
 /// What one lane of a remote-write sink keeps from request to request: its label cache and
@@ -269,6 +365,7 @@ struct TableBuffers {
     by_hash: HashMap<u64, usize, BuildHasherDefault<Prehashed>>,
     collisions: Vec<Option<usize>>,
     samples: Vec<(usize, TableSample)>,
+    shared: Vec<Arc<[u8]>>,
 }
 
 impl TableBuffers {
@@ -385,8 +482,13 @@ fn value_kind(value: Option<FlatValue>) -> &'static str {
 enum Labeling<'c> {
     /// Built from the batch (and, with `record`, kept for the label cache).
     Encode { record: Option<Shape> },
-    /// Taken in order from what was emitted for a batch of the same shape.
-    Replay { shape: &'c Shape, next: usize },
+    /// Taken in order from what was emitted for a batch of the same shape, whose labels are
+    /// the table's shared labels `source`.
+    Replay {
+        shape: &'c Shape,
+        source: u32,
+        next: usize,
+    },
 }
 
 /// One series' labels (the batch's common labels and its own), sorted by name, built only
@@ -440,19 +542,17 @@ impl Emitter<'_, '_, '_> {
     fn push(&mut self, name: &str, extra: Option<(&'static str, &str)>, value: f64) {
         let timestamp = self.timestamp;
         match self.labeling {
-            Labeling::Replay { shape, next } => {
-                if let Some((encoded, hash)) = shape.sample(*next) {
+            Labeling::Replay {
+                shape,
+                source,
+                next,
+            } => {
+                // `encode` checked the shape has a sample for each one the batch emits.
+                if let Some((labels, hash)) = shape.sample(*next) {
                     *next += 1;
-                    self.table.push_encoded(encoded, hash, timestamp, value);
-                    return;
+                    self.table
+                        .push_shared(*source, labels, hash, timestamp, value);
                 }
-                // Cannot happen: the shape's key covers everything that decides the samples
-                // emitted. Should it anyway, the rest of the batch is encoded in full, from
-                // labels built as they are needed, so what is sent is still right.
-                debug_assert!(false, "replayed shape ran out of samples");
-                *self.labeling = Labeling::Encode { record: None };
-                let labels = self.labels.get();
-                self.table.push(name, labels, extra, timestamp, value);
             }
             Labeling::Encode { record } => {
                 let labels = self.labels.get();
@@ -664,12 +764,17 @@ struct TableSample {
     timestamp: i64,
 }
 
-/// One series of the request: its labels (encoded, a range of the table's arena) and how
-/// many samples it has.
+/// One series of the request: its labels (encoded, a range of the table's arena or of one of
+/// its shared label buffers) and how many samples it has.
 struct SeriesEntry {
     labels: std::ops::Range<usize>,
+    /// [`IN_ARENA`], or the index of the shared buffer.
+    source: u32,
     samples: usize,
 }
+
+/// [`SeriesEntry::source`] of labels in the table's arena.
+const IN_ARENA: u32 = u32::MAX;
 
 /// The series of one request, in order of first appearance, found by a hash of their labels.
 ///
@@ -696,6 +801,11 @@ struct SeriesTable<S = RandomState> {
     keys: S,
     /// Every sample with the index of its series, in arrival order.
     samples: Vec<(usize, TableSample)>,
+    /// Label buffers of the label cache's shapes replayed in this request, which their
+    /// series refer to rather than copy (a tenth of a relaying aggregator's time went to
+    /// copying them into the arena). Held until the request is written, so a shape the
+    /// cache drops meanwhile still has its labels here.
+    shared: Vec<Arc<[u8]>>,
 }
 
 impl<S: BuildHasher> SeriesTable<S> {
@@ -714,7 +824,9 @@ impl<S: BuildHasher> SeriesTable<S> {
             mut by_hash,
             mut collisions,
             mut samples,
+            mut shared,
         } = buffers;
+        shared.clear();
         series.clear();
         arena.clear();
         by_hash.clear();
@@ -731,7 +843,23 @@ impl<S: BuildHasher> SeriesTable<S> {
             collisions,
             keys,
             samples,
+            shared,
         }
+    }
+
+    /// Makes a shape's labels available to [`SeriesTable::push_shared`], as the returned
+    /// source.
+    fn share(&mut self, labels: Arc<[u8]>) -> u32 {
+        // One per replayed batch, so far fewer than `IN_ARENA`; past it (never), the
+        // request would merely not find sources, so saturate rather than wrap.
+        let source = u32::try_from(self.shared.len()).unwrap_or(IN_ARENA - 1);
+        self.shared.push(labels);
+        source
+    }
+
+    /// The encoded labels of series `i`.
+    fn labels_of(&self, i: usize) -> &[u8] {
+        labels_in(&self.arena, &self.shared, &self.series[i])
     }
 
     fn push(
@@ -755,14 +883,22 @@ impl<S: BuildHasher> SeriesTable<S> {
             hash,
             TableSample { value, timestamp },
         );
-        (&self.arena[self.series[index].labels.clone()], hash)
+        (self.labels_of(index), hash)
     }
 
-    /// [`SeriesTable::push`] for labels already encoded, with their hash under this table's
-    /// keys (from the label cache). They are copied only for a new series.
-    fn push_encoded(&mut self, labels: &[u8], hash: u64, timestamp: i64, value: f64) {
+    /// [`SeriesTable::push`] for labels already encoded, `labels` of the shared buffer
+    /// `source` ([`SeriesTable::share`]), with their hash under this table's keys (from the
+    /// label cache). They are not copied.
+    fn push_shared(
+        &mut self,
+        source: u32,
+        labels: std::ops::Range<usize>,
+        hash: u64,
+        timestamp: i64,
+        value: f64,
+    ) {
         self.add(
-            Encoded::Given(labels),
+            Encoded::Shared { source, labels },
             hash,
             TableSample { value, timestamp },
         );
@@ -772,14 +908,12 @@ impl<S: BuildHasher> SeriesTable<S> {
     /// labels (labels at the arena's end then come off it). Returns the series' index.
     fn add(&mut self, labels: Encoded, hash: u64, sample: TableSample) -> usize {
         let index = self.series.len();
-        let arena = &self.arena;
-        let same = |i: usize| {
-            let stored = &arena[self.series[i].labels.clone()];
-            match labels {
-                Encoded::AtArenaEnd(start) => *stored == arena[start..],
-                Encoded::Given(given) => stored == given,
-            }
+        let (arena, shared, series) = (&self.arena, &self.shared, &self.series);
+        let adding: &[u8] = match &labels {
+            Encoded::AtArenaEnd(start) => &arena[*start..],
+            Encoded::Shared { source, labels } => &shared[*source as usize][labels.clone()],
         };
+        let same = |i: usize| labels_in(arena, shared, &series[i]) == adding;
         let previous = match self.by_hash.entry(hash) {
             Entry::Vacant(slot) => {
                 slot.insert(index);
@@ -801,17 +935,14 @@ impl<S: BuildHasher> SeriesTable<S> {
                 Some(slot.insert(index))
             }
         };
-        let start = match labels {
-            Encoded::AtArenaEnd(start) => start,
-            Encoded::Given(given) => {
-                let start = self.arena.len();
-                self.arena.extend_from_slice(given);
-                start
-            }
+        let (labels, source) = match labels {
+            Encoded::AtArenaEnd(start) => (start..self.arena.len(), IN_ARENA),
+            Encoded::Shared { source, labels } => (labels, source),
         };
         self.collisions.push(previous);
         self.series.push(SeriesEntry {
-            labels: start..self.arena.len(),
+            labels,
+            source,
             samples: 1,
         });
         self.samples.push((index, sample));
@@ -849,7 +980,8 @@ impl<S: BuildHasher> SeriesTable<S> {
         }
 
         out.clear();
-        out.reserve(self.arena.len() + self.samples.len() * 24 + self.series.len() * 6);
+        let label_bytes: usize = self.series.iter().map(|s| s.labels.len()).sum();
+        out.reserve(label_bytes + self.samples.len() * 24 + self.series.len() * 6);
         for (i, s) in self.series.iter().enumerate() {
             let samples = if one_each {
                 debug_assert_eq!(self.samples[i].0, i, "one sample per series, in order");
@@ -866,7 +998,7 @@ impl<S: BuildHasher> SeriesTable<S> {
             let samples_len: usize = samples.iter().map(|x| field_len(sample_len(x))).sum();
             out.push(0x0a); // WriteRequest.timeseries (1)
             put_varint(out, (s.labels.len() + samples_len) as u64);
-            out.extend_from_slice(&self.arena[s.labels.clone()]);
+            out.extend_from_slice(labels_in(&self.arena, &self.shared, s));
             for sample in samples.iter() {
                 out.push(0x12); // TimeSeries.samples (2)
                 put_varint(out, sample_len(sample) as u64);
@@ -882,17 +1014,33 @@ impl<S: BuildHasher> SeriesTable<S> {
             by_hash: self.by_hash,
             collisions: self.collisions,
             samples: self.samples,
+            // Emptied now: the request no longer needs the shapes' labels kept alive.
+            shared: {
+                let mut shared = self.shared;
+                shared.clear();
+                shared
+            },
         }
     }
 }
 
+/// A series' encoded labels, in a table's `arena` or `shared` buffers.
+fn labels_in<'t>(arena: &'t [u8], shared: &'t [Arc<[u8]>], entry: &SeriesEntry) -> &'t [u8] {
+    match entry.source {
+        IN_ARENA => &arena[entry.labels.clone()],
+        source => &shared[source as usize][entry.labels.clone()],
+    }
+}
+
 /// A sample's encoded labels, as [`SeriesTable::add`] gets them.
-#[derive(Clone, Copy)]
-enum Encoded<'l> {
+enum Encoded {
     /// Written at the end of the table's arena, from this offset.
     AtArenaEnd(usize),
-    /// Elsewhere (the label cache).
-    Given(&'l [u8]),
+    /// In one of the table's shared buffers (a label cache shape's).
+    Shared {
+        source: u32,
+        labels: std::ops::Range<usize>,
+    },
 }
 
 /// Hasher for keys that already are uniformly distributed 64-bit hashes: hashing them again
@@ -936,10 +1084,7 @@ mod tests {
                 encoder.finish(0).encode_to_vec()
             })
             .collect();
-        let batches: Vec<FlatBatch> = wires
-            .iter()
-            .map(|wire| FlatBatch::parse(wire).expect("an agent's batch is read in place"))
-            .collect();
+        let batches: Vec<QueuedBatch> = wires.iter().map(|wire| parse(wire)).collect();
         encode_every_way(&batches)
     }
 
@@ -959,7 +1104,7 @@ mod tests {
     /// cache, then replaying every batch from it), then once more in the same lane after a
     /// request of only the first batch (its buffers left as that request left them), and
     /// requires the same request every time.
-    fn encode_every_way(batches: &[FlatBatch]) -> EncodedWrite {
+    fn encode_every_way(batches: &[QueuedBatch]) -> EncodedWrite {
         let plain = encode(batches, None);
         let mut cache = cached_lane(LabelCache::default());
         let building = encode(batches, Some(&mut cache));
@@ -1382,9 +1527,9 @@ mod tests {
             &[2, 3, 4, 5],
             vec![gauge_family(1, &[6, 7, 8, 9], number)],
         );
-        let batch = FlatBatch::of(&batch);
-        check(&batch).expect("well-formed batch");
-        let request = decode(&encode_every_way(&[batch]));
+        check(&FlatBatch::of(&batch)).expect("well-formed batch");
+        let wire = batch.encode_to_vec();
+        let request = decode(&encode_every_way(&[parse(&wire)]));
         assert_eq!(
             labels_of(&request.timeseries[0]),
             vec![
@@ -1454,7 +1599,8 @@ mod tests {
                 }
             }
         }
-        let write = encode_every_way(&batches.each_ref().map(FlatBatch::of));
+        let wires = batches.each_ref().map(|b| b.encode_to_vec());
+        let write = encode_every_way(&wires.each_ref().map(|w| parse(w)));
         let request = decode(&write);
         let got: Vec<Owned> = request
             .timeseries
@@ -1605,8 +1751,14 @@ mod tests {
         encoder.finish(0).encode_to_vec()
     }
 
-    fn parse(wire: &[u8]) -> FlatBatch<'_> {
-        FlatBatch::parse(wire).expect("an agent's batch is read in place")
+    /// A wire batch as the sink's queue gives it, with its sample count.
+    fn parse(wire: &[u8]) -> QueuedBatch<'_> {
+        let batch = FlatBatch::parse(wire).expect("an agent's batch is read in place");
+        let samples = picket_core::codec::validate_flat_batch(&batch).unwrap_or(0);
+        QueuedBatch {
+            wire,
+            samples: samples as u32,
+        }
     }
 
     /// The next round of an agent replays the first round's labels with its own timestamps

@@ -9,12 +9,18 @@
 //! of each sample the encoder emitted for it, in order. A later batch of the same shape
 //! replays them and only adds its own timestamps and values.
 //!
-//! A shape is found by a hash of its key and then compared byte for byte, so a hash collision
-//! only costs a miss. The key holds every input the label encoding depends on: the symbol
-//! table's strings, the common labels, each family's name and type, each series' label
-//! indices, and each point's kind with its quantiles or bucket bounds (which decide the
-//! `quantile`/`le` series and whether `+Inf` is added). Stale points change a shape, since a
-//! stale summary or histogram emits only `_sum` and `_count`.
+//! A shape's key is the batch's *skeleton* ([`FlatBatch::parse_skeleton`]): the batch without
+//! its sequence, timestamps and values, read without decoding its symbols or labels. It holds
+//! every input the label encoding depends on: the symbol table's strings, the common labels,
+//! each family's name and type, each series' label indices, and each point's kind with its
+//! quantiles or bucket bounds (which decide the `quantile`/`le` series and whether `+Inf` is
+//! added). Stale points change a shape, since a stale summary or histogram emits only `_sum`
+//! and `_count`. A batch that hits the cache is read only that far: its symbols and labels
+//! are never decoded or checked, because they are byte for byte those of the batch that was
+//! read and checked in full when its shape was recorded. A shape is found by a hash of its
+//! key and then compared byte for byte, so a hash collision only costs a miss.
+//!
+//! [`FlatBatch::parse_skeleton`]: picket_proto::v1::FlatBatch::parse_skeleton
 //!
 //! Memory is bounded by `limit_bytes` (the lane's share of the sink's `label_cache_bytes`).
 //! Once a shape does not fit in what is left, the cache is *full*: it keeps the shapes it
@@ -29,10 +35,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
-use picket_proto::v1::{FlatBatch, FlatValue};
 
 use super::encode::Prehashed;
 
@@ -51,9 +57,9 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// Bytes of one recorded sample besides its labels: the end of its labels and their hash.
 const SAMPLE_BYTES: usize = size_of::<(u32, u64)>();
 
-/// Memory of a shape besides its contents: its place in the map, and about what the
-/// allocator keeps with its three allocations.
-const SHAPE_OVERHEAD: usize = size_of::<(u64, Shape)>() + 3 * 16;
+/// Memory of a shape besides its contents: its place in the map, the shared labels' counts,
+/// and about what the allocator keeps with its three allocations.
+const SHAPE_OVERHEAD: usize = size_of::<(u64, Shape)>() + 2 * size_of::<usize>() + 3 * 16;
 
 /// Shapes remembered as too large to cache, at most (then forgotten, to be tried again).
 const TOO_LARGE_KEPT: usize = 1024;
@@ -66,21 +72,30 @@ pub(super) struct Shape {
     /// recording stopped and the shape is not cached).
     room: usize,
     overflowed: bool,
-    /// The labels of every emitted sample, encoded as `TimeSeries.labels` fields, back to back.
-    labels: Vec<u8>,
+    /// The labels of every emitted sample, encoded as `TimeSeries.labels` fields, back to back:
+    /// written to `recording` while the shape is recorded, then shared with the requests that
+    /// replay it (a request's series refer to their labels here instead of copying them).
+    recording: Vec<u8>,
+    labels: Arc<[u8]>,
     /// Per emitted sample, in order: the end of its labels in `labels` and their hash.
     samples: Vec<(u32, u64)>,
 }
 
 impl Shape {
-    /// The encoded labels and hash of the `n`-th sample emitted for this shape.
-    pub(super) fn sample(&self, n: usize) -> Option<(&[u8], u64)> {
+    /// Where in [`Shape::labels`] the encoded labels of the `n`-th sample emitted for this
+    /// shape are, and their hash.
+    pub(super) fn sample(&self, n: usize) -> Option<(std::ops::Range<usize>, u64)> {
         let &(end, hash) = self.samples.get(n)?;
         let start = match n {
             0 => 0,
             _ => self.samples[n - 1].0,
         };
-        Some((&self.labels[start as usize..end as usize], hash))
+        Some((start as usize..end as usize, hash))
+    }
+
+    /// The encoded labels of every sample of a cached shape.
+    pub(super) fn labels(&self) -> &Arc<[u8]> {
+        &self.labels
     }
 
     /// An empty shape, to record what the encoder emits for a batch, in at most `room`
@@ -91,7 +106,8 @@ impl Shape {
             last_used: Instant::now(),
             room,
             overflowed: false,
-            labels: Vec::new(),
+            recording: Vec::new(),
+            labels: Arc::default(),
             samples: Vec::new(),
         }
     }
@@ -108,16 +124,16 @@ impl Shape {
         if self.overflowed {
             return;
         }
-        let after = self.labels.len() + labels.len();
+        let after = self.recording.len() + labels.len();
         let end = u32::try_from(after).ok();
         match end {
             Some(end) if after + (self.samples.len() + 1) * SAMPLE_BYTES <= self.room => {
-                self.labels.extend_from_slice(labels);
+                self.recording.extend_from_slice(labels);
                 self.samples.push((end, hash));
             }
             _ => {
                 self.overflowed = true;
-                self.labels = Vec::new();
+                self.recording = Vec::new();
                 self.samples = Vec::new();
             }
         }
@@ -236,12 +252,17 @@ impl LabelCache {
         Instant::now() + self.clock_offset
     }
 
-    /// The shape of `batch`: its hash, and what the encoder emitted for it last time if that
-    /// is cached; if not, whether to record this batch's for [`LabelCache::insert`] (not
-    /// while the cache is full).
-    pub(super) fn look_up(&mut self, batch: &FlatBatch) -> Lookup<'_> {
+    /// Where the next batch's skeleton is read, for [`LabelCache::look_up`].
+    pub(super) fn key_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.key
+    }
+
+    /// The shape whose key (the batch's skeleton) was just read into [`LabelCache::key_mut`]:
+    /// its hash, and what the encoder emitted for it last time if that is cached; if not,
+    /// whether to record this batch's for [`LabelCache::insert`] (not while the cache is
+    /// full).
+    pub(super) fn look_up(&mut self) -> Lookup<'_> {
         self.batches += 1;
-        write_key(batch, &mut self.key);
         let hash = self.keys.hash_one(self.key.as_slice());
         let now = self.now();
         let refusing = self.full || !self.too_large.is_empty();
@@ -280,7 +301,7 @@ impl LabelCache {
         shape.key = self.key.as_slice().into();
         shape.last_used = self.now();
         // Kept for many rounds: without the spare capacity growth left (up to as much again).
-        shape.labels.shrink_to_fit();
+        shape.labels = Arc::from(std::mem::take(&mut shape.recording));
         shape.samples.shrink_to_fit();
         let bytes = shape.bytes();
         // A shape with this hash is another one (the caller looked this one up and missed):
@@ -332,65 +353,4 @@ pub(super) enum Lookup<'c> {
     Record { hash: u64, room: usize },
     /// Not cached, and not to be: the cache is full, or the shape is too large for it.
     Skip,
-}
-
-/// Writes everything in `batch` that decides which samples the encoder emits and with which
-/// labels: all of it but timestamps, sample values, help texts and the sequence number.
-/// Numbers are varints (each self-delimiting, so the key reads back unambiguously) to keep
-/// keys, which stay in memory with their shapes, short.
-fn write_key(batch: &FlatBatch, key: &mut Vec<u8>) {
-    fn put(key: &mut Vec<u8>, n: usize) {
-        let mut n = n as u64;
-        while n >= 0x80 {
-            key.push(n as u8 | 0x80);
-            n >>= 7;
-        }
-        key.push(n as u8);
-    }
-    fn put_indices(key: &mut Vec<u8>, indices: &[u32]) {
-        put(key, indices.len());
-        for &index in indices {
-            put(key, index as usize);
-        }
-    }
-    key.clear();
-    put(key, batch.symbols().len());
-    for symbol in batch.symbols() {
-        put(key, symbol.len());
-        key.extend_from_slice(symbol.as_bytes());
-    }
-    put_indices(key, batch.common_labels());
-    put(key, batch.families().len());
-    for family in batch.families() {
-        put(key, family.name as usize);
-        key.extend_from_slice(&family.r#type.to_le_bytes());
-        let series = batch.series(family);
-        put(key, series.len());
-        for series in series {
-            put_indices(key, batch.labels(series));
-            let points = batch.points(series);
-            put(key, points.len());
-            for point in points {
-                match point.value() {
-                    None => key.push(0),
-                    Some(FlatValue::Number(_)) => key.push(1),
-                    Some(FlatValue::Stale) => key.push(2),
-                    Some(FlatValue::Summary { quantiles, .. }) => {
-                        key.push(3);
-                        put(key, quantiles.len());
-                        for (quantile, _) in batch.quantiles(quantiles) {
-                            key.extend_from_slice(&quantile.to_bits().to_le_bytes());
-                        }
-                    }
-                    Some(FlatValue::Histogram { buckets, .. }) => {
-                        key.push(4);
-                        put(key, buckets.len());
-                        for (bound, _) in batch.buckets(buckets) {
-                            key.extend_from_slice(&bound.to_bits().to_le_bytes());
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

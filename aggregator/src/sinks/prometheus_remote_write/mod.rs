@@ -11,13 +11,12 @@
 pub mod encode;
 mod label_cache;
 
-use encode::LaneEncoder;
+use encode::{LaneEncoder, QueuedBatch};
 use label_cache::LabelCache;
 
 use std::time::Duration;
 
 use hyper::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, USER_AGENT};
-use picket_proto::v1::{self, FlatBatch};
 use serde::Deserialize;
 
 use super::driver::{BatchConfig, Delivered, Destination, RecordError, Retry, RetryConfig};
@@ -157,7 +156,7 @@ impl RemoteWrite {
     fn encode_in(
         &self,
         lane: usize,
-        records: &[FlatBatch<'_>],
+        records: &[QueuedBatch<'_>],
         encoder: &mut LaneEncoder,
     ) -> encode::EncodedWrite {
         let counts = |c: &LabelCache| [c.batches(), c.hits(), c.cached()];
@@ -181,7 +180,11 @@ impl RemoteWrite {
         encoded
     }
 
-    async fn send_part(&self, lane: usize, records: &[FlatBatch<'_>]) -> Result<Delivered, Retry> {
+    async fn send_part(
+        &self,
+        lane: usize,
+        records: &[QueuedBatch<'_>],
+    ) -> Result<Delivered, Retry> {
         let lane = lane % self.lanes.len().max(1);
         let encoded = match self.lanes.get(lane).map(|l| l.try_lock()) {
             // Only this lane's one request at a time takes its lock (a retry or a bisected
@@ -205,8 +208,16 @@ impl RemoteWrite {
                 self.encode_in(lane, records, &mut poisoned.into_inner())
             }
         };
+        // Left out of the request for good: the records are committed with it.
+        let unreadable: Vec<_> = (encoded.unreadable > 0)
+            .then_some((outcome::DROPPED_CORRUPT, encoded.unreadable))
+            .into_iter()
+            .collect();
         if encoded.samples == 0 {
-            return Ok(Delivered::default());
+            return Ok(Delivered {
+                sent: 0,
+                dropped: unreadable,
+            });
         }
         let response = self
             .client
@@ -215,7 +226,7 @@ impl RemoteWrite {
         match response.status {
             200..=299 => Ok(Delivered {
                 sent: encoded.samples as u64,
-                dropped: Vec::new(),
+                dropped: unreadable,
             }),
             429 | 500..=599 => Err(Retry {
                 reason: response.status.to_string(),
@@ -233,22 +244,24 @@ impl RemoteWrite {
             status => {
                 tracing::warn!(sink = %self.name, status, samples = encoded.samples, response = %response.body,
                     "remote-write endpoint refused a batch; dropped (not retryable)");
-                Ok(Delivered {
-                    sent: 0,
-                    dropped: vec![(outcome::REJECTED, encoded.samples as u64)],
-                })
+                let mut dropped = unreadable;
+                dropped.push((outcome::REJECTED, encoded.samples as u64));
+                Ok(Delivered { sent: 0, dropped })
             }
         }
     }
 }
 
 impl Destination for RemoteWrite {
-    type Record<'a> = FlatBatch<'a>;
+    /// Read when encoded: a batch whose skeleton is in the lane's label cache is read only
+    /// that far ([`encode::encode`]), so reading it in full here would cost as much again.
+    type Record<'a> = QueuedBatch<'a>;
 
-    fn read<'a>(&self, payload: &'a [u8]) -> Result<FlatBatch<'a>, RecordError> {
-        let batch = v1::read_received_batch(payload)?;
-        encode::check(&batch)?;
-        Ok(batch)
+    fn read<'a>(&self, payload: &'a [u8], samples: u32) -> Result<QueuedBatch<'a>, RecordError> {
+        Ok(QueuedBatch {
+            wire: payload,
+            samples,
+        })
     }
 
     async fn send(&self, lane: usize, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {
@@ -271,12 +284,17 @@ mod tests {
         picket_core::config::parse("s.toml", &text).unwrap()
     }
 
-    fn record(instance: &str, ts: i64) -> FlatBatch<'static> {
+    /// A one-sample queue record (its bytes live as long as the test process).
+    fn record(instance: &str, ts: i64) -> QueuedBatch<'static> {
         let mut f = Family::new("m", MetricType::Gauge, "");
         f.push(Labels::from_pairs([("instance", instance)]), ts, 1.0);
         let mut encoder = BatchEncoder::new(&Labels::new());
         encoder.push(&f);
-        FlatBatch::from_batch(encoder.finish(0))
+        let wire = encoder.finish(0).encode_to_vec();
+        QueuedBatch {
+            wire: Box::leak(wire.into_boxed_slice()),
+            samples: 1,
+        }
     }
 
     fn sink(server: &MockServer) -> (RemoteWrite, Arc<SinkMetrics>) {
@@ -312,6 +330,33 @@ mod tests {
             metrics.sample_count(outcome::SENT),
             0,
             "the driver counts, not send"
+        );
+    }
+
+    /// A record that cannot be read (here: a symbol that is not UTF-8, which the skeleton
+    /// reading does not look at) is left out and counted; the request carries the others,
+    /// whether their shapes are cached or not.
+    #[tokio::test]
+    async fn an_unreadable_record_is_left_out_and_counted() {
+        let server = MockServer::start().await;
+        let (rw, _) = sink(&server);
+        let broken = QueuedBatch {
+            wire: &[0x12, 0x01, 0xff],
+            samples: 7,
+        };
+        for round in 0..2 {
+            let records = [record("a", 1 + round), broken, record("b", 2 + round)];
+            let delivered = rw.send(0, &records).await.unwrap();
+            assert_eq!(delivered.sent, 2, "round {round}");
+            assert_eq!(delivered.dropped, vec![(outcome::DROPPED_CORRUPT, 7)]);
+        }
+        let only_broken = rw.send(0, &[broken]).await.unwrap();
+        assert_eq!(only_broken.sent, 0);
+        assert_eq!(only_broken.dropped, vec![(outcome::DROPPED_CORRUPT, 7)]);
+        assert_eq!(
+            server.received().len(),
+            2,
+            "nothing sent for the broken record alone"
         );
     }
 
