@@ -23,6 +23,7 @@ use crate::agents::{Registry, SequenceCheck};
 use crate::grpc_listener::{GrpcConnections, StreamGuard};
 use crate::identity::common_name;
 use crate::sinks::Sinks;
+use crate::store::StoreRoute;
 
 /// Acks queued per stream before the stream stops reading batches: a client that never reads
 /// its acks stalls only itself.
@@ -234,16 +235,7 @@ impl StreamSession {
                 ))
             };
             let reading = match known.read(&wire, skeletons) {
-                Some(points) if self.sinks.latest.is_enabled() => Reading::Known {
-                    sequence: points.sequence,
-                    samples: points.samples,
-                    batch: Some(v1::read_received_batch(&wire).map_err(undecodable)?),
-                },
-                Some(points) => Reading::Known {
-                    sequence: points.sequence,
-                    samples: points.samples,
-                    batch: None,
-                },
+                Some((points, samples)) => Reading::Known { points, samples },
                 None => Reading::Full(v1::read_received_batch(&wire).map_err(undecodable)?),
             };
             let sequence = reading.sequence();
@@ -322,11 +314,22 @@ impl StreamSession {
         };
         let accepted = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: false });
         let batch = match reading {
-            Reading::Known { batch, samples, .. } => {
+            Reading::Known { points, samples } => {
                 self.sinks
-                    .deliver_wire(agent, session, sequence, wire, batch.as_ref(), *samples)
+                    .deliver_wire(agent, session, sequence, wire, *samples)
                     .map_err(cannot_store)?;
                 self.registry.accepted(agent, session, sequence, *samples);
+                let latest = &self.sinks.latest;
+                if latest.is_enabled() && !latest.apply_points(points, &known.route) {
+                    // The route is out of date (or the batch removes series): the full way,
+                    // which routes again. The batch read so far, so this read cannot fail.
+                    match v1::read_received_batch(wire) {
+                        Ok(batch) => latest.apply_flat(&batch, &mut known.route),
+                        Err(e) => {
+                            tracing::error!(%agent, sequence, error = %e, "a batch read as a skeleton could not be read in full; not applied to /metrics");
+                        }
+                    }
+                }
                 return Ok(accepted);
             }
             Reading::Full(batch) => batch,
@@ -344,9 +347,12 @@ impl StreamSession {
                 self.cert_identity.is_some() && common_label(batch, "instance") != Some(agent);
             if !relabel {
                 self.sinks
-                    .deliver_wire(agent, session, sequence, wire, Some(batch), samples)
+                    .deliver_wire(agent, session, sequence, wire, samples)
                     .map_err(cannot_store)?;
                 self.registry.accepted(agent, session, sequence, samples);
+                self.sinks
+                    .latest
+                    .apply_flat(batch, &mut known.current_route);
                 // Relabelling depends on the common labels only, which the skeleton holds:
                 // later batches of this skeleton are not relabelled either.
                 known.learn(samples);
@@ -387,20 +393,18 @@ enum Reading<'w> {
     /// Read in full, to be validated.
     Full(FlatBatch<'w>),
     /// Its skeleton is the one of the stream's last batch that passed in full, and its points
-    /// passed ([`KnownSkeleton::read`]): valid, with that batch's sample count. `batch` is
-    /// the batch read in full for the `/metrics` store, when that is on.
+    /// (`points`, read by `FlatBatch::parse_skeleton`) passed ([`KnownSkeleton::read`]):
+    /// valid, with that batch's sample count.
     Known {
-        sequence: u64,
+        points: FlatBatch<'w>,
         samples: usize,
-        batch: Option<FlatBatch<'w>>,
     },
 }
 
 impl Reading<'_> {
     fn sequence(&self) -> u64 {
         match self {
-            Reading::Full(batch) => batch.sequence,
-            Reading::Known { sequence, .. } => *sequence,
+            Reading::Full(batch) | Reading::Known { points: batch, .. } => batch.sequence,
         }
     }
 }
@@ -408,29 +412,29 @@ impl Reading<'_> {
 /// An agent sends the same series every round, so each batch on a stream mostly has the
 /// skeleton of the one before ([`FlatBatch::parse_skeleton`]: everything but timestamps and
 /// values). Checking symbols, label names and duplicates, types and sizes again for it would
-/// find what it found last time; only the points need checking. That and skipping the full
-/// read were a fifth of a relaying aggregator's CPU time (docs/performance.md).
+/// find what it found last time; only the points need checking. And its series are where the
+/// last one's went in the `/metrics` store, so its values go there by the route that batch
+/// left ([`StoreRoute`]). Skipping the full read and check was a fifth of a relaying
+/// aggregator's CPU time, and the route two fifths with the store on (docs/performance.md).
 #[derive(Default)]
 struct KnownSkeleton {
     /// The skeleton of the last batch that passed in full and was queued as received.
     skeleton: Vec<u8>,
     /// That batch's samples (`None` before the first one).
     samples: Option<usize>,
-    /// The skeleton of the batch being accepted, if it could be read.
+    /// Where that batch's series are in the store.
+    route: StoreRoute,
+    /// The skeleton of the batch being accepted, if it could be read, and its route once it
+    /// is applied in full: the known ones if it passes ([`KnownSkeleton::learn`]).
     current: Vec<u8>,
     current_read: bool,
-}
-
-/// What [`KnownSkeleton::read`] found.
-struct KnownPoints {
-    sequence: u64,
-    samples: usize,
+    current_route: StoreRoute,
 }
 
 impl KnownSkeleton {
     /// Reads `wire`'s skeleton (with `enabled`) and, if it is the known one, its points:
-    /// `Some` when they pass too and nothing more needs checking.
-    fn read(&mut self, wire: &[u8], enabled: bool) -> Option<KnownPoints> {
+    /// `Some`, with the sample count, when they pass too and nothing more needs checking.
+    fn read<'w>(&mut self, wire: &'w [u8], enabled: bool) -> Option<(FlatBatch<'w>, usize)> {
         self.current_read = false;
         if !enabled {
             return None;
@@ -443,16 +447,14 @@ impl KnownSkeleton {
         }
         // Same skeleton, same count (`validate_points` counts as the full validation does);
         // a difference would mean the two disagree, and the full validation decides.
-        (validate_points(&points)? == samples).then_some(KnownPoints {
-            sequence: points.sequence,
-            samples,
-        })
+        (validate_points(&points)? == samples).then_some((points, samples))
     }
 
     /// The batch just read passed in full, with `samples`: its skeleton is the known one.
     fn learn(&mut self, samples: usize) {
         if self.current_read {
             std::mem::swap(&mut self.skeleton, &mut self.current);
+            std::mem::swap(&mut self.route, &mut self.current_route);
             self.samples = Some(samples);
         }
     }

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use picket_core::codec::BatchEncoder;
 use picket_core::model::{Family, Labels, now_ms};
-use picket_proto::v1::FlatBatch;
 use prost::Message;
 
 use crate::config::{NetworkSettings, SinkConfig};
@@ -173,17 +172,16 @@ impl Sinks {
     }
 
     /// Like [`Sinks::deliver`] for a batch that was only validated: `wire` is the encoded
-    /// `picket.v1.Batch` as received, `batch` the same read in place, which
-    /// `codec::validate_flat_batch` has accepted (the store relies on it), and `samples` its
-    /// sample count. Network sinks queue the bytes as they are and the latest store applies
-    /// the batch as read. Only for when [`Sinks::needs_families`] is false.
+    /// `picket.v1.Batch` as received, which `codec::validate_flat_batch` has accepted, and
+    /// `samples` its sample count. Network sinks queue the bytes as they are; the caller
+    /// applies the batch to the latest store (`LatestStore::apply_flat` or `apply_points`),
+    /// once this returned `Ok`. Only for when [`Sinks::needs_families`] is false.
     pub fn deliver_wire(
         &self,
         agent: &str,
         session: u64,
         sequence: u64,
         wire: &[u8],
-        batch: Option<&FlatBatch>,
         samples: usize,
     ) -> Result<(), SinkError> {
         if !self.files.is_empty() || self.network.iter().any(|s| !s.routing.is_identity()) {
@@ -191,16 +189,7 @@ impl Sinks {
                 "a batch reached the sinks undecoded although a file sink or routing rules need its samples".to_owned(),
             ));
         }
-        self.deliver_content(
-            agent,
-            session,
-            sequence,
-            Content::Wire {
-                wire,
-                batch,
-                samples,
-            },
-        )
+        self.deliver_content(agent, session, sequence, Content::Wire { wire, samples })
     }
 
     fn deliver_content(
@@ -253,14 +242,8 @@ impl Sinks {
         self.healthy.store(true, Ordering::Relaxed);
         match content {
             Content::Decoded { families, .. } => self.latest.apply(families),
-            // Without the batch read in full (the store was off when ingest read it), there
-            // is nothing to apply; should the store have been turned on since, its next
-            // batch from this agent fills it.
-            Content::Wire { batch, .. } => {
-                if let Some(batch) = batch {
-                    self.latest.apply_flat(batch)
-                }
-            }
+            // Ingest applies these itself, by the stream's route (`LatestStore::apply_points`).
+            Content::Wire { .. } => {}
         }
         Ok(())
     }
@@ -364,13 +347,8 @@ enum Content<'a> {
         /// The encoded batch as received, when `families` is exactly its decoding.
         wire: Option<&'a [u8]>,
     },
-    /// An encoded batch as received (`wire`), validated and read in place (`batch`, `None`
-    /// when only its points were read because the `/metrics` store is off) but not decoded.
-    Wire {
-        wire: &'a [u8],
-        batch: Option<&'a FlatBatch<'a>>,
-        samples: usize,
-    },
+    /// An encoded batch as received, validated but not decoded.
+    Wire { wire: &'a [u8], samples: usize },
 }
 
 /// Opens a network sink's queue, builds its destination and starts its driver.
@@ -567,21 +545,20 @@ mod tests {
         encoder.push(&family);
         let wire = encoder.finish(1).encode_to_vec();
         let batch = picket_proto::v1::read_received_batch(&wire).unwrap();
-        relay
-            .deliver_wire("pi", 1, 1, &wire, Some(&batch), 1)
-            .unwrap();
+        relay.deliver_wire("pi", 1, 1, &wire, 1).unwrap();
         assert_eq!(relay.network[0].queue.depth().samples, 1);
-        assert_eq!(relay.latest.series_count(), 0);
-        // The store reads the batch in place: same series as from its decoding.
-        stored
-            .deliver_wire("pi", 1, 1, &wire, Some(&batch), 1)
-            .unwrap();
+        stored.deliver_wire("pi", 1, 1, &wire, 1).unwrap();
         assert_eq!(stored.network[0].queue.depth().samples, 1);
+        // Ingest applies it to the store, read in place: same series as from its decoding.
+        let mut route = crate::store::StoreRoute::default();
+        relay.latest.apply_flat(&batch, &mut route);
+        assert_eq!(relay.latest.series_count(), 0);
+        stored.latest.apply_flat(&batch, &mut route);
         assert_eq!(stored.latest.snapshot(), vec![family.clone()]);
         // A sink that must see the samples refuses an undecoded batch instead of skipping
         // its rules.
         assert!(matches!(
-            routed.deliver_wire("pi", 1, 1, &wire, Some(&batch), 1),
+            routed.deliver_wire("pi", 1, 1, &wire, 1),
             Err(SinkError::Internal(_))
         ));
         assert_eq!(routed.network[0].queue.depth().samples, 0);
