@@ -159,13 +159,14 @@ impl RemoteWrite {
         records: &[QueuedBatch<'_>],
         encoder: &mut LaneEncoder,
     ) -> encode::EncodedWrite {
-        let counts = |c: &LabelCache| [c.batches(), c.hits(), c.cached()];
+        let counts = |c: &LabelCache| [c.hits(), c.cached()];
         let before = encoder.cache().map(counts);
         let encoded = encode::encode(records, Some(encoder));
         if let (Some(cache), Some(before)) = (encoder.cache(), before) {
-            let [batches, hits, cached] = counts(cache);
-            let (batches, hits, cached) =
-                (batches - before[0], hits - before[1], cached - before[2]);
+            let [hits, cached] = counts(cache);
+            let (hits, cached) = (hits - before[0], cached - before[1]);
+            // Every record counts: one whose skeleton could not be read was not looked up.
+            let batches = (records.len() as u64).max(hits + cached);
             self.metrics.label_cache(
                 lane,
                 LabelCacheUse {
