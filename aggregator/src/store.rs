@@ -74,7 +74,7 @@ struct Slot {
 /// full application of a batch found them ([`LatestStore::apply_flat`]). An agent's next
 /// batch of the same skeleton has the same series in the same order, so its values can go
 /// straight to those slots ([`LatestStore::apply_points`]) without building a key or looking
-/// one up per series (two fifths of an aggregator's CPU with the store on).
+/// one up per series (two fifths of an aggregator's CPU with the store on: docs/performance.md).
 #[derive(Debug, Default)]
 pub struct StoreRoute {
     resets: u64,
@@ -227,6 +227,10 @@ impl LatestStore {
     /// route cannot be followed: a series it leads to has left the store (or the store was
     /// off since), or the batch has a stale marker or a point the route did not store
     /// (removals and new series need the labels). Apply the batch in full then.
+    ///
+    /// Families' help texts are left as they are: the batch's are those of the batch the
+    /// route came from, which applied them (another source sending the same family with
+    /// another help text keeps its text until this stream's next full application).
     pub fn apply_points(&self, points: &FlatBatch, route: &StoreRoute) -> bool {
         if !self.is_enabled() {
             return true;

@@ -22,7 +22,10 @@
 //!
 //! Adding a field to `Batch` or a message inside it: [`FlatBatch::of`] stops compiling
 //! until the field is handled there, and [`FlatBatch::parse`] must read it too (it would
-//! otherwise skip it as unknown).
+//! otherwise skip it as unknown). Whatever `Reader` decodes from it must also go into the
+//! skeleton (a token, unless it is a timestamp or value): nothing checks that but the
+//! skeleton tests, and a field left out would let two batches that differ in it share a
+//! skeleton.
 
 use std::borrow::Cow;
 

@@ -90,8 +90,8 @@ pub struct Retry {
 /// A database a sink writes to.
 pub trait Destination: Send + Sync + 'static {
     /// One queue record in the form this destination encodes from: decoded families for
-    /// InfluxDB; for remote write, which transcodes it directly, the batch read in place
-    /// and borrowing the record's bytes.
+    /// InfluxDB; for remote write, which reads it when it encodes a request (how far depends
+    /// on its label cache), the record's bytes and sample count.
     type Record<'a>: Send + Sync;
 
     /// Reads a record's payload (a `picket.v1.Batch` as the agent sent it, or as ingest

@@ -142,8 +142,9 @@ impl Sinks {
     }
 
     /// Whether delivering needs a batch's decoded families: for a file sink or a sink's
-    /// routing rules. When nothing does, ingest only validates a batch and hands it, read in
-    /// place, to [`Sinks::deliver_wire`]; the latest store reads it that way too.
+    /// routing rules. When nothing does, ingest only validates a batch (in place, or only its
+    /// points when its skeleton is the stream's known one), hands its bytes to
+    /// [`Sinks::deliver_wire`] and applies it to the latest store itself.
     pub fn needs_families(&self) -> bool {
         !self.files.is_empty() || self.network.iter().any(|s| !s.routing.is_identity())
     }
@@ -172,7 +173,7 @@ impl Sinks {
     }
 
     /// Like [`Sinks::deliver`] for a batch that was only validated: `wire` is the encoded
-    /// `picket.v1.Batch` as received, which `codec::validate_flat_batch` has accepted, and
+    /// `picket.v1.Batch` as received, which passed ingest's validation, and
     /// `samples` its sample count. Network sinks queue the bytes as they are; the caller
     /// applies the batch to the latest store (`LatestStore::apply_flat` or `apply_points`),
     /// once this returned `Ok`. Only for when [`Sinks::needs_families`] is false.

@@ -396,10 +396,11 @@ fn symbol_pairs<'b>(
 /// Checks what [`encode`] relies on in a batch read back from the sink's queue: symbol
 /// indices in range, labels in pairs, a known type and a value of that type on every point.
 ///
-/// The aggregator queues only batches that passed the full decode at ingest, so this fails
-/// only for a record damaged in a way its checksum missed or written by a broken build. It
-/// is deliberately cheaper than that decode (no label sets are built); label names, quantiles,
-/// buckets and timestamps were validated at ingest.
+/// The aggregator queues only batches that passed ingest's validation (in full, or their
+/// points with a skeleton that passed in full), so this fails only for a record damaged in a
+/// way its checksum missed or written by a broken build. It is deliberately cheaper than that
+/// validation (no label names are checked); label names, quantiles, buckets and timestamps
+/// were validated at ingest.
 pub fn check(batch: &FlatBatch) -> Result<(), DecodeError> {
     let len = batch.symbols().len();
     let in_range = |at: &dyn Fn() -> String, index: u32| {

@@ -12,7 +12,7 @@
 //! A shape's key is the batch's *skeleton* ([`FlatBatch::parse_skeleton`]): the batch without
 //! its sequence, timestamps and values, read without decoding its symbols or labels. It holds
 //! every input the label encoding depends on: the symbol table's strings, the common labels,
-//! each family's name and type, each series' label indices, and each point's kind with its
+//! each family's name, type and help, each series' label indices, and each point's kind with its
 //! quantiles or bucket bounds (which decide the `quantile`/`le` series and whether `+Inf` is
 //! added). Stale points change a shape, since a stale summary or histogram emits only `_sum`
 //! and `_count`. A batch that hits the cache is read only that far: its symbols and labels
