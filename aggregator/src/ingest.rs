@@ -481,3 +481,73 @@ impl KnownSkeleton {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use picket_core::codec::BatchEncoder;
+    use picket_core::model::{Family, Labels, MetricType};
+    use prost::Message;
+
+    /// A round of one gauge family whose one label value is `value`.
+    fn round(sequence: u64, value: &str, reading: f64) -> Vec<u8> {
+        let mut family = Family::new("m", MetricType::Gauge, "");
+        family.push(
+            Labels::from_pairs([("k", value)]),
+            1_000 + sequence as i64,
+            reading,
+        );
+        let mut encoder = BatchEncoder::new(&Labels::from_pairs([("instance", "pi")]));
+        encoder.push(&family);
+        encoder.finish(sequence).encode_to_vec()
+    }
+
+    /// Only a learnt skeleton matches, and only until it is forgotten; a later round of it
+    /// with other readings matches, another skeleton does not.
+    #[test]
+    fn a_skeleton_matches_once_learnt_and_until_forgotten() {
+        let mut known = KnownSkeleton::default();
+        let first = round(1, "a", 1.0);
+        assert!(known.read(&first, true).is_none(), "nothing learnt yet");
+        known.learn(1);
+        let second = round(2, "a", 2.0);
+        let (points, samples) = known.read(&second, true).expect("same skeleton");
+        assert_eq!((points.sequence, samples), (2, 1));
+        assert!(
+            known.read(&round(3, "b", 2.0), true).is_none(),
+            "another label value"
+        );
+        assert!(
+            known.read(&round(4, "a", 2.0), false).is_none(),
+            "reading skeletons off"
+        );
+        // A batch about to be applied in full rewrites the route: nothing matches until its
+        // skeleton is learnt.
+        known.read(&round(5, "a", 3.0), true);
+        known.forget();
+        assert!(known.read(&round(6, "a", 3.0), true).is_none());
+        known.learn(1);
+        assert!(known.read(&round(7, "a", 3.0), true).is_some());
+    }
+
+    /// A skeleton over `KEPT_BYTES` is not learnt, and the buffer it was read into is not
+    /// kept for the next batch; the known one stays.
+    #[test]
+    fn a_skeleton_too_large_to_keep_is_not_learnt() {
+        let mut known = KnownSkeleton::default();
+        known.read(&round(1, "a", 1.0), true);
+        known.learn(1);
+        let huge = "x".repeat(KnownSkeleton::KEPT_BYTES + 1);
+        let big = round(2, &huge, 1.0);
+        assert!(known.read(&big, true).is_none());
+        known.learn(1);
+        assert!(
+            known.read(&round(3, &huge, 2.0), true).is_none(),
+            "not learnt"
+        );
+        assert!(known.current.capacity() > KnownSkeleton::KEPT_BYTES);
+        // The known skeleton is the small one still, and the large buffer is let go.
+        assert!(known.read(&round(4, "a", 2.0), true).is_some());
+        assert!(known.current.capacity() <= KnownSkeleton::KEPT_BYTES);
+    }
+}
