@@ -1,18 +1,22 @@
 //! Collected → visible in Prometheus. A real `picket-agent` (host metrics every 200 ms, each
-//! round its own batch as with any `interval` ≥ `batch.max_delay`) is the probe: the bench polls Prometheus for `timestamp()` of the probe's newest sample and
-//! notes when each new collection time first shows up. Background load comes from simulated
-//! agents at 10 % and 80 % of the pipeline's measured maximum (aggregator → Prometheus).
+//! round its own batch as with any `interval` ≥ `batch.max_delay`) is the probe: the bench
+//! polls Prometheus for the probe's recent samples and notes when each one collected in the
+//! measuring window first shows up. Background load comes from simulated agents at 10 % and
+//! 80 % of the pipeline's measured maximum (aggregator → Prometheus); it stops when the window
+//! ends, and the bench goes on polling until every sample collected in the window has shown up,
+//! so a slow sample is counted at its real age instead of falling out of the window.
 //! The baseline, measured the same way in the same run, is a sample the bench remote-writes
 //! straight to Prometheus: what Picket adds is the difference.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use picket_tests::servers::{Prometheus, Series};
 use picket_tests::{Aggregator, bin};
 
-use crate::loadgen::{self, LoadSpec, Pace};
+use crate::loadgen::{self, LoadSpec, LoadStats, Pace};
 use crate::report::{count, percentile};
 use crate::wire::SeriesShape;
 use crate::{Settings, setup};
@@ -32,10 +36,22 @@ pub async fn run(s: &mut Settings) -> Result<()> {
     );
     let agg = setup::aggregator(dir.path(), &pki, &sink)?;
     let endpoint = format!("https://{}", agg.grpc);
-    let (agents, window, measure) = if s.quick {
-        (4, Duration::from_secs(3), Duration::from_secs(5))
+    // `drain`: how long after the window the last of its probe samples may take to show up
+    // before the run counts as failed (the pipeline lost them or is stuck).
+    let (agents, window, measure, drain) = if s.quick {
+        (
+            4,
+            Duration::from_secs(3),
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        )
     } else {
-        (10, Duration::from_secs(10), Duration::from_secs(60))
+        (
+            10,
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_secs(180),
+        )
     };
     let spec = |series: usize, pace: Pace| LoadSpec {
         endpoint: endpoint.clone(),
@@ -97,7 +113,18 @@ pub async fn run(s: &mut Settings) -> Result<()> {
         let mut cmd = std::process::Command::new(bin("picket-agent"));
         cmd.arg("--config").arg(&probe_config);
         let mut probe = setup::spawn(cmd, dir.path().join(format!("probe-{fraction}.log")))?;
-        let (picket, direct) = tokio::task::block_in_place(|| poll_probes(&prometheus, measure))?;
+        let watched = tokio::task::block_in_place(|| {
+            watch_probes(&prometheus, measure, drain, || {
+                tokio::runtime::Handle::current().block_on(load.stop())
+            })
+        })
+        .with_context(|| {
+            format!(
+                "at {:.0} % load; the aggregator's log: {}",
+                fraction * 100.0,
+                agg.process.log.display()
+            )
+        });
         if !probe.is_running() {
             return Err(anyhow!(
                 "the probe agent exited; its log:\n{}",
@@ -105,9 +132,12 @@ pub async fn run(s: &mut Settings) -> Result<()> {
             ));
         }
         probe.terminate(Duration::from_secs(20));
-        let stats = load.stop().await?;
-        let skipped = stats.skipped_rounds.load(Ordering::Relaxed);
-        let (mut picket, mut direct) = (picket, direct);
+        let Watched {
+            mut picket,
+            mut direct,
+            load,
+        } = watched?;
+        let skipped = load.skipped_rounds.load(Ordering::Relaxed);
         let p = |v: &mut Vec<i64>, q| percentile(v, q).map_or(f64::NAN, |x| x as f64);
         let (p50, p99, d50, d99) = (
             p(&mut picket, 0.5),
@@ -159,11 +189,27 @@ fn sent(agg: &Aggregator) -> f64 {
     sink_samples(agg, "sent")
 }
 
-/// Polls Prometheus for `measure`; returns the ages (ms) at which new probe samples became
-/// visible: (through Picket, written directly). A thread meanwhile remote-writes the direct
-/// probe every 200 ms.
-fn poll_probes(prometheus: &Prometheus, measure: Duration) -> Result<(Vec<i64>, Vec<i64>)> {
-    let stop = std::sync::atomic::AtomicBool::new(false);
+/// What [`watch_probes`] saw: the age (ms) of each probe sample collected in the window when it
+/// first showed up in Prometheus, through Picket and written directly, and the background
+/// load's counters.
+struct Watched {
+    picket: Vec<i64>,
+    direct: Vec<i64>,
+    load: Arc<LoadStats>,
+}
+
+/// Polls Prometheus while a thread remote-writes the direct probe every 200 ms. After
+/// `measure` it stops the background load (`stop_load`) and polls on until, for both probes,
+/// a sample collected after the window is visible: Prometheus takes a series' samples in
+/// timestamp order only, so every sample of the window that will arrive has arrived by then.
+/// Fails if that takes longer than `drain`.
+fn watch_probes(
+    prometheus: &Prometheus,
+    measure: Duration,
+    drain: Duration,
+    stop_load: impl FnOnce() -> Result<Arc<LoadStats>>,
+) -> Result<Watched> {
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| -> Result<()> {
             while !stop.load(Ordering::Relaxed) {
@@ -188,54 +234,183 @@ fn poll_probes(prometheus: &Prometheus, measure: Duration) -> Result<(Vec<i64>, 
             }
             Ok(())
         });
-        let query = format!(
-            "timestamp({{__name__=~\"picket_agent_collections_total|picket_bench_direct_probe\",instance=~\"{PROBE}|direct\"}})"
-        );
-        let (mut picket, mut direct) = (Vec::new(), Vec::new());
-        let (mut last_picket, mut last_direct) = (0i64, 0i64);
-        let deadline = Instant::now() + measure;
-        while Instant::now() < deadline {
-            let answer = prometheus.query(&query);
-            let seen = crate::now_ms();
-            let results = answer["data"]["result"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            for r in results {
-                let instance = r["metric"]["instance"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned();
-                let Some(ts) = r["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) else {
-                    continue;
-                };
-                let ts = (ts * 1000.0).round() as i64;
-                let (last, ages) = if instance == PROBE {
-                    (&mut last_picket, &mut picket)
-                } else {
-                    (&mut last_direct, &mut direct)
-                };
-                // The first sighting only tells that it was there already.
-                if *last != 0 && ts > *last {
-                    ages.push(seen - ts);
-                }
-                if ts > *last {
-                    *last = ts;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let watched = poll(prometheus, measure, drain, stop_load);
         stop.store(true, Ordering::Relaxed);
         writer
             .join()
             .map_err(|_| anyhow!("the direct-write thread panicked"))??;
-        if picket.is_empty() || direct.is_empty() {
+        watched
+    })
+}
+
+fn poll(
+    prometheus: &Prometheus,
+    measure: Duration,
+    drain: Duration,
+    stop_load: impl FnOnce() -> Result<Arc<LoadStats>>,
+) -> Result<Watched> {
+    let window = Window {
+        start: crate::now_ms(),
+        end: crate::now_ms() + measure.as_millis() as i64,
+    };
+    let (mut picket, mut direct) = (Sightings::default(), Sightings::default());
+    let mut stop_load = Some(stop_load);
+    let mut load = None;
+    let mut drain_deadline = None;
+    loop {
+        if load.is_none() && crate::now_ms() > window.end {
+            if let Some(stop_load) = stop_load.take() {
+                load = Some(stop_load()?);
+            }
+            drain_deadline = Some(Instant::now() + drain);
+        }
+        if let Some(load) = &load
+            && picket.complete(window)
+            && direct.complete(window)
+        {
+            if picket.ages.is_empty() || direct.ages.is_empty() {
+                return Err(anyhow!(
+                    "no probe samples collected in the window seen in Prometheus (through Picket: {}, direct: {})",
+                    picket.ages.len(),
+                    direct.ages.len()
+                ));
+            }
+            return Ok(Watched {
+                picket: picket.ages,
+                direct: direct.ages,
+                load: load.clone(),
+            });
+        }
+        if drain_deadline.is_some_and(|deadline| Instant::now() > deadline) {
             return Err(anyhow!(
-                "no probe samples seen in Prometheus (through Picket: {}, direct: {})",
-                picket.len(),
-                direct.len()
+                "the probe samples collected in the {}s window were not all visible in Prometheus {}s \
+                 after the background load stopped (through Picket: {}; direct: {})",
+                measure.as_secs(),
+                drain.as_secs(),
+                picket.describe(window),
+                direct.describe(window)
             ));
         }
-        Ok((picket, direct))
-    })
+        // Everything newer than what was seen of either probe, so a sample that arrives late
+        // is still in the answer.
+        let since = picket
+            .newest
+            .max(window.start)
+            .min(direct.newest.max(window.start));
+        let lookback = crate::now_ms() - since + 1000;
+        let answer = prometheus.query(&format!(
+            "{{__name__=~\"picket_agent_collections_total|picket_bench_direct_probe\",instance=~\"{PROBE}|direct\"}}[{lookback}ms]"
+        ));
+        let seen = crate::now_ms();
+        for series in answer["data"]["result"].as_array().into_iter().flatten() {
+            let timestamps: Vec<i64> = series["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|pair| pair[0].as_f64())
+                .map(|seconds| (seconds * 1000.0).round() as i64)
+                .collect();
+            let sightings = if series["metric"]["instance"] == PROBE {
+                &mut picket
+            } else {
+                &mut direct
+            };
+            sightings.note(&timestamps, seen, window);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The measuring window, in ms since the Unix epoch (both ends included).
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    start: i64,
+    end: i64,
+}
+
+/// One probe's samples as the polls showed them.
+#[derive(Default, Debug)]
+struct Sightings {
+    /// The newest sample timestamp seen so far (ms).
+    newest: i64,
+    /// For each sample collected in the window: how old it was when first seen (ms).
+    ages: Vec<i64>,
+}
+
+impl Sightings {
+    /// Notes one answer's sample timestamps, read at `seen`: a sample newer than any seen
+    /// before has just shown up.
+    fn note(&mut self, timestamps: &[i64], seen: i64, window: Window) {
+        let mut newest = self.newest;
+        for &ts in timestamps {
+            if ts > self.newest && (window.start..=window.end).contains(&ts) {
+                self.ages.push(seen - ts);
+            }
+            newest = newest.max(ts);
+        }
+        self.newest = newest;
+    }
+
+    /// Whether a sample collected after the window has shown up, and so every sample of the
+    /// window that Prometheus will take.
+    fn complete(&self, window: Window) -> bool {
+        self.newest > window.end
+    }
+
+    fn describe(&self, window: Window) -> String {
+        match self.newest {
+            0 => "nothing seen".to_owned(),
+            newest => format!(
+                "{} seen, the newest collected {} ms before the window ended",
+                self.ages.len(),
+                window.end - newest
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Window = Window {
+        start: 1_000,
+        end: 2_000,
+    };
+
+    #[test]
+    fn a_sample_is_aged_when_it_first_shows_up_and_counted_once() {
+        let mut s = Sightings::default();
+        s.note(&[1_100], 1_105, WINDOW);
+        s.note(&[1_100, 1_300], 1_310, WINDOW);
+        s.note(&[1_100, 1_300], 1_400, WINDOW);
+        assert_eq!(s.ages, vec![5, 10]);
+    }
+
+    #[test]
+    fn samples_that_show_up_together_each_get_their_own_age() {
+        let mut s = Sightings::default();
+        s.note(&[1_100, 1_300, 1_500], 1_600, WINDOW);
+        assert_eq!(s.ages, vec![500, 300, 100]);
+    }
+
+    #[test]
+    fn a_sample_of_the_window_that_shows_up_late_still_counts_at_its_age() {
+        let mut s = Sightings::default();
+        s.note(&[1_900], 1_950, WINDOW);
+        assert!(!s.complete(WINDOW));
+        // Long after the window: the backlog drains.
+        s.note(&[1_900, 2_000, 2_200], 9_000, WINDOW);
+        assert_eq!(s.ages, vec![50, 7_000]);
+        assert!(s.complete(WINDOW));
+    }
+
+    #[test]
+    fn samples_from_before_the_window_are_not_counted() {
+        let mut s = Sightings::default();
+        s.note(&[400, 900], 1_010, WINDOW);
+        assert!(s.ages.is_empty());
+        assert_eq!(s.newest, 900);
+        assert!(!s.complete(WINDOW));
+    }
 }
