@@ -253,15 +253,17 @@ fn watch_probes(
     })
 }
 
+/// [`watch_probes`]'s polling, on the calling thread.
 fn poll(
     prometheus: &Prometheus,
     measure: Duration,
     drain: Duration,
     stop_load: impl FnOnce() -> Result<Arc<LoadStats>>,
 ) -> Result<Watched> {
+    let start = crate::now_ms();
     let window = Window {
-        start: crate::now_ms(),
-        end: crate::now_ms() + measure.as_millis() as i64,
+        start,
+        end: start + measure.as_millis() as i64,
     };
     let (mut picket, mut direct) = (Sightings::default(), Sightings::default());
     let mut stop_load = Some(stop_load);
