@@ -143,6 +143,15 @@ pub async fn run(s: &mut Settings) -> Result<()> {
             mut direct,
             load,
         } = watched?;
+        // A refused sample would be missing from the probe's count rather than late.
+        let rejected = sink_samples(&agg, "rejected");
+        if rejected > 0.0 {
+            return Err(anyhow!(
+                "Prometheus rejected {rejected} samples by the end of the {:.0} % level; see {}",
+                fraction * 100.0,
+                agg.process.log.display()
+            ));
+        }
         let skipped = load.skipped_rounds.load(Ordering::Relaxed);
         let p = |v: &mut Vec<i64>, q| percentile(v, q).map_or(f64::NAN, |x| x as f64);
         let (p50, p99, d50, d99) = (
@@ -208,11 +217,12 @@ struct Watched {
     load: Arc<LoadStats>,
 }
 
-/// Polls Prometheus while a thread remote-writes the direct probe every 200 ms. After
-/// `measure` it stops the background load (`stop_load`) and polls on until, for both probes,
-/// a sample collected after the window is visible: Prometheus takes a series' samples in
-/// timestamp order only, so every sample of the window that will arrive has arrived by then.
-/// Fails if that takes longer than `drain`.
+/// Polls Prometheus (on a thread of its own) while another remote-writes the direct probe
+/// every 200 ms. When `measure` is over, this thread stops the background load
+/// (`stop_load`) and the polls go on until, for both probes, a sample collected after the
+/// window is visible: Prometheus takes a series' samples in timestamp order only, so every
+/// sample of the window that will arrive has arrived by then. Fails if that is not so
+/// `drain` after the window.
 fn watch_probes(
     prometheus: &Prometheus,
     measure: Duration,
@@ -220,7 +230,15 @@ fn watch_probes(
     stop_load: impl FnOnce() -> Result<Arc<LoadStats>>,
 ) -> Result<Watched> {
     let stop = AtomicBool::new(false);
+    let start = crate::now_ms();
+    let window = Window {
+        start,
+        end: start + measure.as_millis() as i64,
+    };
     std::thread::scope(|scope| {
+        // However this ends (a failed query panics), the writer stops, or the scope would
+        // wait for it for ever.
+        let _stop_writer = SetOnDrop(&stop);
         let writer = scope.spawn(|| -> Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let now = crate::now_ms();
@@ -244,42 +262,42 @@ fn watch_probes(
             }
             Ok(())
         });
-        let watched = poll(prometheus, measure, drain, stop_load);
+        let poller = scope.spawn(|| poll(prometheus, window, drain));
+        // The measuring window itself, not a wait for something to be ready.
+        std::thread::sleep(measure);
+        let load = stop_load();
+        let sightings = poller
+            .join()
+            .map_err(|_| anyhow!("the polling thread panicked"));
         stop.store(true, Ordering::Relaxed);
         writer
             .join()
             .map_err(|_| anyhow!("the direct-write thread panicked"))??;
-        watched
+        let (picket, direct) = sightings??;
+        Ok(Watched {
+            picket,
+            direct,
+            load: load?,
+        })
     })
 }
 
-/// [`watch_probes`]'s polling, on the calling thread.
-fn poll(
-    prometheus: &Prometheus,
-    measure: Duration,
-    drain: Duration,
-    stop_load: impl FnOnce() -> Result<Arc<LoadStats>>,
-) -> Result<Watched> {
-    let start = crate::now_ms();
-    let window = Window {
-        start,
-        end: start + measure.as_millis() as i64,
-    };
+/// Sets the flag when dropped.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// [`watch_probes`]'s polls: the ages of the probes' samples of `window`, through Picket and
+/// direct, once both are complete.
+fn poll(prometheus: &Prometheus, window: Window, drain: Duration) -> Result<(Vec<i64>, Vec<i64>)> {
     let (mut picket, mut direct) = (Sightings::default(), Sightings::default());
-    let mut stop_load = Some(stop_load);
-    let mut load = None;
-    let mut drain_deadline = None;
+    let deadline = window.end + drain.as_millis() as i64;
     loop {
-        if load.is_none() && crate::now_ms() > window.end {
-            if let Some(stop_load) = stop_load.take() {
-                load = Some(stop_load()?);
-            }
-            drain_deadline = Some(Instant::now() + drain);
-        }
-        if let Some(load) = &load
-            && picket.complete(window)
-            && direct.complete(window)
-        {
+        if picket.complete(window) && direct.complete(window) {
             if picket.ages.is_empty() || direct.ages.is_empty() {
                 return Err(anyhow!(
                     "no probe samples collected in the window seen in Prometheus (through Picket: {}, direct: {})",
@@ -287,32 +305,32 @@ fn poll(
                     direct.ages.len()
                 ));
             }
-            return Ok(Watched {
-                picket: picket.ages,
-                direct: direct.ages,
-                load: load.clone(),
-            });
+            return Ok((picket.ages, direct.ages));
         }
-        if drain_deadline.is_some_and(|deadline| Instant::now() > deadline) {
+        let now = crate::now_ms();
+        if now > deadline {
             return Err(anyhow!(
                 "the probe samples collected in the {}s window were not all visible in Prometheus {}s \
-                 after the background load stopped (through Picket: {}; direct: {})",
-                measure.as_secs(),
+                 after it (through Picket: {}; direct: {})",
+                (window.end - window.start) / 1000,
                 drain.as_secs(),
                 picket.describe(window),
                 direct.describe(window)
             ));
         }
         // Everything newer than what was seen of either probe, so a sample that arrives late
-        // is still in the answer.
+        // is still in the answer; evaluated at `now`, which the range is counted from.
         let since = picket
             .newest
             .max(window.start)
             .min(direct.newest.max(window.start));
-        let lookback = crate::now_ms() - since + 1000;
-        let answer = prometheus.query(&format!(
-            "{{__name__=~\"picket_agent_collections_total|picket_bench_direct_probe\",instance=~\"{PROBE}|direct\"}}[{lookback}ms]"
-        ));
+        let lookback = now - since + 1000;
+        let answer = prometheus.query_at(
+            &format!(
+                "{{__name__=~\"picket_agent_collections_total|picket_bench_direct_probe\",instance=~\"{PROBE}|direct\"}}[{lookback}ms]"
+            ),
+            Some(now),
+        );
         let seen = crate::now_ms();
         for series in answer["data"]["result"].as_array().into_iter().flatten() {
             let timestamps: Vec<i64> = series["values"]
@@ -372,6 +390,7 @@ impl Sightings {
     fn describe(&self, window: Window) -> String {
         match self.newest {
             0 => "nothing seen".to_owned(),
+            _ if self.complete(window) => format!("{} seen, all there", self.ages.len()),
             newest => format!(
                 "{} seen, the newest collected {} ms before the window ended",
                 self.ages.len(),
@@ -414,6 +433,17 @@ mod tests {
         // Long after the window: the backlog drains.
         s.note(&[1_900, 2_000, 2_200], 9_000, WINDOW);
         assert_eq!(s.ages, vec![50, 7_000]);
+        assert!(s.complete(WINDOW));
+    }
+
+    #[test]
+    fn a_sample_at_the_windows_last_instant_counts_and_does_not_complete_it() {
+        let mut s = Sightings::default();
+        s.note(&[2_000], 2_010, WINDOW);
+        assert_eq!(s.ages, vec![10]);
+        assert!(!s.complete(WINDOW));
+        s.note(&[2_000, 2_001], 2_020, WINDOW);
+        assert_eq!(s.ages, vec![10]);
         assert!(s.complete(WINDOW));
     }
 
