@@ -26,7 +26,7 @@ const PROBE: &str = "latency-probe";
 /// Series in each simulated agent's batches, the same while the maximum is measured and at
 /// each load level: a level is then a fraction of what the pipeline took of the very batches
 /// it is sent. (With one batch a second sized to the level instead, 80 % meant batches of
-/// 30,000 series, which neither stay on the aggregator's fast paths nor match the maximum.)
+/// about 35,000 series, which neither stay on the aggregator's fast paths nor match the maximum.)
 const SERIES_PER_AGENT: usize = 1000;
 
 pub async fn run(s: &mut Settings) -> Result<()> {
