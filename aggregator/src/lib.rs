@@ -13,6 +13,7 @@ pub mod agents;
 pub mod certs;
 pub mod config;
 pub mod grpc_listener;
+pub mod grpc_zstd;
 pub mod http;
 pub mod identity;
 pub mod ingest;

@@ -17,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::agents::Registry;
 use crate::config::AggregatorConfig;
 use crate::grpc_listener::{GrpcConnections, Limits};
+use crate::grpc_zstd::ZstdFrames;
 use crate::http::{HttpState, HttpStats, router};
 use crate::ingest::IngestService;
 use crate::receivers::Intake;
@@ -111,6 +112,7 @@ pub async fn run(
             "tls.insecure = true: agents connect in plaintext and are not authenticated; use only on a trusted network"
         );
     }
+    // zstd messages are decompressed in front of tonic (grpc_zstd.rs); gzip ones by tonic.
     let service = IngestServer::new(IngestService {
         registry: registry.clone(),
         sinks: sinks.clone(),
@@ -121,6 +123,7 @@ pub async fn run(
     .max_decoding_message_size(config.grpc.max_message_bytes)
     .accept_compressed(CompressionEncoding::Gzip)
     .accept_compressed(CompressionEncoding::Zstd);
+    let service = ZstdFrames::new(service, config.grpc.max_message_bytes);
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let wait_shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {

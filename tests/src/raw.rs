@@ -50,6 +50,15 @@ pub async fn open(
     channel: tonic::transport::Channel,
     hello: Option<v1::Hello>,
 ) -> Result<RawStream, tonic::Status> {
+    open_compressed(channel, hello, None).await
+}
+
+/// [`open`], with the stream's messages compressed with `compression`, as agents send them.
+pub async fn open_compressed(
+    channel: tonic::transport::Channel,
+    hello: Option<v1::Hello>,
+    compression: Option<tonic::codec::CompressionEncoding>,
+) -> Result<RawStream, tonic::Status> {
     let (tx, rx) = mpsc::channel(64);
     if let Some(hello) = hello {
         tx.send(v1::AgentMessage {
@@ -59,6 +68,9 @@ pub async fn open(
         .map_err(|_| tonic::Status::internal("channel closed"))?;
     }
     let mut client = IngestClient::new(channel).max_encoding_message_size(64 * 1024 * 1024);
+    if let Some(compression) = compression {
+        client = client.send_compressed(compression);
+    }
     let response = client.stream(ReceiverStream::new(rx)).await?;
     Ok(RawStream {
         tx,

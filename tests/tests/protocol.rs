@@ -314,6 +314,64 @@ async fn protocol_violations_end_only_that_stream_with_a_clear_status() {
     );
 }
 
+/// Agents compress with zstd by default, and the aggregator decompresses their messages
+/// itself (aggregator/src/grpc_zstd.rs): batches of either compression are acked alike, and
+/// a message that decompresses past `max_message_bytes` ends its stream with the status tonic
+/// gives for it, while a stream on the same connection carries on.
+#[tokio::test(flavor = "multi_thread")]
+async fn compressed_batches_are_read_and_decompression_is_bounded() {
+    use tonic::codec::CompressionEncoding::{Gzip, Zstd};
+    let dir = tempfile::tempdir().unwrap();
+    let agg = Aggregator::start_plaintext(dir.path(), None);
+    let now = picket_core::model::now_ms();
+    let channel = raw::channel(&http(agg.grpc), None).await.expect("connect");
+
+    for (n, compression) in [None, Some(Zstd), Some(Gzip)].into_iter().enumerate() {
+        let agent = format!("compressed-{n}");
+        let mut s = raw::open_compressed(channel.clone(), Some(raw::hello(&agent, 1)), compression)
+            .await
+            .unwrap();
+        for seq in 1..=3 {
+            let batch = raw::batch(seq, &agent, "m", 500, now + seq as i64);
+            s.send_batch(batch).await;
+            let ack = s.next().await.unwrap();
+            assert_eq!(
+                (ack.sequence, accepted(&ack)),
+                (seq, Some(false)),
+                "{compression:?}"
+            );
+        }
+    }
+    let metrics = agg.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "picket_aggregator_agent_samples_total{agent=\"compressed-1\"}"
+        ),
+        Some(1500.0),
+        "every sample of the zstd stream counted"
+    );
+
+    // 5 MiB of one symbol, a few KiB compressed: past the 4 MiB limit once decompressed.
+    let mut good = raw::open_compressed(channel.clone(), Some(raw::hello("good", 1)), Some(Zstd))
+        .await
+        .unwrap();
+    let mut bomb = raw::open_compressed(channel.clone(), Some(raw::hello("bomb", 1)), Some(Zstd))
+        .await
+        .unwrap();
+    let mut big = raw::batch(1, "bomb", "m", 1, now);
+    big.symbols.push("x".repeat(5 * 1024 * 1024));
+    bomb.send_batch(big).await;
+    let status = bomb.next().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status}");
+    assert!(
+        status.message().contains("size limit, of 4194304 bytes"),
+        "{status}"
+    );
+    good.send_batch(raw::batch(1, "good", "g", 1, now)).await;
+    assert_eq!(accepted(&good.next().await.unwrap()), Some(false));
+}
+
 #[test]
 fn health_endpoints_answer() {
     let dir = tempfile::tempdir().unwrap();
