@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use picket_core::codec::{common_label, decode_flat_batch, validate_flat_batch, validate_points};
 use picket_proto::v1::{
-    self, FlatBatch, ingest_server::Ingest, received_agent_message as received,
+    self, BatchTemplate, FlatBatch, ingest_server::Ingest, received_agent_message as received,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -198,8 +198,8 @@ impl StreamSession {
         let mut last_sequence = 0u64;
         // Only batches queued as received, unchanged, can skip the full validation: a file
         // sink or routing rules decode every batch anyway (constant for these sinks).
-        let skeletons = !self.sinks.needs_families();
-        let mut known = KnownSkeleton::default();
+        let templates = !self.sinks.needs_families();
+        let mut known = KnownBatch::default();
         loop {
             let next = tokio::time::timeout(self.idle_timeout, inbound.message()).await;
             let message = match next {
@@ -234,8 +234,11 @@ impl StreamSession {
                     "AgentMessage.batch is not a valid picket.v1.Batch: {e}"
                 ))
             };
-            let reading = match known.read(&wire, skeletons) {
-                Some((points, samples)) => Reading::Known { points, samples },
+            let reading = match known.read(&wire, templates) {
+                Some(samples) => Reading::Known {
+                    sequence: known.template.last_read().sequence,
+                    samples,
+                },
                 None => Reading::Full(v1::read_received_batch(&wire).map_err(undecodable)?),
             };
             let sequence = reading.sequence();
@@ -283,15 +286,15 @@ impl StreamSession {
     }
 
     /// Validates and delivers one batch (`wire` is its encoding as received); the returned
-    /// outcome is what the agent is told. `known` learns the skeleton of a batch that passed
-    /// in full and is queued as received.
+    /// outcome is what the agent is told. `known` learns a batch that passed in full and is
+    /// queued as received.
     fn accept(
         &self,
         agent: &str,
         session: u64,
         reading: &Reading,
         wire: &[u8],
-        known: &mut KnownSkeleton,
+        known: &mut KnownBatch,
     ) -> Result<v1::ack::Outcome, Status> {
         let sequence = reading.sequence();
         let duplicate = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: true });
@@ -314,15 +317,17 @@ impl StreamSession {
         };
         let accepted = v1::ack::Outcome::Accepted(v1::Accepted { duplicate: false });
         let batch = match reading {
-            Reading::Known { points, samples } => {
+            Reading::Known { samples, .. } => {
                 self.sinks
                     .deliver_wire(agent, session, sequence, wire, *samples)
                     .map_err(cannot_store)?;
                 self.registry.accepted(agent, session, sequence, *samples);
                 let latest = &self.sinks.latest;
+                let points = known.template.last_read();
                 if latest.is_enabled() && !latest.apply_points(points, &known.route) {
                     // The route is out of date (or the batch removes series): the full way,
-                    // which routes again. The batch read so far, so this read cannot fail.
+                    // which routes again. It reads like a batch that was read in full, so
+                    // this read cannot fail.
                     match v1::read_received_batch(wire) {
                         Ok(batch) => latest.apply_flat(&batch, &mut known.route),
                         Err(e) => {
@@ -350,13 +355,13 @@ impl StreamSession {
                     .deliver_wire(agent, session, sequence, wire, samples)
                     .map_err(cannot_store)?;
                 self.registry.accepted(agent, session, sequence, samples);
-                // The route is this batch's from here on, so the known skeleton no longer
-                // matches it until this batch's is learnt.
+                // The route is this batch's from here on, so the known batch no longer
+                // matches it until this batch is learnt.
                 known.forget();
                 self.sinks.latest.apply_flat(batch, &mut known.route);
-                // Relabelling depends on the common labels only, which the skeleton holds:
-                // later batches of this skeleton are not relabelled either.
-                known.learn(samples);
+                // Relabelling depends on the common labels only, which a batch read through
+                // the template has: later batches like it are not relabelled either.
+                known.learn(wire, samples);
                 return Ok(accepted);
             }
             // The series need the certificate's name: decoded below like any batch.
@@ -393,90 +398,78 @@ impl StreamSession {
 enum Reading<'w> {
     /// Read in full, to be validated.
     Full(FlatBatch<'w>),
-    /// Its skeleton is the one of the stream's last batch that passed in full, and its points
-    /// (`points`, read by `FlatBatch::parse_skeleton`) passed ([`KnownSkeleton::read`]):
+    /// Read through the stream's template ([`KnownBatch::read`]): it reads like the stream's
+    /// last batch that passed in full, and its points (`known.template.last_read()`) passed:
     /// valid, with that batch's sample count.
-    Known {
-        points: FlatBatch<'w>,
-        samples: usize,
-    },
+    Known { sequence: u64, samples: usize },
 }
 
 impl Reading<'_> {
     fn sequence(&self) -> u64 {
         match self {
-            Reading::Full(batch) | Reading::Known { points: batch, .. } => batch.sequence,
+            Reading::Full(batch) => batch.sequence,
+            Reading::Known { sequence, .. } => *sequence,
         }
     }
 }
 
-/// An agent sends the same series every round, so each batch on a stream mostly has the
-/// skeleton of the one before ([`FlatBatch::parse_skeleton`]: everything but timestamps and
-/// values). Checking symbols, label names and duplicates, types and sizes again for it would
-/// find what it found last time; only the points need checking. And its series are where the
-/// last one's went in the `/metrics` store, so its values go there by the route that batch
-/// left ([`StoreRoute`]). Skipping the full read and check made a relaying aggregator 1.36×
-/// cheaper per sample together with the sink's use of skeletons, and the route 1.8× with the
-/// store on (docs/performance.md).
+/// An agent sends the same series every round, so each batch on a stream is mostly the one
+/// before with other numbers: the same bytes but for the sequence, timestamps and values
+/// ([`BatchTemplate`]). Checking symbols, label names and duplicates, types and sizes again
+/// for it would find what it found last time; only the points need checking. And its series
+/// are where the last one's went in the `/metrics` store, so its values go there by the route
+/// that batch left ([`StoreRoute`]). Reading a batch through its stream's template, instead of
+/// reading its skeleton, made a relaying aggregator N× cheaper per sample (docs/performance.md).
 ///
-/// It costs each stream two skeletons (the known one, and the batch being read) and a route:
-/// about 20 and 12 bytes per series of Flink-like batches. A batch whose skeleton is larger
-/// than [`KnownSkeleton::KEPT_BYTES`] is not learnt, and its buffer not kept.
+/// It costs each stream its last batch that passed in full as a template (its bytes, where
+/// its numbers are, its points as read: about 130 bytes per series of Flink-like batches) and
+/// a route (12 bytes per series). A batch larger than [`KnownBatch::KEPT_BYTES`] is not
+/// learnt.
 #[derive(Default)]
-struct KnownSkeleton {
-    /// The skeleton of the last batch that passed in full and was queued as received.
-    skeleton: Vec<u8>,
-    /// That batch's samples (`None` before the first one, or after [`KnownSkeleton::forget`]).
+struct KnownBatch {
+    /// The last batch that passed in full and was queued as received.
+    template: BatchTemplate,
+    /// That batch's samples (`None` before the first one, or after [`KnownBatch::forget`]).
     samples: Option<usize>,
     /// Where that batch's series are in the store.
     route: StoreRoute,
-    /// The skeleton of the batch being accepted, and whether it could be read and is small
-    /// enough to keep.
-    current: Vec<u8>,
-    current_read: bool,
 }
 
-impl KnownSkeleton {
-    /// Skeletons larger than this (batches of more than about 10,000 series) are not kept:
-    /// such batches are checked in full each time, as they were before skeletons, rather than
-    /// each stream holding copies of them.
-    const KEPT_BYTES: usize = 256 * 1024;
+impl KnownBatch {
+    /// Batches larger than this (more than about 10,000 series) are not learnt: such batches
+    /// are checked in full each time, as they were before templates, rather than each stream
+    /// holding a few times their size.
+    const KEPT_BYTES: usize = 384 * 1024;
 
-    /// Reads `wire`'s skeleton (with `enabled`) and, if it is the known one, its points:
-    /// `Some`, with the sample count, when they pass too and nothing more needs checking.
-    fn read<'w>(&mut self, wire: &'w [u8], enabled: bool) -> Option<(FlatBatch<'w>, usize)> {
-        self.current_read = false;
+    /// Reads `wire` through the template (with `enabled`): `Some`, with the sample count,
+    /// when it reads like the known batch and its points pass, so nothing more needs
+    /// checking; its points are then `self.template.last_read()`.
+    fn read(&mut self, wire: &[u8], enabled: bool) -> Option<usize> {
         if !enabled {
             return None;
         }
-        if self.current.capacity() > Self::KEPT_BYTES {
-            self.current = Vec::new();
-        }
-        let points = FlatBatch::parse_skeleton(wire, &mut self.current)?;
-        self.current_read = self.current.len() <= Self::KEPT_BYTES;
         let samples = self.samples?;
-        if self.current != self.skeleton {
-            return None;
-        }
-        // Same skeleton, same count (`validate_points` counts as the full validation does);
+        let points = self.template.read(wire)?;
+        // Same structure, same count (`validate_points` counts as the full validation does);
         // a difference would mean the two disagree, and the full validation decides.
-        (validate_points(&points)? == samples).then_some((points, samples))
+        (validate_points(points)? == samples).then_some(samples)
     }
 
     /// Before the route is rewritten for a batch that may not be learnt: until
-    /// [`KnownSkeleton::learn`], no batch matches.
+    /// [`KnownBatch::learn`], no batch matches.
     fn forget(&mut self) {
         self.samples = None;
+        self.template.forget();
     }
 
-    /// The batch just read passed in full, with `samples`, and [`KnownSkeleton::route`] is
-    /// its route: its skeleton is the known one (if it was read and not too large).
-    fn learn(&mut self, samples: usize) {
-        if self.current_read {
-            std::mem::swap(&mut self.skeleton, &mut self.current);
+    /// `wire` passed in full, with `samples`, and [`KnownBatch::route`] is its route: it
+    /// becomes the template (if it is not too large).
+    fn learn(&mut self, wire: &[u8], samples: usize) {
+        if wire.len() <= Self::KEPT_BYTES && self.template.learn(wire) {
             self.samples = Some(samples);
         } else {
-            // Of no use without its skeleton, and possibly large.
+            // Of no use without a template, and possibly large.
+            self.template = BatchTemplate::default();
             self.route = StoreRoute::default();
         }
     }
@@ -502,52 +495,52 @@ mod tests {
         encoder.finish(sequence).encode_to_vec()
     }
 
-    /// Only a learnt skeleton matches, and only until it is forgotten; a later round of it
-    /// with other readings matches, another skeleton does not.
+    /// Only a learnt batch matches, and only until it is forgotten; a later round of it
+    /// with other readings matches, another label value does not.
     #[test]
-    fn a_skeleton_matches_once_learnt_and_until_forgotten() {
-        let mut known = KnownSkeleton::default();
+    fn a_batch_matches_once_learnt_and_until_forgotten() {
+        let mut known = KnownBatch::default();
         let first = round(1, "a", 1.0);
         assert!(known.read(&first, true).is_none(), "nothing learnt yet");
-        known.learn(1);
-        let second = round(2, "a", 2.0);
-        let (points, samples) = known.read(&second, true).expect("same skeleton");
-        assert_eq!((points.sequence, samples), (2, 1));
+        known.learn(&first, 1);
+        let samples = known.read(&round(2, "a", 2.0), true);
+        assert_eq!(samples, Some(1), "the next round");
+        let points = known.template.last_read();
+        assert_eq!(points.sequence, 2);
+        let family = &points.families()[0];
+        let point = points.points(&points.series(family)[0])[0];
+        assert_eq!(point.timestamp_ms, 1_002);
+        assert!(matches!(point.value(), Some(v1::FlatValue::Number(v)) if v == 2.0));
         assert!(
             known.read(&round(3, "b", 2.0), true).is_none(),
             "another label value"
         );
         assert!(
             known.read(&round(4, "a", 2.0), false).is_none(),
-            "reading skeletons off"
+            "reading through templates off"
         );
-        // A batch about to be applied in full rewrites the route: nothing matches until its
-        // skeleton is learnt.
-        known.read(&round(5, "a", 3.0), true);
+        // A batch about to be applied in full rewrites the route: nothing matches until it
+        // is learnt.
         known.forget();
         assert!(known.read(&round(6, "a", 3.0), true).is_none());
-        known.learn(1);
+        known.learn(&round(6, "a", 3.0), 1);
         assert!(known.read(&round(7, "a", 3.0), true).is_some());
     }
 
-    /// A skeleton over `KEPT_BYTES` is not learnt, and the buffer it was read into is not
-    /// kept for the next batch; the known one stays.
+    /// A batch over `KEPT_BYTES` is not learnt, and the template's buffers are let go.
     #[test]
-    fn a_skeleton_too_large_to_keep_is_not_learnt() {
-        let mut known = KnownSkeleton::default();
-        known.read(&round(1, "a", 1.0), true);
-        known.learn(1);
-        let huge = "x".repeat(KnownSkeleton::KEPT_BYTES + 1);
+    fn a_batch_too_large_to_keep_is_not_learnt() {
+        let mut known = KnownBatch::default();
+        known.learn(&round(1, "a", 1.0), 1);
+        let huge = "x".repeat(KnownBatch::KEPT_BYTES + 1);
         let big = round(2, &huge, 1.0);
         assert!(known.read(&big, true).is_none());
-        known.learn(1);
+        known.forget();
+        known.learn(&big, 1);
         assert!(
             known.read(&round(3, &huge, 2.0), true).is_none(),
             "not learnt"
         );
-        assert!(known.current.capacity() > KnownSkeleton::KEPT_BYTES);
-        // The known skeleton is the small one still, and the large buffer is let go.
-        assert!(known.read(&round(4, "a", 2.0), true).is_some());
-        assert!(known.current.capacity() <= KnownSkeleton::KEPT_BYTES);
+        assert_eq!(known.template.heap_bytes(), 0);
     }
 }

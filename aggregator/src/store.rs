@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use foldhash::HashMap;
 use picket_core::codec;
 use picket_core::model::{Family, Labels, MetricType, Point, Value};
-use picket_proto::v1::{FlatBatch, FlatFamily};
+use picket_proto::v1::{FlatBatch, FlatFamily, FlatValue};
 
 /// A series' label set as the store keys it: the pairs sorted by name, each written as
 /// varint length and bytes of the name, then of the value. Lengths make it injective (a
@@ -221,12 +221,14 @@ impl LatestStore {
         store.drop_empty_families();
     }
 
-    /// Applies a batch read by `FlatBatch::parse_skeleton` whose skeleton is that of the
-    /// batch `route` was made from, by the route: each value goes to its series' slot, as
-    /// applying the batch in full would. Returns `false`, having applied nothing, where the
-    /// route cannot be followed: a series it leads to has left the store (or the store was
-    /// off since), or the batch has a stale marker or a point the route did not store
-    /// (removals and new series need the labels). Apply the batch in full then.
+    /// Applies a batch read by `FlatBatch::parse_skeleton` (or through a `BatchTemplate`)
+    /// whose skeleton is that of the batch `route` was made from, by the route: each value
+    /// goes to its series' slot, as applying the batch in full would. Its points must have
+    /// passed `codec::validate_points` (ingest checks them before): they are not checked
+    /// again. Returns `false`, having applied nothing, where the route cannot be followed: a
+    /// series it leads to has left the store (or the store was off since), or the batch has
+    /// a stale marker or a point the route did not store (removals and new series need the
+    /// labels). Apply the batch in full then.
     ///
     /// Families' help texts are left as they are: the batch's are those of the batch the
     /// route came from, which applied them (another source sending the same family with
@@ -235,35 +237,37 @@ impl LatestStore {
         if !self.is_enabled() {
             return true;
         }
-        // Values first, outside the lock: a point the route skipped or a stale marker sends
-        // the batch the full way.
-        let mut values = Vec::with_capacity(route.slots.len());
-        let mut routes = route.slots.iter();
+        // Outside the lock: every point routed and none stale, and the values of summaries
+        // and histograms built (they allocate). Numbers, nearly every point, are written
+        // under the lock straight from the batch: building and moving a `Value` for each
+        // was most of this function's time.
+        let mut built = Vec::new();
+        let mut count = 0;
         for family in points.families() {
             let Some(kind) = codec::metric_type(family.r#type) else {
                 return false;
             };
             for series in points.series(family) {
                 for point in points.points(series) {
-                    let (Some(Some(slot)), Ok(value)) =
-                        (routes.next(), codec::point_value(points, kind, point))
-                    else {
-                        return false;
-                    };
-                    if value == Value::Stale {
-                        return false;
+                    match point.value() {
+                        Some(FlatValue::Number(_)) => {}
+                        Some(FlatValue::Stale) | None => return false,
+                        Some(_) => match codec::point_value(points, kind, point) {
+                            Ok(value) => built.push(value),
+                            Err(_) => return false,
+                        },
                     }
-                    values.push((*slot, point.timestamp_ms, value));
+                    count += 1;
                 }
             }
         }
-        if routes.next().is_some() {
+        if count != route.slots.len() || route.slots.iter().any(Option::is_none) {
             return false;
         }
         let now = Instant::now();
         let mut store = lock(&self.families);
         let valid = store.resets == route.resets
-            && values.iter().all(|&((slot, generation), ..)| {
+            && route.slots.iter().flatten().all(|&(slot, generation)| {
                 store
                     .slots
                     .get(slot as usize)
@@ -272,13 +276,38 @@ impl LatestStore {
         if !valid {
             return false;
         }
-        for ((slot, _), timestamp_ms, value) in values {
-            if let Some(entry) = &mut store.slots[slot as usize].entry
-                && entry.timestamp_ms <= timestamp_ms
-            {
-                entry.timestamp_ms = timestamp_ms;
-                entry.value = value;
-                entry.updated = now;
+        let mut slots = route.slots.iter().flatten();
+        let mut built = built.into_iter();
+        for family in points.families() {
+            for series in points.series(family) {
+                for point in points.points(series) {
+                    let number = match point.value() {
+                        Some(FlatValue::Number(v)) => Some(v),
+                        _ => None,
+                    };
+                    // Taken in order, whether or not it is applied.
+                    let value = match number {
+                        Some(v) => Value::Number(v),
+                        None => match built.next() {
+                            Some(value) => value,
+                            None => continue,
+                        },
+                    };
+                    let entry = slots
+                        .next()
+                        .and_then(|&(slot, _)| store.slots.get_mut(slot as usize))
+                        .and_then(|slot| slot.entry.as_mut());
+                    let Some(entry) = entry else { continue };
+                    if entry.timestamp_ms > point.timestamp_ms {
+                        continue;
+                    }
+                    match (&mut entry.value, number) {
+                        (Value::Number(stored), Some(v)) => *stored = v,
+                        (stored, _) => *stored = value,
+                    }
+                    entry.timestamp_ms = point.timestamp_ms;
+                    entry.updated = now;
+                }
             }
         }
         true

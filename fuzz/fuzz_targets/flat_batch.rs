@@ -10,10 +10,15 @@
 //! have its skeleton; and two halves of the input with equal skeletons, both read in full,
 //! must have the same symbols and labels (what a skeleton stands for; random halves rarely
 //! get that far, `proto/src/flat.rs`'s tests cover it on purpose).
+//!
+//! A template (`BatchTemplate`) learnt from one batch may read another only if the two have
+//! the same skeleton, and must then give the skeleton reading's points: checked on the
+//! input read through itself (which it must read), on the two halves of the input, and on
+//! the next round of prost's encoding of it.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use picket_proto::v1::{self, FlatBatch};
+use picket_proto::v1::{self, BatchTemplate, FlatBatch};
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
@@ -39,7 +44,29 @@ fuzz_target!(|data: &[u8]| {
             "the skeleton reading differs"
         );
     }
+    let mut template = BatchTemplate::default();
+    assert_eq!(
+        template.learn(data),
+        points.is_some(),
+        "learnt unlike the skeleton"
+    );
+    if let Some(points) = &points {
+        assert_eq!(template.read(data), Some(points), "read through itself");
+    }
     let (left, right) = data.split_at(data.len() / 2);
+    if template.learn(left)
+        && let Some(reading) = template.read(right)
+    {
+        let mut of_left = Vec::new();
+        FlatBatch::parse_skeleton(left, &mut of_left).expect("learnt, so readable");
+        let of_right = FlatBatch::parse_skeleton(right, &mut skeleton)
+            .expect("read through a template, so readable");
+        assert_eq!(
+            skeleton, of_left,
+            "read through another skeleton's template"
+        );
+        assert_eq!(reading, &of_right);
+    }
     let mut other = Vec::new();
     if let (Some(a), Some(b), Some(_), Some(_)) = (
         FlatBatch::parse(left),
@@ -79,6 +106,14 @@ fuzz_target!(|data: &[u8]| {
             first, second,
             "a round with other readings has another skeleton"
         );
+        // Through a template, when it reads it at all: the same length is not enough (a
+        // count that drops to 0 leaves its field out while the sequence, 0 before, comes in),
+        // so only what it reads is checked.
+        assert!(template.learn(&canonical), "prost's encoding, learnt");
+        let points = FlatBatch::parse_skeleton(&next, &mut second).expect("read above");
+        if let Some(reading) = template.read(&next) {
+            assert_eq!(reading, &points, "the next round, through a template");
+        }
     }
 });
 

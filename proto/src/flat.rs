@@ -31,6 +31,11 @@ use std::borrow::Cow;
 
 use crate::v1;
 
+mod template;
+
+pub use template::BatchTemplate;
+use template::{Hole, HoleKind};
+
 // Protobuf wire types (`prost::encoding::WireType`, as the numbers in a key).
 const VARINT: u8 = 0;
 const FIXED64: u8 = 1;
@@ -39,19 +44,38 @@ const FIXED32: u8 = 5;
 
 /// A run of entries in one of a [`FlatBatch`]'s arrays. Only meaningful for the batch it
 /// came from: another batch's accessors would read other entries, or panic.
+///
+/// Counted in 32 bits, which halves the arrays of series and shrinks those of points (kept
+/// per stream and per label-cache shape in a `BatchTemplate`): every entry takes at least a
+/// byte of the batch, and a gRPC message is under 4 GiB.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Span {
-    start: usize,
-    end: usize,
+    start: u32,
+    end: u32,
 }
 
 impl Span {
+    fn new(start: usize, end: usize) -> Self {
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
     fn starting_at(start: usize) -> Self {
-        Span { start, end: start }
+        Span::new(start, start)
+    }
+
+    fn end_at(&mut self, end: usize) {
+        self.end = end as u32;
+    }
+
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
     }
 
     pub fn len(self) -> usize {
-        self.end - self.start
+        (self.end - self.start) as usize
     }
 
     pub fn is_empty(self) -> bool {
@@ -178,12 +202,12 @@ impl<'a> FlatBatch<'a> {
     }
 
     pub fn series(&self, family: &FlatFamily) -> &[FlatSeries] {
-        &self.series[family.series.start..family.series.end]
+        &self.series[family.series.range()]
     }
 
     /// The series' label index pairs.
     pub fn labels(&self, series: &FlatSeries) -> &[u32] {
-        &self.labels[series.labels.start..series.labels.end]
+        &self.labels[series.labels.range()]
     }
 
     /// Points in all series of all families.
@@ -192,19 +216,19 @@ impl<'a> FlatBatch<'a> {
     }
 
     pub fn points(&self, series: &FlatSeries) -> &[FlatPoint] {
-        &self.points[series.points.start..series.points.end]
+        &self.points[series.points.range()]
     }
 
     /// A summary's (quantile, value) pairs.
     pub fn quantiles(&self, quantiles: Span) -> impl ExactSizeIterator<Item = (f64, f64)> + '_ {
-        self.pairs[quantiles.start..quantiles.end]
+        self.pairs[quantiles.range()]
             .iter()
             .map(|&[q, v]| (f64::from_bits(q), f64::from_bits(v)))
     }
 
     /// A histogram's (upper bound, cumulative count) pairs.
     pub fn buckets(&self, buckets: Span) -> impl ExactSizeIterator<Item = (f64, u64)> + '_ {
-        self.pairs[buckets.start..buckets.end]
+        self.pairs[buckets.range()]
             .iter()
             .map(|&[bound, count]| (f64::from_bits(bound), count))
     }
@@ -212,10 +236,7 @@ impl<'a> FlatBatch<'a> {
     /// Reads a batch's encoding in place, or `None` where it is unusual enough to leave to
     /// prost (see the module documentation): a `None` says nothing about validity.
     pub fn parse(bytes: &'a [u8]) -> Option<FlatBatch<'a>> {
-        let mut reader = Reader {
-            batch: FlatBatch::default(),
-            skeleton: None,
-        };
+        let mut reader = Reader::new(bytes, true);
         reader.parse(bytes)?;
         Some(reader.batch)
     }
@@ -238,10 +259,8 @@ impl<'a> FlatBatch<'a> {
     /// with such skeletons needs no more.
     pub fn parse_skeleton(bytes: &'a [u8], skeleton: &mut Vec<u8>) -> Option<FlatBatch<'a>> {
         skeleton.clear();
-        let mut reader = Reader {
-            batch: FlatBatch::default(),
-            skeleton: Some(skeleton),
-        };
+        let mut reader = Reader::new(bytes, false);
+        reader.skeleton = Some(skeleton);
         reader.parse(bytes)?;
         Some(reader.batch)
     }
@@ -256,6 +275,42 @@ impl<'a> FlatBatch<'a> {
             series.labels = Span::default();
         }
         self
+    }
+
+    /// The reading without symbols and labels, which own nothing of the bytes it was read
+    /// from: points, with the families and series they are in.
+    fn into_points_only(self) -> FlatBatch<'static> {
+        let FlatBatch {
+            sequence,
+            families,
+            mut series,
+            points,
+            pairs,
+            ..
+        } = self;
+        for series in &mut series {
+            series.labels = Span::default();
+        }
+        FlatBatch {
+            sequence,
+            symbols: Vec::new(),
+            common_labels: Vec::new(),
+            families,
+            series,
+            labels: Vec::new(),
+            points,
+            pairs,
+        }
+    }
+
+    /// Heap bytes held by the reading's arrays (not the strings it borrows).
+    pub fn heap_bytes(&self) -> usize {
+        self.symbols.capacity() * size_of::<Cow<'a, str>>()
+            + (self.common_labels.capacity() + self.labels.capacity()) * size_of::<u32>()
+            + self.families.capacity() * size_of::<FlatFamily>()
+            + self.series.capacity() * size_of::<FlatSeries>()
+            + self.points.capacity() * size_of::<FlatPoint>()
+            + self.pairs.capacity() * size_of::<[u64; 2]>()
     }
 
     /// A batch prost decoded, borrowing its strings.
@@ -309,24 +364,15 @@ impl<'a> FlatBatch<'a> {
                     });
                 }
                 flat.series.push(FlatSeries {
-                    labels: Span {
-                        start: label_start,
-                        end: flat.labels.len(),
-                    },
-                    points: Span {
-                        start: point_start,
-                        end: flat.points.len(),
-                    },
+                    labels: Span::new(label_start, flat.labels.len()),
+                    points: Span::new(point_start, flat.points.len()),
                 });
             }
             flat.families.push(FlatFamily {
                 name: *name,
                 r#type: *r#type,
                 help: *help,
-                series: Span {
-                    start,
-                    end: flat.series.len(),
-                },
+                series: Span::new(start, flat.series.len()),
             });
         }
         flat
@@ -348,10 +394,7 @@ impl<'a> FlatBatch<'a> {
                 StoredValue::Summary {
                     count: *count,
                     sum: sum.to_bits(),
-                    quantiles: Span {
-                        start,
-                        end: self.pairs.len(),
-                    },
+                    quantiles: Span::new(start, self.pairs.len()),
                 }
             }
             W::Histogram(v1::Histogram {
@@ -370,10 +413,7 @@ impl<'a> FlatBatch<'a> {
                 StoredValue::Histogram {
                     count: *count,
                     sum: sum.to_bits(),
-                    buckets: Span {
-                        start,
-                        end: self.pairs.len(),
-                    },
+                    buckets: Span::new(start, self.pairs.len()),
                 }
             }
             W::Stale(v1::Stale {}) => StoredValue::Stale,
@@ -405,15 +445,47 @@ impl FlatBatch<'static> {
 /// sequence write nothing; nor do unknown fields, which no reading looks at. Since every
 /// token is self-delimiting and a message's end is marked, equal skeletons come from the same
 /// fields in the same order with the same contents.
+///
+/// With `holes`, it also notes where in the bytes each number of the points (and the
+/// sequence) was read from, for a [`BatchTemplate`].
 struct Reader<'a, 'k> {
     batch: FlatBatch<'a>,
+    /// Whether symbols and label lists are decoded into `batch` (else they are only skipped,
+    /// or copied into the skeleton).
+    labels: bool,
     skeleton: Option<&'k mut Vec<u8>>,
+    holes: Option<&'k mut Vec<Hole>>,
+    /// The address of the batch's first byte, which holes are counted from.
+    base: usize,
 }
 
 /// Ends a message's tokens in a skeleton: no field key is 0.
 const END: u8 = 0;
 
 impl<'a> Reader<'a, '_> {
+    fn new(bytes: &[u8], labels: bool) -> Self {
+        Reader {
+            batch: FlatBatch::default(),
+            labels,
+            skeleton: None,
+            holes: None,
+            base: bytes.as_ptr() as usize,
+        }
+    }
+
+    /// Notes, with holes wanted, that the number `kind` of entry `index` was read from the
+    /// start of `before` up to the start of `after`.
+    fn hole(&mut self, before: &[u8], after: &[u8], kind: HoleKind, index: usize) {
+        if let Some(holes) = &mut self.holes {
+            holes.push(Hole {
+                at: (before.as_ptr() as usize - self.base) as u32,
+                index: index as u32,
+                len: (before.len() - after.len()) as u8,
+                kind,
+            });
+        }
+    }
+
     /// Adds a field's key to the skeleton.
     fn token(&mut self, tag: u32, wire: u8) {
         if let Some(skeleton) = &mut self.skeleton {
@@ -439,21 +511,20 @@ impl<'a> Reader<'a, '_> {
         Some(value)
     }
 
-    /// A length-delimited field kept as its bytes in the skeleton; `true` when there is no
-    /// skeleton and the caller must decode it.
+    /// A length-delimited field of symbols or labels, kept as its bytes in the skeleton;
+    /// `true` when the caller must decode it.
     fn raw_field(&mut self, bytes: &[u8], tag: u32) -> bool {
-        match &mut self.skeleton {
-            Some(skeleton) => {
-                skeleton.push((tag << 3) as u8 | LEN);
-                put_varint(skeleton, bytes.len() as u64);
-                skeleton.extend_from_slice(bytes);
-                false
-            }
-            None => true,
+        if let Some(skeleton) = &mut self.skeleton {
+            skeleton.push((tag << 3) as u8 | LEN);
+            put_varint(skeleton, bytes.len() as u64);
+            skeleton.extend_from_slice(bytes);
         }
+        self.labels
     }
 
     fn parse(&mut self, bytes: &'a [u8]) -> Option<()> {
+        // Spans count in 32 bits (no gRPC message is this large).
+        u32::try_from(bytes.len()).ok()?;
         // Agents' batches take about 35 bytes per point (a series with Flink-like labels and
         // one point): sized for that, the arrays grow once or not at all instead of a dozen
         // times, copying themselves each time.
@@ -463,7 +534,11 @@ impl<'a> Reader<'a, '_> {
         let mut input = Input(bytes);
         while let Some((tag, wire)) = input.key()? {
             match (tag, wire) {
-                (1, VARINT) => self.batch.sequence = input.varint()?,
+                (1, VARINT) => {
+                    let before = input.0;
+                    self.batch.sequence = input.varint()?;
+                    self.hole(before, input.0, HoleKind::Sequence, 0);
+                }
                 (2, LEN) => {
                     let bytes = input.delimited()?;
                     if self.raw_field(bytes, tag) {
@@ -479,7 +554,7 @@ impl<'a> Reader<'a, '_> {
                 }
                 (3, VARINT) => {
                     let index = self.varint_field(&mut input, tag)? as u32;
-                    if self.skeleton.is_none() {
+                    if self.labels {
                         self.batch.common_labels.push(index);
                     }
                 }
@@ -516,7 +591,7 @@ impl<'a> Reader<'a, '_> {
             }
         }
         // Series are read depth first, so this family's are the ones added since it began.
-        family.series.end = self.batch.series.len();
+        family.series.end_at(self.batch.series.len());
         self.batch.families.push(family);
         Some(())
     }
@@ -537,7 +612,7 @@ impl<'a> Reader<'a, '_> {
                 }
                 (1, VARINT) => {
                     let index = self.varint_field(&mut input, tag)? as u32;
-                    if self.skeleton.is_none() {
+                    if self.labels {
                         self.batch.labels.push(index);
                     }
                 }
@@ -550,8 +625,8 @@ impl<'a> Reader<'a, '_> {
                 _ => input.skip(wire)?,
             }
         }
-        series.labels.end = self.batch.labels.len();
-        series.points.end = self.batch.points.len();
+        series.labels.end_at(self.batch.labels.len());
+        series.points.end_at(self.batch.points.len());
         self.batch.series.push(series);
         Some(())
     }
@@ -562,12 +637,19 @@ impl<'a> Reader<'a, '_> {
         while let Some((tag, wire)) = input.key()? {
             let value = match (tag, wire) {
                 (1, VARINT) => {
+                    let before = input.0;
                     point.timestamp_ms = input.varint()? as i64;
+                    let index = self.batch.points.len();
+                    self.hole(before, input.0, HoleKind::Timestamp, index);
                     continue;
                 }
                 (2, FIXED64) => {
                     self.token(tag, wire);
-                    StoredValue::Number(input.fixed64()?)
+                    let before = input.0;
+                    let bits = input.fixed64()?;
+                    let index = self.batch.points.len();
+                    self.hole(before, input.0, HoleKind::Number, index);
+                    StoredValue::Number(bits)
                 }
                 (3, LEN) => {
                     self.token(tag, wire);
@@ -622,10 +704,20 @@ impl<'a> Reader<'a, '_> {
         let mut input = Input(bytes);
         while let Some((tag, wire)) = input.key()? {
             match (tag, wire) {
-                (1, VARINT) => count = input.varint()?,
-                (2, FIXED64) => sum = input.fixed64()?,
+                (1, VARINT) => {
+                    let before = input.0;
+                    count = input.varint()?;
+                    let index = self.batch.points.len();
+                    self.hole(before, input.0, HoleKind::Count, index);
+                }
+                (2, FIXED64) => {
+                    let before = input.0;
+                    sum = input.fixed64()?;
+                    let index = self.batch.points.len();
+                    self.hole(before, input.0, HoleKind::Sum, index);
+                }
                 (3, LEN) => {
-                    let pair = parse_pair(input.delimited()?, second_wire)?;
+                    let pair = self.parse_pair(input.delimited()?, second_wire)?;
                     if let Some(skeleton) = &mut self.skeleton {
                         skeleton.push((3 << 3) | LEN);
                         skeleton.extend_from_slice(&pair[0].to_le_bytes());
@@ -637,8 +729,35 @@ impl<'a> Reader<'a, '_> {
             }
         }
         self.end();
-        pairs.end = self.batch.pairs.len();
+        pairs.end_at(self.batch.pairs.len());
         Some((count, sum, pairs))
+    }
+
+    /// A `Quantile` (both fields doubles) or a `Bucket` (a double and a varint count), as
+    /// bits. Its second number is a hole of the pair about to be pushed.
+    fn parse_pair(&mut self, bytes: &[u8], second_wire: u8) -> Option<[u64; 2]> {
+        let mut pair = [0u64; 2];
+        let mut input = Input(bytes);
+        while let Some((tag, wire)) = input.key()? {
+            match (tag, wire) {
+                (1, FIXED64) => pair[0] = input.fixed64()?,
+                (2, w) if w == second_wire => {
+                    let before = input.0;
+                    let kind = if w == VARINT {
+                        pair[1] = input.varint()?;
+                        HoleKind::BucketCount
+                    } else {
+                        pair[1] = input.fixed64()?;
+                        HoleKind::QuantileValue
+                    };
+                    let index = self.batch.pairs.len();
+                    self.hole(before, input.0, kind, index);
+                }
+                (1..=2, _) => return None,
+                _ => input.skip(wire)?,
+            }
+        }
+        Some(pair)
     }
 }
 
@@ -649,27 +768,6 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
-}
-
-/// A `Quantile` (both fields doubles) or a `Bucket` (a double and a varint count), as bits.
-fn parse_pair(bytes: &[u8], second_wire: u8) -> Option<[u64; 2]> {
-    let mut pair = [0u64; 2];
-    let mut input = Input(bytes);
-    while let Some((tag, wire)) = input.key()? {
-        match (tag, wire) {
-            (1, FIXED64) => pair[0] = input.fixed64()?,
-            (2, w) if w == second_wire => {
-                pair[1] = if w == VARINT {
-                    input.varint()?
-                } else {
-                    input.fixed64()?
-                }
-            }
-            (1..=2, _) => return None,
-            _ => input.skip(wire)?,
-        }
-    }
-    Some(pair)
 }
 
 /// A packed `repeated uint32`: varints to the end of the field, each truncated to 32 bits
@@ -1097,6 +1195,143 @@ mod tests {
             change(&mut changed);
             assert_ne!(skeleton(&changed), first, "{what} changed");
         }
+    }
+
+    /// `full_batch` with every number changed, none in its encoded length.
+    fn next_round(base: &v1::Batch) -> v1::Batch {
+        let mut round = base.clone();
+        round.sequence += 1;
+        for family in &mut round.families {
+            for series in &mut family.series {
+                for point in &mut series.points {
+                    point.timestamp_ms += 1;
+                    match &mut point.value {
+                        Some(W::Number(v)) => *v = 42.5,
+                        Some(W::Summary(s)) => {
+                            // (Its sum stays -0.0, which proto3 leaves out.)
+                            s.count -= 1;
+                            for q in &mut s.quantiles {
+                                q.value = -1.0;
+                            }
+                        }
+                        Some(W::Histogram(h)) => {
+                            h.count += 1;
+                            h.sum = 3.0;
+                            for b in &mut h.buckets {
+                                b.cumulative_count += 1;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        round
+    }
+
+    /// A template reads a later round as the skeleton reading does, and anything else it
+    /// reads at all — every byte of a batch changed to every value — too: it never reads a
+    /// batch whose skeleton is not its own.
+    #[test]
+    fn a_template_reads_only_what_has_its_skeleton_and_reads_it_as_the_skeleton_reading() {
+        let base = full_batch();
+        let bytes = base.encode_to_vec();
+        let (known, _) = skeleton_of(&bytes).unwrap();
+        let mut template = BatchTemplate::default();
+        assert_eq!(template.read(&bytes), None, "nothing learnt");
+        assert!(template.learn(&bytes));
+        assert!(template.is_learnt());
+
+        let round = next_round(&base).encode_to_vec();
+        assert_eq!(round.len(), bytes.len());
+        let (skeleton, points) = skeleton_of(&round).unwrap();
+        assert_eq!(skeleton, known);
+        assert_eq!(template.read(&round), Some(&points));
+        assert_eq!(template.read(&round).map(|b| b.sequence), Some(301));
+        // And back: every number is rewritten.
+        assert_eq!(template.read(&bytes), Some(&skeleton_of(&bytes).unwrap().1));
+
+        let mut read = 0;
+        let mut changed = bytes.clone();
+        for at in 0..bytes.len() {
+            for byte in 0..=255u8 {
+                changed[at] = byte;
+                if let Some(reading) = template.read(&changed) {
+                    read += 1;
+                    let (skeleton, points) = skeleton_of(&changed).expect("read as a skeleton");
+                    assert_eq!(skeleton, known, "byte {at} as {byte:#04x}");
+                    assert_eq!(reading, &points, "byte {at} as {byte:#04x}");
+                }
+            }
+            changed[at] = bytes[at];
+        }
+        // The numbers' bytes (not their varints' last bytes, nor the stale ones) do read.
+        assert!(read > 8 * 256, "{read} changed batches read");
+
+        // Other lengths and other structures do not; a timestamp's varint one byte longer
+        // keeps everything else (but the lengths around it) and is not read either.
+        let mut longer = base.clone();
+        longer.families[0].series[0].points[1].timestamp_ms = 1 << 40;
+        assert_eq!(template.read(&longer.encode_to_vec()), None);
+        let mut other = base.clone();
+        other.symbols[1] = "uq".into();
+        assert_eq!(other.encode_to_vec().len(), bytes.len());
+        assert_eq!(template.read(&other.encode_to_vec()), None);
+
+        template.forget();
+        assert_eq!(template.read(&bytes), None, "forgotten");
+        assert!(!template.learn(&[0x12, 0x05, b'a']), "unreadable");
+        assert!(!template.is_learnt());
+        assert!(template.learn(&[]), "an empty batch");
+        assert!(template.read(&[]).is_some());
+    }
+
+    /// A varint of a given length reads as the reader reads it, and only at that length.
+    #[test]
+    fn varints_of_a_known_length_read_as_the_reader_reads_them() {
+        let mut values: Vec<u64> = (0..64).map(|bit| 1u64 << bit).collect();
+        values.extend((1..64).map(|bit| (1u64 << bit) - 1));
+        values.extend([u64::MAX, 0, 1_700_000_000_000]);
+        for value in values {
+            for trailing in [&[][..], &[0xff; 9], &[0x00; 9]] {
+                let mut bytes = vec![0x55];
+                prost::encoding::encode_varint(value, &mut bytes);
+                let len = bytes.len() - 1;
+                bytes.extend_from_slice(trailing);
+                for claimed in 1..=10u8 {
+                    let read = template::varint_of_length(&bytes, 1, claimed);
+                    let expected = (usize::from(claimed) == len).then_some(value);
+                    assert_eq!(
+                        read, expected,
+                        "{value:#x} as {claimed} bytes, then {trailing:02x?}"
+                    );
+                }
+            }
+        }
+        // Padded encodings read as the reader reads them; past 64 bits they do not read.
+        assert_eq!(
+            template::varint_of_length(&[0x81, 0x80, 0x00], 0, 3),
+            Some(1)
+        );
+        let too_long = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+        assert_eq!(template::varint_of_length(&too_long, 0, 10), None);
+    }
+
+    #[test]
+    fn bytes_compare_equal_exactly_when_they_are() {
+        let a: Vec<u8> = (0..80).collect();
+        for len in 0..a.len() {
+            assert!(template::same_bytes(&a[..len], &a[..len]));
+            for at in 0..len {
+                let mut b = a[..len].to_vec();
+                b[at] ^= 0x40;
+                assert!(
+                    !template::same_bytes(&a[..len], &b),
+                    "{len} bytes, {at} differs"
+                );
+            }
+        }
+        assert!(!template::same_bytes(&a[..3], &a[..4]));
     }
 
     /// Varints of every length read back, whatever follows them (the eight-byte load must

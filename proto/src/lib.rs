@@ -12,7 +12,9 @@ pub mod v1 {
     // The server side of `Ingest`, reading `ReceivedAgentMessage` (see build.rs).
     include!(concat!(env!("OUT_DIR"), "/picket.v1.Ingest.rs"));
 
-    pub use crate::flat::{FlatBatch, FlatFamily, FlatPoint, FlatSeries, FlatValue, Span};
+    pub use crate::flat::{
+        BatchTemplate, FlatBatch, FlatFamily, FlatPoint, FlatSeries, FlatValue, Span,
+    };
     pub use crate::received::{
         ReceivedAgentMessage, ReceivedBatch, decode_received_batch, read_received_batch,
         received_agent_message,

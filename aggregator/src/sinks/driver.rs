@@ -94,11 +94,12 @@ pub trait Destination: Send + Sync + 'static {
     /// on its label cache), the record's bytes and sample count.
     type Record<'a>: Send + Sync;
 
-    /// Reads a record's payload (a `picket.v1.Batch` as the agent sent it, or as ingest
-    /// encoded it, with `samples` as queued); an error drops the record (logged and counted
-    /// as corrupt). A destination that reads records only when it sends them reports those it
-    /// then cannot read in [`Delivered::dropped`].
-    fn read<'a>(&self, payload: &'a [u8], samples: u32) -> Result<Self::Record<'a>, RecordError>;
+    /// Reads a record: its payload (a `picket.v1.Batch` as the agent sent it, or as ingest
+    /// encoded it), with its sample count and shard key (the sending agent's) as queued. An
+    /// error drops the record (logged and counted as corrupt). A destination that reads
+    /// records only when it sends them reports those it then cannot read in
+    /// [`Delivered::dropped`].
+    fn read<'a>(&self, record: &'a Record) -> Result<Self::Record<'a>, RecordError>;
 
     /// Sends several queue records as one request (or more, when the destination has to
     /// split it). `lane` is the worker's (`0..concurrency`): an agent's records always go
@@ -474,7 +475,7 @@ impl<D: Destination> Worker<D> {
     fn read<'a>(&self, records: &'a [Record]) -> Vec<D::Record<'a>> {
         let mut out = Vec::with_capacity(records.len());
         for record in records {
-            match self.destination.read(&record.payload, record.samples) {
+            match self.destination.read(record) {
                 Ok(decoded) => out.push(decoded),
                 Err(e) => {
                     // The checksum passed, so this is a bug or a disk that lies; losing the
@@ -549,8 +550,8 @@ mod tests {
     impl Destination for Flaky {
         type Record<'a> = Vec<Family>;
 
-        fn read(&self, payload: &[u8], _: u32) -> Result<Vec<Family>, RecordError> {
-            read_families(payload)
+        fn read(&self, record: &Record) -> Result<Vec<Family>, RecordError> {
+            read_families(&record.payload)
         }
 
         async fn send(
@@ -689,8 +690,8 @@ mod tests {
     impl Destination for AgentAStuck {
         type Record<'a> = Vec<Family>;
 
-        fn read(&self, payload: &[u8], _: u32) -> Result<Vec<Family>, RecordError> {
-            read_families(payload)
+        fn read(&self, record: &Record) -> Result<Vec<Family>, RecordError> {
+            read_families(&record.payload)
         }
 
         async fn send(

@@ -26,7 +26,7 @@ use super::driver::{
 };
 use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient};
 use super::metrics::{SinkMetrics, outcome};
-use super::queue::QueueConfig;
+use super::queue::{QueueConfig, Record};
 use super::routing::RoutingConfig;
 use line_protocol::Mapping;
 
@@ -306,8 +306,8 @@ impl Influx {
 impl Destination for Influx {
     type Record<'a> = Vec<Family>;
 
-    fn read(&self, payload: &[u8], _samples: u32) -> Result<Vec<Family>, RecordError> {
-        read_families(payload)
+    fn read(&self, record: &Record) -> Result<Vec<Family>, RecordError> {
+        read_families(&record.payload)
     }
 
     async fn send(&self, _lane: usize, records: &[Self::Record<'_>]) -> Result<Delivered, Retry> {

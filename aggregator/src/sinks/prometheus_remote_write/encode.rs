@@ -89,6 +89,9 @@ pub struct Sample {
 pub struct QueuedBatch<'a> {
     pub wire: &'a [u8],
     pub samples: u32,
+    /// Who sent it (the queue's shard key, a hash of the agent's name): its next batch is
+    /// first read through the template of this one's shape.
+    pub source: u64,
 }
 
 /// Encodes queued wire batches as one remote-write request, straight from their symbol
@@ -133,11 +136,30 @@ pub fn encode(batches: &[QueuedBatch], lane: Option<&mut LaneEncoder>) -> Encode
     let mut unreadable = 0u64;
 
     for queued in batches {
+        // The usual batch: its source's last one with other numbers, found by that batch's
+        // template without reading its skeleton.
+        if let Some(cache) = lane.cache.as_mut()
+            && let Some(shape) = cache.read_known(queued.source, queued.wire)
+        {
+            let points = shape.template_reading();
+            if shape.len() == emitted_samples(points) {
+                let source = table.share(shape.labels().clone());
+                let mut labeling = Labeling::Replay {
+                    shape,
+                    source,
+                    next: 0,
+                };
+                emit_batch(points, &mut labeling, &mut table, &mut parts);
+                continue;
+            }
+            // Cannot happen, as below for a skeleton.
+            debug_assert!(false, "a shape disagrees with its template");
+        }
         let mut record = None;
         if let Some(cache) = lane.cache.as_mut()
             && let Some(points) = FlatBatch::parse_skeleton(queued.wire, cache.key_mut())
         {
-            match cache.look_up() {
+            match cache.look_up(queued.source, queued.wire) {
                 Lookup::Found(shape) if shape.len() == emitted_samples(&points) => {
                     let source = table.share(shape.labels().clone());
                     let mut labeling = Labeling::Replay {
@@ -176,7 +198,7 @@ pub fn encode(batches: &[QueuedBatch], lane: Option<&mut LaneEncoder>) -> Encode
             },
         ) = (lane.cache.as_mut(), hash, labeling)
         {
-            cache.insert(hash, shape);
+            cache.insert(hash, shape, queued.source, queued.wire);
         }
     }
 
@@ -1097,6 +1119,10 @@ mod tests {
         lane.cache().map_or(0, LabelCache::hits)
     }
 
+    fn template_hits(lane: &LaneEncoder) -> u64 {
+        lane.cache().map_or(0, LabelCache::template_hits)
+    }
+
     fn held(lane: &LaneEncoder) -> usize {
         lane.cache().map_or(0, LabelCache::bytes)
     }
@@ -1114,10 +1140,31 @@ mod tests {
         let replays = hits(&cache) - hits_before;
         encode(&batches[..batches.len().min(1)], Some(&mut cache));
         let after_another = encode(batches, Some(&mut cache));
+        // Each batch from a source of its own: the second time, every one is found by its
+        // source's template (and the first time, a source's earlier batch of the same
+        // skeleton may be).
+        let sourced: Vec<QueuedBatch> = (0u64..)
+            .zip(batches)
+            .map(|(source, b)| QueuedBatch { source, ..*b })
+            .collect();
+        let mut by_template = cached_lane(LabelCache::default());
+        let templates_building = encode(&sourced, Some(&mut by_template));
+        let template_hits_before = template_hits(&by_template);
+        let from_templates = encode(&sourced, Some(&mut by_template));
+        assert_eq!(
+            template_hits(&by_template) - template_hits_before,
+            batches.len() as u64,
+            "every batch read through its source's template the second time"
+        );
         for (way, write) in [
             ("building the cache", &building),
             ("from the cache", &replayed),
             ("after another request", &after_another),
+            (
+                "building the cache, one source per batch",
+                &templates_building,
+            ),
+            ("through the sources' templates", &from_templates),
         ] {
             assert_eq!(write.body, plain.body, "{way}");
             assert_eq!((write.samples, write.series), (plain.samples, plain.series));
@@ -1759,6 +1806,7 @@ mod tests {
         QueuedBatch {
             wire,
             samples: samples as u32,
+            source: 0,
         }
     }
 
@@ -1851,6 +1899,44 @@ mod tests {
                 "latency_sum",
                 "latency_count"
             ]
+        );
+    }
+
+    /// A source whose batches alternate between shapes (an agent's round split into
+    /// batches) has each read through its own template once both were seen; the requests
+    /// are those built without the cache.
+    #[test]
+    fn a_source_alternating_between_shapes_reads_each_through_its_template() {
+        fn from(wire: &[u8]) -> QueuedBatch<'_> {
+            QueuedBatch {
+                source: 9,
+                ..parse(wire)
+            }
+        }
+        let mut lane = cached_lane(LabelCache::default());
+        for round_n in 0..4 {
+            let ts = 1_000 + round_n * 1_000;
+            // (Not 0.0: proto3 leaves a zero sum out, and the batch would be shorter.)
+            let a = round(ts, 1.0 + round_n as f64, "map", false);
+            let b = round(ts, 1.0 + round_n as f64, "sink", false);
+            for batch in [&a, &b] {
+                let before = template_hits(&lane);
+                let write = encode(&[from(batch)], Some(&mut lane));
+                assert_eq!(write.body, encode(&[from(batch)], None).body);
+                let by_template = template_hits(&lane) > before;
+                assert_eq!(by_template, round_n > 0, "round {round_n}");
+            }
+        }
+        // A fifth shape from the source pushes out its oldest: still readable, by skeleton.
+        for op in ["a", "b", "c", "d"] {
+            encode(&[from(&round(9_000, 1.0, op, false))], Some(&mut lane));
+        }
+        let before = (hits(&lane), template_hits(&lane));
+        encode(&[from(&round(10_000, 2.0, "map", false))], Some(&mut lane));
+        assert_eq!(
+            (hits(&lane), template_hits(&lane)),
+            (before.0 + 1, before.1),
+            "found by its skeleton, not a template"
         );
     }
 

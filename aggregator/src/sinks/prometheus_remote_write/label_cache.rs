@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::fast::RandomState;
+use picket_proto::v1::{BatchTemplate, FlatBatch};
 
 use super::encode::Prehashed;
 
@@ -79,6 +80,10 @@ pub(super) struct Shape {
     labels: Arc<[u8]>,
     /// Per emitted sample, in order: the end of its labels in `labels` and their hash.
     samples: Vec<(u32, u64)>,
+    /// The last batch of this shape from the source that last sent one, through which that
+    /// source's next batch is read ([`LabelCache::read_known`]). Boxed: a shape being
+    /// recorded moves around the encoder.
+    template: Box<BatchTemplate>,
 }
 
 impl Shape {
@@ -109,7 +114,13 @@ impl Shape {
             recording: Vec::new(),
             labels: Arc::default(),
             samples: Vec::new(),
+            template: Box::default(),
         }
+    }
+
+    /// The points of the batch [`LabelCache::read_known`] just read through this shape.
+    pub(super) fn template_reading(&self) -> &FlatBatch<'static> {
+        self.template.last_read()
     }
 
     /// Samples recorded.
@@ -140,7 +151,11 @@ impl Shape {
     }
 
     fn bytes(&self) -> usize {
-        SHAPE_OVERHEAD + self.key.len() + self.labels.len() + self.samples.len() * SAMPLE_BYTES
+        SHAPE_OVERHEAD
+            + self.key.len()
+            + self.labels.len()
+            + self.samples.len() * SAMPLE_BYTES
+            + self.template.heap_bytes()
     }
 }
 
@@ -164,12 +179,19 @@ pub struct LabelCache {
     keys: RandomState,
     /// The key of the batch being encoded, reused from batch to batch.
     key: Vec<u8>,
+    /// Per source (the queue's shard key: the agent), the hashes of the shapes its last
+    /// batches had, most recent first: its next batch is read through their templates
+    /// first. (An agent whose rounds are split into several batches sends batches of
+    /// several shapes in turn.)
+    by_source: HashMap<u64, SourceShapes, RandomState>,
     /// Batches looked up, those whose shape was found, and those whose shape was cached.
     batches: u64,
     hits: u64,
     cached: u64,
     /// Batches whose shape was recorded (cached or not).
     recordings: u64,
+    /// Batches whose shape was found by their source's template, without their skeleton.
+    template_hits: u64,
 }
 
 impl Default for LabelCache {
@@ -191,10 +213,12 @@ impl LabelCache {
             clock_offset: Duration::ZERO,
             keys: RandomState::default(),
             key: Vec::new(),
+            by_source: HashMap::default(),
             batches: 0,
             hits: 0,
             cached: 0,
             recordings: 0,
+            template_hits: 0,
         }
     }
 
@@ -205,6 +229,12 @@ impl LabelCache {
     /// Batches so far whose shape was found.
     pub fn hits(&self) -> u64 {
         self.hits
+    }
+
+    /// Batches so far whose shape was found by their source's template (also in
+    /// [`LabelCache::hits`]).
+    pub fn template_hits(&self) -> u64 {
+        self.template_hits
     }
 
     /// Batches looked up so far.
@@ -257,11 +287,40 @@ impl LabelCache {
         &mut self.key
     }
 
+    /// The shape of `wire`, from `source`, if it reads through the template of the shape
+    /// that source's last batch had (see [`BatchTemplate`]): then it has that shape's
+    /// skeleton, its points are [`Shape::template_reading`], and neither its skeleton nor
+    /// the shape's key need reading. `None` sends the caller to the skeleton.
+    pub(super) fn read_known(&mut self, source: u64, wire: &[u8]) -> Option<&Shape> {
+        let recent = self.by_source.get(&source)?;
+        // A template refuses a batch of another length before reading it, so trying the
+        // source's few recent shapes costs little.
+        let hash = recent.hashes().find(|hash| {
+            self.shapes
+                .get_mut(hash)
+                .is_some_and(|shape| shape.template.read(wire).is_some())
+        })?;
+        let now = self.now();
+        self.remember(source, hash);
+        let shape = self.shapes.get_mut(&hash)?;
+        shape.last_used = now;
+        self.batches += 1;
+        self.hits += 1;
+        self.template_hits += 1;
+        Some(shape)
+    }
+
+    /// `source`'s latest batch had the shape `hash`.
+    fn remember(&mut self, source: u64, hash: u64) {
+        self.by_source.entry(source).or_default().push(hash);
+    }
+
     /// The shape whose key (the batch's skeleton) was just read into [`LabelCache::key_mut`]:
     /// its hash, and what the encoder emitted for it last time if that is cached; if not,
     /// whether to record this batch's for [`LabelCache::insert`] (not while the cache is
-    /// full).
-    pub(super) fn look_up(&mut self) -> Lookup<'_> {
+    /// full). A shape found learns `wire`, from `source`, as its template (when it has room
+    /// for it), so that source's next batch is read through it.
+    pub(super) fn look_up(&mut self, source: u64, wire: &[u8]) -> Lookup<'_> {
         self.batches += 1;
         let hash = self.keys.hash_one(self.key.as_slice());
         let now = self.now();
@@ -273,6 +332,19 @@ impl LabelCache {
             Some(shape) if *shape.key == *self.key => {
                 self.hits += 1;
                 shape.last_used = now;
+                // Another source's batch, or one whose numbers changed length: its template
+                // now. (Learnt from a batch of the shape's skeleton, which the shape's key
+                // was read and checked from in full.)
+                let before = shape.template.heap_bytes();
+                let learnt = shape.template.learn(wire);
+                let after = shape.template.heap_bytes();
+                if !learnt || self.bytes - before + after > self.limit_bytes {
+                    *shape.template = BatchTemplate::default();
+                    self.bytes -= before;
+                } else {
+                    self.bytes = self.bytes - before + after;
+                    self.by_source.entry(source).or_default().push(hash);
+                }
                 Lookup::Found(shape)
             }
             _ if self.full || self.too_large.contains(&hash) => Lookup::Skip,
@@ -290,10 +362,11 @@ impl LabelCache {
     }
 
     /// Keeps what the encoder emitted for the batch last given to [`LabelCache::look_up`],
-    /// if it fit in the room it was given. If not: a shape that did not fit in a cache all
-    /// but empty (at most an eighth used) is remembered as too large, and otherwise the cache
-    /// is full; either way until the next sweep.
-    pub(super) fn insert(&mut self, hash: u64, mut shape: Shape) {
+    /// `wire` from `source`, if it fit in the room it was given. If not: a shape that did not
+    /// fit in a cache all but empty (at most an eighth used) is remembered as too large, and
+    /// otherwise the cache is full; either way until the next sweep. `wire` is the shape's
+    /// template and counts in its size.
+    pub(super) fn insert(&mut self, hash: u64, mut shape: Shape, source: u64, wire: &[u8]) {
         if shape.overflowed {
             self.refuse(hash);
             return;
@@ -303,16 +376,19 @@ impl LabelCache {
         // Kept for many rounds: without the spare capacity growth left (up to as much again).
         shape.labels = Arc::from(std::mem::take(&mut shape.recording));
         shape.samples.shrink_to_fit();
+        // (The batch was read in full, so it can be learnt.)
+        shape.template.learn(wire);
         let bytes = shape.bytes();
+        let replaced = self.shapes.get(&hash).map_or(0, Shape::bytes);
         // A shape with this hash is another one (the caller looked this one up and missed):
         // the newer one takes its place.
-        let replaced = self.shapes.get(&hash).map_or(0, Shape::bytes);
         if self.bytes - replaced + bytes > self.limit_bytes {
             self.refuse(hash);
             return;
         }
         self.bytes = self.bytes - replaced + bytes;
         self.shapes.insert(hash, shape);
+        self.remember(source, hash);
         self.cached += 1;
     }
 
@@ -340,7 +416,55 @@ impl LabelCache {
             .retain(|_, shape| now.saturating_duration_since(shape.last_used) < IDLE);
         if self.shapes.len() < before {
             self.bytes = self.shapes.values().map(Shape::bytes).sum();
+            let shapes = &self.shapes;
+            self.by_source.retain(|_, recent| {
+                recent.retain(|hash| shapes.contains_key(hash));
+                !recent.is_empty()
+            });
         }
+    }
+}
+
+/// The shapes of a source's latest batches, most recent first.
+#[derive(Default)]
+struct SourceShapes {
+    hashes: [u64; Self::KEPT],
+    len: usize,
+}
+
+impl SourceShapes {
+    /// Shapes remembered per source: enough for an agent whose rounds are split into a few
+    /// batches, few enough that a batch of a new shape is not tried against many.
+    const KEPT: usize = 4;
+
+    fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.hashes[..self.len].iter().copied()
+    }
+
+    /// Puts `hash` first (moving it up if it is there, else pushing out the oldest).
+    fn push(&mut self, hash: u64) {
+        let found = self.hashes().position(|h| h == hash);
+        let at = found.unwrap_or_else(|| {
+            self.len = (self.len + 1).min(Self::KEPT);
+            self.len - 1
+        });
+        self.hashes.copy_within(..at, 1);
+        self.hashes[0] = hash;
+    }
+
+    fn retain(&mut self, keep: impl Fn(&u64) -> bool) {
+        let mut kept = 0;
+        for i in 0..self.len {
+            if keep(&self.hashes[i]) {
+                self.hashes[kept] = self.hashes[i];
+                kept += 1;
+            }
+        }
+        self.len = kept;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::driver::{BatchConfig, Delivered, Destination, RecordError, Retry, RetryConfig};
 use super::http_client::{AuthConfig, ClientError, ClientTlsConfig, HttpClient};
 use super::metrics::{LabelCacheUse, SinkMetrics, outcome};
-use super::queue::QueueConfig;
+use super::queue::{QueueConfig, Record};
 use super::routing::RoutingConfig;
 use std::sync::Arc;
 
@@ -258,10 +258,11 @@ impl Destination for RemoteWrite {
     /// that far ([`encode::encode`]), so reading it in full here would cost as much again.
     type Record<'a> = QueuedBatch<'a>;
 
-    fn read<'a>(&self, payload: &'a [u8], samples: u32) -> Result<QueuedBatch<'a>, RecordError> {
+    fn read<'a>(&self, record: &'a Record) -> Result<QueuedBatch<'a>, RecordError> {
         Ok(QueuedBatch {
-            wire: payload,
-            samples,
+            wire: &record.payload,
+            samples: record.samples,
+            source: record.shard_key,
         })
     }
 
@@ -295,6 +296,7 @@ mod tests {
         QueuedBatch {
             wire: Box::leak(wire.into_boxed_slice()),
             samples: 1,
+            source: crate::sinks::shard_key(instance),
         }
     }
 
@@ -344,6 +346,7 @@ mod tests {
         let broken = QueuedBatch {
             wire: &[0x12, 0x01, 0xff],
             samples: 7,
+            source: crate::sinks::shard_key("broken"),
         };
         for round in 0..2 {
             let records = [record("a", 1 + round), broken, record("b", 2 + round)];
