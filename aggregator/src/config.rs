@@ -252,6 +252,13 @@ pub fn validate(config: &AggregatorConfig, origin: &str, text: &str) -> Result<(
             "must be at least 1024 bytes (the default is 4194304)".into(),
         ));
     }
+    // A gRPC message's length is 32 bits; batches are read with 32-bit indices.
+    if u32::try_from(config.grpc.max_message_bytes).is_err() {
+        return Err(err(
+            &["grpc", "max_message_bytes"],
+            "must be under 4 GiB (4294967296 bytes: a gRPC message's length is 32 bits; the default is 4194304)".into(),
+        ));
+    }
     check_grpc_limits(&err, &config.grpc)?;
     if let Some((key, message)) = config.http.problem() {
         return Err(err(&["http", key], message));
@@ -521,6 +528,21 @@ fsync = true
         let text = "[[sinks]]\ntype = \"kafka\"\n";
         let e = picket_core::config::parse::<AggregatorConfig>("a.toml", text).unwrap_err();
         assert!(e.message.contains("unknown variant `kafka`"), "{e}");
+    }
+
+    /// `grpc.max_message_bytes` out of range names its line and the range.
+    #[test]
+    fn message_limits_outside_what_grpc_carries_are_refused() {
+        for (value, says) in [("512", "at least 1024"), ("4294967296", "under 4 GiB")] {
+            let text = format!("[tls]\ninsecure = true\n[grpc]\nmax_message_bytes = {value}\n");
+            let c: AggregatorConfig = picket_core::config::parse("a.toml", &text).unwrap();
+            let e = validate(&c, "a.toml", &text).unwrap_err();
+            assert_eq!(e.position.map(|p| p.0), Some(4), "{e}");
+            assert!(e.message.contains(says), "{e}");
+        }
+        let text = "[tls]\ninsecure = true\n[grpc]\nmax_message_bytes = 4294967295\n";
+        let c: AggregatorConfig = picket_core::config::parse("a.toml", text).unwrap();
+        assert!(validate(&c, "a.toml", text).is_ok());
     }
 
     #[test]

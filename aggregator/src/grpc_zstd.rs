@@ -15,13 +15,16 @@
 //! gives (`OUT_OF_RANGE` for a length over the limit, `RESOURCE_EXHAUSTED` for a message
 //! that decompresses past it); bytes that are not zstd give `INTERNAL`; uncompressed
 //! messages, unknown flags and a stream that ends inside a message pass through unchanged
-//! for tonic to judge. Contexts are per thread rather than per stream, since one holds
-//! about 100 KiB before its window: ten thousand agents' streams would otherwise hold a
-//! gigabyte. A context whose window grew past [`KEPT_CONTEXT_BYTES`] (a peer declared a
-//! large one) is dropped after its message.
+//! for tonic to judge. Contexts are kept in a small pool shared by the runtime's threads
+//! rather than per stream or per thread: tonic's encoder streams its frames without a
+//! content size, so they declare a 2 MiB window and a context holds about 2.4 MiB; ten
+//! thousand agents' streams would hold gigabytes, and the threads `block_in_place` rotates
+//! through one each. The pool keeps as many contexts as there are CPUs (the most that can be
+//! decompressing at once without waiting); one whose window grew past
+//! [`KEPT_CONTEXT_BYTES`] (a peer declared a larger one) is dropped after its message.
 
-use std::cell::RefCell;
 use std::pin::Pin;
+use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -35,15 +38,20 @@ use zstd_safe::{DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
 /// The gRPC message prefix: a compressed flag and a big-endian 32-bit length.
 const PREFIX: usize = 5;
 
-/// A thread's context is dropped after a message once it holds more than this: agents'
-/// batches need a window of a few hundred KiB at most.
+/// A context is dropped after a message once it holds more than this: tonic's encoder
+/// declares a 2 MiB window, for a context of about 2.4 MiB.
 pub const KEPT_CONTEXT_BYTES: usize = 4 << 20;
 
 /// The largest window a message may declare (zstd's own default limit: 128 MiB).
 const WINDOW_LOG_MAX: u32 = 27;
 
-thread_local! {
-    static CONTEXT: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
+/// Decompression contexts not in use.
+static IDLE_CONTEXTS: Mutex<Vec<DCtx<'static>>> = Mutex::new(Vec::new());
+
+/// How many idle contexts are kept: one per CPU.
+fn contexts_kept() -> usize {
+    static KEPT: OnceLock<usize> = OnceLock::new();
+    *KEPT.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
 }
 
 /// The `Ingest` service with its zstd-compressed requests decompressed in front of it.
@@ -99,6 +107,8 @@ struct DecompressedBody {
     /// Set once something tonic must judge went by (an unknown flag, an oversized length):
     /// from then on bytes pass through as received.
     passing_through: bool,
+    /// Trailers that came while part of a message was left, handed on after it.
+    trailers: Option<http::HeaderMap>,
 }
 
 impl DecompressedBody {
@@ -108,6 +118,7 @@ impl DecompressedBody {
             received: BytesMut::new(),
             limit,
             passing_through: false,
+            trailers: None,
         }
     }
 
@@ -149,6 +160,9 @@ impl http_body::Body for DecompressedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         loop {
             if let Some(message) = this.next_message()? {
                 return Poll::Ready(Some(Ok(Frame::data(message))));
@@ -163,15 +177,13 @@ impl http_body::Body for DecompressedBody {
                             data.advance(n);
                         }
                     }
-                    // Trailers: after whatever part of a message is left, for tonic to
-                    // call a stream that ended inside a message.
+                    // Trailers end the stream: after whatever part of a message is left, as
+                    // tonic would have had it (it ends a request stream at its trailers).
                     Err(trailers) => {
                         if !this.received.is_empty() {
                             this.passing_through = true;
+                            this.trailers = trailers.into_trailers().ok();
                             let rest = this.received.split().freeze();
-                            // The trailers are dropped with the rest: tonic ends the stream
-                            // on the incomplete message before it would read them.
-                            drop(trailers);
                             return Poll::Ready(Some(Ok(Frame::data(rest))));
                         }
                         return Poll::Ready(Some(Ok(trailers)));
@@ -190,7 +202,7 @@ impl http_body::Body for DecompressedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.received.is_empty() && self.inner.is_end_stream()
+        self.received.is_empty() && self.trailers.is_none() && self.inner.is_end_stream()
     }
 }
 
@@ -208,27 +220,33 @@ fn decompress(compressed: &[u8], limit: usize) -> Result<Bytes, Status> {
             zstd_safe::get_error_name(code)
         ))
     };
-    CONTEXT.with_borrow_mut(|slot| {
-        let context = match slot {
-            Some(context) => context,
-            None => {
-                let mut context = DCtx::try_create().ok_or_else(|| {
-                    Status::internal("Error decompressing: no memory for a zstd context")
-                })?;
-                context
-                    .set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
-                    .map_err(corrupt)?;
-                slot.insert(context)
-            }
-        };
-        let result = decompress_with(context, compressed, limit, too_large, corrupt);
-        // A context that failed midway is reset before its next message; one that grew
-        // large is let go.
-        if result.is_err() || context.sizeof() > KEPT_CONTEXT_BYTES {
-            *slot = None;
+    let pooled = IDLE_CONTEXTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .pop();
+    let mut context = match pooled {
+        Some(context) => context,
+        None => {
+            let mut context = DCtx::try_create().ok_or_else(|| {
+                Status::internal("Error decompressing: no memory for a zstd context")
+            })?;
+            context
+                .set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
+                .map_err(corrupt)?;
+            context
         }
-        result
-    })
+    };
+    let result = decompress_with(&mut context, compressed, limit, too_large, corrupt);
+    // A context that failed midway is not reused; one that grew large is let go.
+    if result.is_ok() && context.sizeof() <= KEPT_CONTEXT_BYTES {
+        let mut idle = IDLE_CONTEXTS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < contexts_kept() {
+            idle.push(context);
+        }
+    }
+    result
 }
 
 fn decompress_with(
@@ -241,14 +259,19 @@ fn decompress_with(
     context
         .reset(ResetDirective::SessionOnly)
         .map_err(&corrupt)?;
+    // No frame at all is an incomplete one to tonic's decoder.
+    if compressed.is_empty() {
+        return Err(Status::internal(
+            "Error decompressing: incomplete frame, while sending request",
+        ));
+    }
     let mut out: Vec<u8> = Vec::new();
     out.extend_from_slice(&[0; PREFIX]);
-    // No frame at all reads as an empty message, as tonic's decoder reads it.
-    if !compressed.is_empty() {
+    {
         // Room for one byte past the limit, to tell a message that ends at the limit from
         // one that goes past it. Agents' batches compress about twelvefold; the buffer
         // starts there and doubles as needed.
-        let most = PREFIX + limit.saturating_add(1);
+        let most = limit.saturating_add(1 + PREFIX);
         let first = compressed.len().saturating_mul(16).max(16 << 10);
         out.reserve_exact(first.min(most - PREFIX));
         let mut input = InBuffer::around(compressed);
@@ -326,6 +349,7 @@ mod tests {
                 Err(_) => trailers = true,
             }
         }
+        assert!(trailers, "the trailers came through, last");
         Ok(out)
     }
 
@@ -344,6 +368,10 @@ mod tests {
         expected.extend(message(0, b"plain"));
         expected.extend(message(0, b""));
         expected.extend(message(0, &batch[..100]));
+        assert!(
+            through(&message(1, b""), 3, 1 << 20).await.is_err(),
+            "no frame at all"
+        );
         for chunk in [1, 2, 4, 5, 6, 7, 64, 1000, 4096, stream.len()] {
             let out = through(&stream, chunk, 1 << 20)
                 .await
@@ -408,7 +436,7 @@ mod tests {
     }
 
     /// What tonic judges passes through untouched: an unknown flag, a length over the
-    /// limit, and a stream that ends inside a message.
+    /// limit, and a stream that ends inside a message (its trailers after it).
     #[tokio::test]
     async fn what_tonic_judges_passes_through() {
         let unknown = message(2, b"whatever");

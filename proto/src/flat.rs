@@ -47,7 +47,8 @@ const FIXED32: u8 = 5;
 ///
 /// Counted in 32 bits, which halves the arrays of series and shrinks those of points (kept
 /// per stream and per label-cache shape in a `BatchTemplate`): every entry takes at least a
-/// byte of the batch, and a gRPC message is under 4 GiB.
+/// byte of the batch, the reading refuses a batch of 4 GiB or more, and the aggregator's
+/// `grpc.max_message_bytes` (which bounds what prost reads) is below that.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Span {
     start: u32,
@@ -301,6 +302,17 @@ impl<'a> FlatBatch<'a> {
             points,
             pairs,
         }
+    }
+
+    /// Gives back the arrays' spare capacity.
+    fn shrink_to_fit(&mut self) {
+        self.symbols.shrink_to_fit();
+        self.common_labels.shrink_to_fit();
+        self.families.shrink_to_fit();
+        self.series.shrink_to_fit();
+        self.labels.shrink_to_fit();
+        self.points.shrink_to_fit();
+        self.pairs.shrink_to_fit();
     }
 
     /// Heap bytes held by the reading's arrays (not the strings it borrows).

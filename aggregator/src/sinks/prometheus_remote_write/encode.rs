@@ -1993,7 +1993,10 @@ mod tests {
         assert!(!check(&mut lane, 1), "round 1 was idle and went");
         assert_eq!(held(&lane), shape * 3, "rounds 0, 49 and 1");
 
-        let mut small = cached_lane(LabelCache::new(shape as u64 - 1));
+        // (Without its template, which it would go without if that were all that did not
+        // fit: a_shape_too_large_for_the_cache_leaves_it_open.)
+        let template = one.cache().map_or(0, LabelCache::template_bytes);
+        let mut small = cached_lane(LabelCache::new((shape - template) as u64 - 1));
         let write = encode(&[parse(&rounds[0])], Some(&mut small));
         assert_eq!(held(&small), 0);
         assert_eq!(write.body, encode(&[parse(&rounds[0])], None).body);
@@ -2160,7 +2163,22 @@ mod tests {
         let mut sizes = cached_lane(LabelCache::default());
         encode(&[parse(&big)], Some(&mut sizes));
         let big_bytes = held(&sizes);
-        let mut lane = cached_lane(LabelCache::new(big_bytes as u64 - 1));
+        let template = sizes.cache().map_or(0, LabelCache::template_bytes);
+        assert!(template > 0);
+
+        // Room for the shape but not its template: kept without one, and found by its
+        // skeleton.
+        let mut tight = cached_lane(LabelCache::new(big_bytes as u64 - 1));
+        encode(&[parse(&big)], Some(&mut tight));
+        assert_eq!(held(&tight), big_bytes - template);
+        let again = round(2_000, 2.0, "map", false);
+        let write = encode(&[parse(&again)], Some(&mut tight));
+        assert_eq!(write.body, encode(&[parse(&again)], None).body);
+        assert_eq!((hits(&tight), template_hits(&tight)), (1, 0));
+        assert_eq!(held(&tight), big_bytes - template, "not learnt again");
+
+        // No room for the shape at all.
+        let mut lane = cached_lane(LabelCache::new((big_bytes - template) as u64 - 1));
         for _ in 0..3 {
             let write = encode(&[parse(&big)], Some(&mut lane));
             assert_eq!(write.body, encode(&[parse(&big)], None).body);

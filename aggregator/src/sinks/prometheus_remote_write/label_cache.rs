@@ -22,6 +22,13 @@
 //!
 //! [`FlatBatch::parse_skeleton`]: picket_proto::v1::FlatBatch::parse_skeleton
 //!
+//! Reading the skeleton still decodes every key and length of the batch and copies its
+//! labels. So each shape also keeps its last batch as a [`BatchTemplate`] (the bytes, and
+//! where the numbers lie), and a batch is first read through the templates of the shapes
+//! its source (the queue's shard key: the agent) last sent ([`LabelCache::read_known`]): one
+//! that is a template's batch byte for byte but for its numbers has that shape's skeleton,
+//! and only its numbers are read. The template counts in the shape's size.
+//!
 //! Memory is bounded by `limit_bytes` (the lane's share of the sink's `label_cache_bytes`).
 //! Once a shape does not fit in what is left, the cache is *full*: it keeps the shapes it
 //! has, which go on hitting, and stops caching new ones, so the batches it has no room for
@@ -43,9 +50,9 @@ use picket_proto::v1::{BatchTemplate, FlatBatch};
 
 use super::encode::Prehashed;
 
-/// Default `label_cache_bytes`. A Flink-like series costs about 320 bytes here (its seven
-/// labels encoded as sent, plus its share of the key), so this holds the label sets of about
-/// 200,000 series.
+/// Default `label_cache_bytes`. A Flink-like series costs about 450 bytes
+/// here (its seven labels encoded as sent, its share of the key, and about 115 bytes of
+/// template), so this holds the label sets of about 150,000 series.
 pub const DEFAULT_BYTES: u64 = 64 << 20;
 
 /// A shape unused this long is swept out of a full cache: agents send a round every few
@@ -59,8 +66,10 @@ pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 const SAMPLE_BYTES: usize = size_of::<(u32, u64)>();
 
 /// Memory of a shape besides its contents: its place in the map, the shared labels' counts,
-/// and about what the allocator keeps with its three allocations.
-const SHAPE_OVERHEAD: usize = size_of::<(u64, Shape)>() + 2 * size_of::<usize>() + 3 * 16;
+/// its template's box, and about what the allocator keeps with its allocations (three, and
+/// the template's box and up to four arrays).
+const SHAPE_OVERHEAD: usize =
+    size_of::<(u64, Shape)>() + 2 * size_of::<usize>() + size_of::<BatchTemplate>() + 8 * 16;
 
 /// Shapes remembered as too large to cache, at most (then forgotten, to be tried again).
 const TOO_LARGE_KEPT: usize = 1024;
@@ -84,6 +93,9 @@ pub(super) struct Shape {
     /// source's next batch is read ([`LabelCache::read_known`]). Boxed: a shape being
     /// recorded moves around the encoder.
     template: Box<BatchTemplate>,
+    /// Set when the template did not fit in the cache: the shape is kept without one, and
+    /// its batches are not learnt again each time until a sweep makes room.
+    no_room_for_template: bool,
 }
 
 impl Shape {
@@ -115,6 +127,7 @@ impl Shape {
             labels: Arc::default(),
             samples: Vec::new(),
             template: Box::default(),
+            no_room_for_template: false,
         }
     }
 
@@ -182,7 +195,8 @@ pub struct LabelCache {
     /// Per source (the queue's shard key: the agent), the hashes of the shapes its last
     /// batches had, most recent first: its next batch is read through their templates
     /// first. (An agent whose rounds are split into several batches sends batches of
-    /// several shapes in turn.)
+    /// several shapes in turn.) Not counted in `bytes`: at most four hashes per agent that
+    /// sent to this lane, pruned with the shapes a sweep drops.
     by_source: HashMap<u64, SourceShapes, RandomState>,
     /// Batches looked up, those whose shape was found, and those whose shape was cached.
     batches: u64,
@@ -251,6 +265,12 @@ impl LabelCache {
     #[cfg(test)]
     pub fn limit_bytes(&self) -> usize {
         self.limit_bytes
+    }
+
+    /// Bytes of the shapes' templates.
+    #[cfg(test)]
+    pub fn template_bytes(&self) -> usize {
+        self.shapes.values().map(|s| s.template.heap_bytes()).sum()
     }
 
     /// Batches so far whose shape was recorded to be cached.
@@ -335,15 +355,18 @@ impl LabelCache {
                 // Another source's batch, or one whose numbers changed length: its template
                 // now. (Learnt from a batch of the shape's skeleton, which the shape's key
                 // was read and checked from in full.)
-                let before = shape.template.heap_bytes();
-                let learnt = shape.template.learn(wire);
-                let after = shape.template.heap_bytes();
-                if !learnt || self.bytes - before + after > self.limit_bytes {
-                    *shape.template = BatchTemplate::default();
-                    self.bytes -= before;
-                } else {
-                    self.bytes = self.bytes - before + after;
-                    self.by_source.entry(source).or_default().push(hash);
+                if !shape.no_room_for_template {
+                    let before = shape.template.heap_bytes();
+                    let learnt = shape.template.learn(wire);
+                    let after = shape.template.heap_bytes();
+                    if !learnt || self.bytes - before + after > self.limit_bytes {
+                        *shape.template = BatchTemplate::default();
+                        shape.no_room_for_template = learnt;
+                        self.bytes -= before;
+                    } else {
+                        self.bytes = self.bytes - before + after;
+                        self.by_source.entry(source).or_default().push(hash);
+                    }
                 }
                 Lookup::Found(shape)
             }
@@ -364,8 +387,9 @@ impl LabelCache {
     /// Keeps what the encoder emitted for the batch last given to [`LabelCache::look_up`],
     /// `wire` from `source`, if it fit in the room it was given. If not: a shape that did not
     /// fit in a cache all but empty (at most an eighth used) is remembered as too large, and
-    /// otherwise the cache is full; either way until the next sweep. `wire` is the shape's
-    /// template and counts in its size.
+    /// otherwise the cache is full; either way until the next sweep. `wire` becomes the
+    /// shape's template, which counts in its size; a shape that fits only without it is kept
+    /// without it.
     pub(super) fn insert(&mut self, hash: u64, mut shape: Shape, source: u64, wire: &[u8]) {
         if shape.overflowed {
             self.refuse(hash);
@@ -377,9 +401,12 @@ impl LabelCache {
         shape.labels = Arc::from(std::mem::take(&mut shape.recording));
         shape.samples.shrink_to_fit();
         // (The batch was read in full, so it can be learnt.)
-        shape.template.learn(wire);
-        let bytes = shape.bytes();
         let replaced = self.shapes.get(&hash).map_or(0, Shape::bytes);
+        if shape.template.learn(wire) && self.bytes - replaced + shape.bytes() > self.limit_bytes {
+            *shape.template = BatchTemplate::default();
+            shape.no_room_for_template = true;
+        }
+        let bytes = shape.bytes();
         // A shape with this hash is another one (the caller looked this one up and missed):
         // the newer one takes its place.
         if self.bytes - replaced + bytes > self.limit_bytes {
@@ -387,8 +414,10 @@ impl LabelCache {
             return;
         }
         self.bytes = self.bytes - replaced + bytes;
+        if !shape.no_room_for_template {
+            self.remember(source, hash);
+        }
         self.shapes.insert(hash, shape);
-        self.remember(source, hash);
         self.cached += 1;
     }
 
@@ -414,6 +443,9 @@ impl LabelCache {
         let before = self.shapes.len();
         self.shapes
             .retain(|_, shape| now.saturating_duration_since(shape.last_used) < IDLE);
+        for shape in self.shapes.values_mut() {
+            shape.no_room_for_template = false;
+        }
         if self.shapes.len() < before {
             self.bytes = self.shapes.values().map(Shape::bytes).sum();
             let shapes = &self.shapes;
