@@ -161,7 +161,8 @@ impl Default for AgentsConfig {
 pub struct ExpositionConfig {
     /// Serve the latest sample of every series agents and pushes send on `/metrics` (the
     /// aggregator's own metrics are served either way). Off, for an aggregator that only
-    /// relays to databases, it keeps no per-series state at all.
+    /// relays to databases, it keeps no latest sample per series (ingest still keeps each
+    /// stream's last batch as a template).
     pub enabled: bool,
     /// A series not updated for this long disappears from `/metrics`.
     #[serde(with = "humantime_serde")]

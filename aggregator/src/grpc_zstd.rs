@@ -1,5 +1,5 @@
-//! zstd-compressed gRPC messages from agents, decompressed in front of tonic with one
-//! decompression context per thread.
+//! zstd-compressed gRPC messages from agents, decompressed in front of tonic with pooled
+//! decompression contexts.
 //!
 //! tonic 0.14 decompresses each message with a new `zstd::stream::read::Decoder`: a
 //! decompression context created, its window buffer allocated, and the output copied out
@@ -295,7 +295,7 @@ fn decompress_with(
             if (input.pos(), out.len()) == before && out.len() < out.capacity() {
                 // The input ran out inside a frame.
                 return Err(Status::internal(
-                    "Error decompressing: incomplete zstd frame, while sending request",
+                    "Error decompressing: incomplete frame, while sending request",
                 ));
             }
         }

@@ -61,7 +61,7 @@ impl HoleKind {
 /// learn it from a batch that passed whatever the caller checks of labels and structure.
 /// It costs the batch's bytes, 12 bytes per number and the batch's points as read: about
 /// 115 bytes per series of one number point with Flink-like labels (35 of them the bytes),
-/// and up to 15 times the batch's size for one of nothing but bare points.
+/// and up to about 20 times the batch's size for one of nothing but bare points.
 #[derive(Debug, Default)]
 pub struct BatchTemplate {
     bytes: Vec<u8>,

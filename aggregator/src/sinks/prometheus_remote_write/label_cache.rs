@@ -93,9 +93,9 @@ pub(super) struct Shape {
     /// source's next batch is read ([`LabelCache::read_known`]). Boxed: a shape being
     /// recorded moves around the encoder.
     template: Box<BatchTemplate>,
-    /// Set when the template did not fit in the cache: the shape is kept without one, and
-    /// its batches are not learnt again each time until a sweep makes room.
-    no_room_for_template: bool,
+    /// When a template last did not fit in the cache: the shape is kept without one, and
+    /// its batches are not learnt again for [`SWEEP_INTERVAL`] (each try costs a reading).
+    template_refused_at: Option<Instant>,
 }
 
 impl Shape {
@@ -127,7 +127,7 @@ impl Shape {
             labels: Arc::default(),
             samples: Vec::new(),
             template: Box::default(),
-            no_room_for_template: false,
+            template_refused_at: None,
         }
     }
 
@@ -355,13 +355,16 @@ impl LabelCache {
                 // Another source's batch, or one whose numbers changed length: its template
                 // now. (Learnt from a batch of the shape's skeleton, which the shape's key
                 // was read and checked from in full.)
-                if !shape.no_room_for_template {
+                let refused_lately = shape
+                    .template_refused_at
+                    .is_some_and(|at| now.saturating_duration_since(at) < SWEEP_INTERVAL);
+                if !refused_lately {
                     let before = shape.template.heap_bytes();
                     let learnt = shape.template.learn(wire);
                     let after = shape.template.heap_bytes();
                     if !learnt || self.bytes - before + after > self.limit_bytes {
                         *shape.template = BatchTemplate::default();
-                        shape.no_room_for_template = learnt;
+                        shape.template_refused_at = learnt.then_some(now);
                         self.bytes -= before;
                     } else {
                         self.bytes = self.bytes - before + after;
@@ -402,9 +405,10 @@ impl LabelCache {
         shape.samples.shrink_to_fit();
         // (The batch was read in full, so it can be learnt.)
         let replaced = self.shapes.get(&hash).map_or(0, Shape::bytes);
-        if shape.template.learn(wire) && self.bytes - replaced + shape.bytes() > self.limit_bytes {
+        let learnt = shape.template.learn(wire);
+        if learnt && self.bytes - replaced + shape.bytes() > self.limit_bytes {
             *shape.template = BatchTemplate::default();
-            shape.no_room_for_template = true;
+            shape.template_refused_at = Some(shape.last_used);
         }
         let bytes = shape.bytes();
         // A shape with this hash is another one (the caller looked this one up and missed):
@@ -414,7 +418,7 @@ impl LabelCache {
             return;
         }
         self.bytes = self.bytes - replaced + bytes;
-        if !shape.no_room_for_template {
+        if shape.template.is_learnt() {
             self.remember(source, hash);
         }
         self.shapes.insert(hash, shape);
@@ -443,9 +447,6 @@ impl LabelCache {
         let before = self.shapes.len();
         self.shapes
             .retain(|_, shape| now.saturating_duration_since(shape.last_used) < IDLE);
-        for shape in self.shapes.values_mut() {
-            shape.no_room_for_template = false;
-        }
         if self.shapes.len() < before {
             self.bytes = self.shapes.values().map(Shape::bytes).sum();
             let shapes = &self.shapes;
