@@ -209,17 +209,10 @@ impl http_body::Body for DecompressedBody {
 /// One compressed message's bytes (one or more zstd frames), decompressed after an
 /// uncompressed message prefix, in at most `limit` bytes.
 fn decompress(compressed: &[u8], limit: usize) -> Result<Bytes, Status> {
-    let too_large = || {
-        Status::resource_exhausted(format!(
-            "Error decompressing: size limit, of {limit} bytes, exceeded while decompressing message"
-        ))
-    };
-    let corrupt = |code: usize| {
-        Status::internal(format!(
-            "Error decompressing: {}, while sending request",
-            zstd_safe::get_error_name(code)
-        ))
-    };
+    // No frame at all is an incomplete one to tonic's decoder.
+    if compressed.is_empty() {
+        return Err(incomplete());
+    }
     let pooled = IDLE_CONTEXTS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -232,11 +225,11 @@ fn decompress(compressed: &[u8], limit: usize) -> Result<Bytes, Status> {
             })?;
             context
                 .set_parameter(DParameter::WindowLogMax(WINDOW_LOG_MAX))
-                .map_err(corrupt)?;
+                .map_err(zstd_error)?;
             context
         }
     };
-    let result = decompress_with(&mut context, compressed, limit, too_large, corrupt);
+    let result = decompress_with(&mut context, compressed, limit);
     // A context that failed midway is not reused; one that grew large is let go.
     if result.is_ok() && context.sizeof() <= KEPT_CONTEXT_BYTES {
         let mut idle = IDLE_CONTEXTS
@@ -249,58 +242,63 @@ fn decompress(compressed: &[u8], limit: usize) -> Result<Bytes, Status> {
     result
 }
 
+/// tonic's words for each way decompressing fails (tonic 0.14's decoder).
+fn too_large(limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "Error decompressing: size limit, of {limit} bytes, exceeded while decompressing message"
+    ))
+}
+
+fn zstd_error(code: usize) -> Status {
+    Status::internal(format!(
+        "Error decompressing: {}, while sending request",
+        zstd_safe::get_error_name(code)
+    ))
+}
+
+fn incomplete() -> Status {
+    Status::internal("Error decompressing: incomplete frame, while sending request")
+}
+
 fn decompress_with(
     context: &mut DCtx<'static>,
     compressed: &[u8],
     limit: usize,
-    too_large: impl Fn() -> Status,
-    corrupt: impl Fn(usize) -> Status,
 ) -> Result<Bytes, Status> {
     context
         .reset(ResetDirective::SessionOnly)
-        .map_err(&corrupt)?;
-    // No frame at all is an incomplete one to tonic's decoder.
-    if compressed.is_empty() {
-        return Err(Status::internal(
-            "Error decompressing: incomplete frame, while sending request",
-        ));
-    }
-    let mut out: Vec<u8> = Vec::new();
+        .map_err(zstd_error)?;
+    // Room for one byte past the limit, to tell a message that ends at the limit from one
+    // that goes past it. Agents' batches compress about twelvefold; the buffer starts there
+    // and doubles as needed.
+    let most = limit.saturating_add(1 + PREFIX);
+    let first = compressed.len().saturating_mul(16).max(16 << 10);
+    let mut out: Vec<u8> = Vec::with_capacity(PREFIX + first.min(most - PREFIX));
     out.extend_from_slice(&[0; PREFIX]);
-    {
-        // Room for one byte past the limit, to tell a message that ends at the limit from
-        // one that goes past it. Agents' batches compress about twelvefold; the buffer
-        // starts there and doubles as needed.
-        let most = limit.saturating_add(1 + PREFIX);
-        let first = compressed.len().saturating_mul(16).max(16 << 10);
-        out.reserve_exact(first.min(most - PREFIX));
-        let mut input = InBuffer::around(compressed);
-        loop {
-            if out.len() == out.capacity() {
-                out.reserve_exact((out.len() - PREFIX).max(16 << 10).min(most - out.len()));
-            }
-            let before = (input.pos(), out.len());
-            let hint = {
-                let at = out.len();
-                let mut output = OutBuffer::around_pos(&mut out, at);
-                context.decompress_stream(&mut output, &mut input)
-            }
-            .map_err(&corrupt)?;
-            if out.len() - PREFIX > limit {
-                return Err(too_large());
-            }
-            if hint == 0 && input.pos() == compressed.len() {
-                break;
-            }
-            if (input.pos(), out.len()) == before && out.len() < out.capacity() {
-                // The input ran out inside a frame.
-                return Err(Status::internal(
-                    "Error decompressing: incomplete frame, while sending request",
-                ));
-            }
+    let mut input = InBuffer::around(compressed);
+    loop {
+        if out.len() == out.capacity() {
+            out.reserve_exact((out.len() - PREFIX).max(16 << 10).min(most - out.len()));
+        }
+        let before = (input.pos(), out.len());
+        let hint = {
+            let at = out.len();
+            let mut output = OutBuffer::around_pos(&mut out, at);
+            context.decompress_stream(&mut output, &mut input)
+        }
+        .map_err(zstd_error)?;
+        if out.len() - PREFIX > limit {
+            return Err(too_large(limit));
+        }
+        if hint == 0 && input.pos() == compressed.len() {
+            break;
+        }
+        if (input.pos(), out.len()) == before && out.len() < out.capacity() {
+            // The input ran out inside a frame.
+            return Err(incomplete());
         }
     }
-    let len = u32::try_from(out.len() - PREFIX).map_err(|_| too_large())?;
+    let len = u32::try_from(out.len() - PREFIX).map_err(|_| too_large(limit))?;
     out[1..PREFIX].copy_from_slice(&len.to_be_bytes());
     Ok(Bytes::from(out))
 }

@@ -485,17 +485,29 @@ impl<'a> Reader<'a, '_> {
         }
     }
 
-    /// Notes, with holes wanted, that the number `kind` of entry `index` was read from the
-    /// start of `before` up to the start of `after`.
-    fn hole(&mut self, before: &[u8], after: &[u8], kind: HoleKind, index: usize) {
+    /// Reads a number of the points (or the sequence), a varint or a fixed64 as `kind` says,
+    /// and with holes wanted notes where it lay. It belongs to the point (or, for a quantile
+    /// or bucket, the pair) about to be pushed.
+    fn number(&mut self, input: &mut Input<'_>, kind: HoleKind) -> Option<u64> {
+        let before = input.0;
+        let number = match kind.is_varint() {
+            true => input.varint()?,
+            false => input.fixed64()?,
+        };
         if let Some(holes) = &mut self.holes {
+            let index = match kind {
+                HoleKind::Sequence => 0,
+                HoleKind::QuantileValue | HoleKind::BucketCount => self.batch.pairs.len(),
+                _ => self.batch.points.len(),
+            };
             holes.push(Hole {
                 at: (before.as_ptr() as usize - self.base) as u32,
                 index: index as u32,
-                len: (before.len() - after.len()) as u8,
+                len: (before.len() - input.0.len()) as u8,
                 kind,
             });
         }
+        Some(number)
     }
 
     /// Adds a field's key to the skeleton.
@@ -547,9 +559,7 @@ impl<'a> Reader<'a, '_> {
         while let Some((tag, wire)) = input.key()? {
             match (tag, wire) {
                 (1, VARINT) => {
-                    let before = input.0;
-                    self.batch.sequence = input.varint()?;
-                    self.hole(before, input.0, HoleKind::Sequence, 0);
+                    self.batch.sequence = self.number(&mut input, HoleKind::Sequence)?;
                 }
                 (2, LEN) => {
                     let bytes = input.delimited()?;
@@ -649,19 +659,12 @@ impl<'a> Reader<'a, '_> {
         while let Some((tag, wire)) = input.key()? {
             let value = match (tag, wire) {
                 (1, VARINT) => {
-                    let before = input.0;
-                    point.timestamp_ms = input.varint()? as i64;
-                    let index = self.batch.points.len();
-                    self.hole(before, input.0, HoleKind::Timestamp, index);
+                    point.timestamp_ms = self.number(&mut input, HoleKind::Timestamp)? as i64;
                     continue;
                 }
                 (2, FIXED64) => {
                     self.token(tag, wire);
-                    let before = input.0;
-                    let bits = input.fixed64()?;
-                    let index = self.batch.points.len();
-                    self.hole(before, input.0, HoleKind::Number, index);
-                    StoredValue::Number(bits)
+                    StoredValue::Number(self.number(&mut input, HoleKind::Number)?)
                 }
                 (3, LEN) => {
                     self.token(tag, wire);
@@ -716,18 +719,8 @@ impl<'a> Reader<'a, '_> {
         let mut input = Input(bytes);
         while let Some((tag, wire)) = input.key()? {
             match (tag, wire) {
-                (1, VARINT) => {
-                    let before = input.0;
-                    count = input.varint()?;
-                    let index = self.batch.points.len();
-                    self.hole(before, input.0, HoleKind::Count, index);
-                }
-                (2, FIXED64) => {
-                    let before = input.0;
-                    sum = input.fixed64()?;
-                    let index = self.batch.points.len();
-                    self.hole(before, input.0, HoleKind::Sum, index);
-                }
+                (1, VARINT) => count = self.number(&mut input, HoleKind::Count)?,
+                (2, FIXED64) => sum = self.number(&mut input, HoleKind::Sum)?,
                 (3, LEN) => {
                     let pair = self.parse_pair(input.delimited()?, second_wire)?;
                     if let Some(skeleton) = &mut self.skeleton {
@@ -754,16 +747,11 @@ impl<'a> Reader<'a, '_> {
             match (tag, wire) {
                 (1, FIXED64) => pair[0] = input.fixed64()?,
                 (2, w) if w == second_wire => {
-                    let before = input.0;
-                    let kind = if w == VARINT {
-                        pair[1] = input.varint()?;
-                        HoleKind::BucketCount
-                    } else {
-                        pair[1] = input.fixed64()?;
-                        HoleKind::QuantileValue
+                    let kind = match w {
+                        VARINT => HoleKind::BucketCount,
+                        _ => HoleKind::QuantileValue,
                     };
-                    let index = self.batch.pairs.len();
-                    self.hole(before, input.0, kind, index);
+                    pair[1] = self.number(&mut input, kind)?;
                 }
                 (1..=2, _) => return None,
                 _ => input.skip(wire)?,

@@ -46,7 +46,7 @@ pub(super) enum HoleKind {
 }
 
 impl HoleKind {
-    fn is_varint(self) -> bool {
+    pub(super) fn is_varint(self) -> bool {
         matches!(
             self,
             HoleKind::Sequence | HoleKind::Timestamp | HoleKind::Count | HoleKind::BucketCount
